@@ -1,0 +1,5 @@
+import sys
+
+from bdvae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,75 @@
+"""The Python API: train from a config, load a finished run, encode / decode / reconstruct / sample.
+
+    import bdvae
+    run_dir = bdvae.train(bdvae.config.Config(), "runs/bd")
+    run = bdvae.load_run(run_dir)
+    images = run.sample(16, seed=0)          # (16, C, H, W) floats in [0, 1]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bdvae import checkpoint
+from bdvae.config import Config
+from bdvae.model import VAE
+from bdvae.train import train as _train
+
+
+def train(config: Config | None = None, run_dir: str | Path = "runs/default", overwrite: bool = False,
+          progress: bool | None = None) -> Path:
+    """Train a VAE (default config if none) into `run_dir` and return its path."""
+    return _train(config or Config(), Path(run_dir), overwrite=overwrite, progress=progress)
+
+
+def _as_float(x: Tensor) -> Tensor:
+    """Images as floats in [0, 1]: uint8 pixels are divided by 255; (C, H, W) gets a batch axis."""
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return x.unsqueeze(0) if x.dim() == 3 else x
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished run: its directory, config, facts (run.json) and the trained model (eval mode)."""
+
+    path: Path
+    config: Config
+    facts: dict[str, Any]
+    model: VAE
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.facts["image_shape"])  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior parameters (mu, logvar), each (B, D), of images x (B, C, H, W)."""
+        return self.model.encode(_as_float(x))
+
+    @torch.inference_mode()
+    def decode(self, z: Tensor) -> Tensor:
+        """Mean images (B, C, H, W) in [0, 1] for latents z (B, D)."""
+        return self.model.decode_mean(z.float())
+
+    @torch.inference_mode()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Decode the posterior mean of each image: (B, C, H, W) in [0, 1]."""
+        mu, _ = self.encode(x)
+        return self.decode(mu)
+
+    @torch.inference_mode()
+    def sample(self, n: int, seed: int | None = None) -> Tensor:
+        """Decode n draws z ~ N(0, I): (n, C, H, W) in [0, 1]."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        latent_dim = self.config.model.latent_dim
+        return self.decode(torch.randn(n, latent_dim, generator=gen))
+
+
+def load_run(run_dir: str | Path) -> Run:
+    model, config, facts = checkpoint.load_model(Path(run_dir))
+    return Run(path=Path(run_dir), config=config, facts=facts, model=model)

@@ -1,0 +1,98 @@
+"""A run directory on disk: resolved config, weights (safetensors), run facts; and loading it back.
+
+Layout (see README, "The run directory"):
+    config.toml        the resolved config; enough, with run.json, to rebuild the model
+    run.json           bdvae version, image shape (C, H, W), data source, epochs done, wall time
+    model.safetensors  the VAE's weights
+Every file is written to a temporary name in the same folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from bdvae import __version__, config as config_lib
+from bdvae.config import Config
+from bdvae.errors import BdvaeError
+from bdvae.model import VAE, build_model
+
+CONFIG_FILE = "config.toml"
+RUN_FILE = "run.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the user's usual permissions
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def save_run(run_dir: Path, model: VAE, config: Config, facts: dict[str, Any]) -> None:
+    with atomic_path(run_dir / WEIGHTS_FILE) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"bdvae_version": __version__})
+    write_text(run_dir / CONFIG_FILE, config_lib.dumps(config))
+    write_text(run_dir / RUN_FILE, json.dumps({"bdvae_version": __version__, **facts}, indent=2) + "\n")
+
+
+def load_model(run_dir: Path) -> tuple[VAE, Config, dict[str, Any]]:
+    """The trained VAE of a run directory (in eval mode), its config and run facts."""
+    run_dir = Path(run_dir)
+    for name in (CONFIG_FILE, RUN_FILE, WEIGHTS_FILE):
+        if not (run_dir / name).is_file():
+            raise BdvaeError(f"{run_dir}: not a finished run (no {name})")
+    config = config_lib.load(run_dir / CONFIG_FILE)
+    try:
+        facts = json.loads((run_dir / RUN_FILE).read_text())
+        shape = tuple(int(n) for n in facts["image_shape"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise BdvaeError(f"{run_dir / RUN_FILE}: damaged ({e})") from None
+    model = build_model(config.model, config.objective, shape)  # type: ignore[arg-type]
+    try:
+        state = load_file(str(run_dir / WEIGHTS_FILE))
+        model.load_state_dict(state)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BdvaeError(f"{run_dir / WEIGHTS_FILE}: does not fit this run's model ({first})") from None
+    model.eval()
+    return model, config, facts
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Create the run directory; an existing non-empty one is an error unless `overwrite`."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise BdvaeError(f"{run_dir}: exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        raise BdvaeError(f"{run_dir}: run directory exists; pass --overwrite to replace it or choose another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-")
+        probe.close()
+    except OSError as e:
+        raise BdvaeError(f"{run_dir}: cannot write there ({e.strerror})") from None
+

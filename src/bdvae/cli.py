@@ -1,0 +1,146 @@
+"""The `bdvae` command: parses arguments and calls the library; nothing else.
+
+Every BdvaeError (bad input, bad data, an existing run directory) becomes one line on stderr
+and exit code 2, as do argument errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bdvae.errors import BdvaeError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports an error in one line (no usage block) and exits with 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise BdvaeError(f"{self.prog}: {message}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from bdvae import config as config_lib
+    from bdvae.train import train
+
+    overrides = list(args.set or [])
+    if args.data_dir is not None:
+        overrides.append(f"data.data_dir={str(args.data_dir)!r}")
+    config = config_lib.load(args.config, overrides)
+    out = args.out or Path("runs") / f"{config.objective.regularizer}-beta{config.objective.beta:g}-seed{config.train.seed}"
+    run_dir = train(config, Path(out), overwrite=args.overwrite, progress=None if not args.quiet else False)
+    print(f"run directory: {run_dir}")
+
+
+def _check_out(path: Path) -> None:
+    if path.suffix.lower() != ".png":
+        raise BdvaeError(f"--out {path}: must be a .png file")
+    if not path.parent.is_dir():
+        raise BdvaeError(f"--out {path}: folder {path.parent} does not exist")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from bdvae.api import load_run
+    from bdvae.pictures import save_grid
+
+    if args.n <= 0:
+        raise BdvaeError(f"-n must be positive, got {args.n}")
+    _check_out(args.out)
+    run = load_run(args.run)
+    save_grid(run.sample(args.n, seed=args.seed), args.out)
+    print(f"wrote {args.n} samples from N(0, I) to {args.out}")
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> None:
+    import torch
+
+    from bdvae.api import load_run
+    from bdvae.data import load_dataset
+    from bdvae.pictures import save_grid
+
+    if args.n <= 0:
+        raise BdvaeError(f"-n must be positive, got {args.n}")
+    _check_out(args.out)
+    run = load_run(args.run)
+    data = load_dataset(run.config.data)
+    x = data.test_images[: args.n]
+    # Rows alternate: a row of test images, then the same images reconstructed, and so on.
+    ncol = args.ncol
+    pairs = []
+    for start in range(0, len(x), ncol):
+        chunk = x[start: start + ncol].float() / 255.0
+        recon = run.reconstruct(chunk)
+        pad = ncol - len(chunk)
+        blank = torch.zeros(pad, *chunk.shape[1:])
+        pairs += [torch.cat([chunk, blank]), torch.cat([recon, blank])]
+    save_grid(torch.cat(pairs), args.out, ncol=ncol)
+    print(f"wrote {len(x)} test images (odd rows) and their reconstructions (even rows) to {args.out}")
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> None:
+    from bdvae.data import fetch
+
+    folder = fetch(args.name, data_dir=args.data_dir, source_dir=args.source_dir, force=args.force or bool(args.source_dir))
+    print(f"{args.name}: verified arrays in {folder}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bdvae import __version__
+    from bdvae.data import KNOWN
+
+    parser = _Parser(prog="bdvae", description="VAEs regularized by the Bhattacharyya distance to N(0, I).")
+    parser.add_argument("--version", action="version", version=f"bdvae {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = commands.add_parser("train", help="train a VAE into a run directory")
+    p.add_argument("--config", type=Path, help="a TOML file with [data], [model], [objective], [train] tables")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+    p.add_argument("--out", type=Path, help="run directory (default: runs/REGULARIZER-betaBETA-seedSEED)")
+    p.add_argument("--data-dir", type=Path, help="dataset cache folder (same as --set data.data_dir=...)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an existing run directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("sample", help="decode z ~ N(0, I) into a grid of images")
+    p.add_argument("run", type=Path)
+    p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--seed", type=int, default=None, help="seed of the draws (default: random)")
+    p.set_defaults(func=cmd_sample)
+
+    p = commands.add_parser("reconstruct", help="test images and their reconstructions, in alternating rows")
+    p.add_argument("run", type=Path)
+    p.add_argument("-n", type=int, default=32, help="number of test images (default 32)")
+    p.add_argument("--ncol", type=int, default=8, help="images per row (default 8)")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = commands.add_parser("data", help="datasets")
+    data_commands = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    p = data_commands.add_parser("fetch", help="download, verify and cache a dataset")
+    p.add_argument("name", choices=sorted(KNOWN))
+    p.add_argument("--data-dir", type=Path, help="cache folder (default: $BDVAE_DATA_DIR or ~/.cache/bdvae)")
+    p.add_argument("--source-dir", type=Path, help="take the four IDX files from this folder instead of downloading")
+    p.add_argument("--force", action="store_true", help="fetch again even if the cache is filled")
+    p.set_defaults(func=cmd_data_fetch)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        func: Callable[[argparse.Namespace], None] = args.func
+        func(args)
+    except BdvaeError as e:
+        print(f"bdvae: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bdvae: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Run configuration: TOML file -> dict -> ``section.key=value`` overrides -> frozen dataclasses.
+
+Every field has a docstring-like comment; validation lives in ``__post_init__`` so that an
+invalid value can never exist as a config object. Unknown keys are an error that lists the
+valid ones. ``None`` means "not set" (TOML has no null: such keys are simply left out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from bdvae.errors import BdvaeError
+
+DATASETS = ("mnist", "fashion_mnist", "idx", "npz", "folder")
+ARCHS = ("reference", "conv", "mlp")
+# The reference architecture of the brief: conv widths 32-64-128 and 16 latent dimensions.
+REFERENCE_WIDTHS = (32, 64, 128)
+REFERENCE_LATENT_DIM = 16
+DEFAULT_WIDTHS = {"reference": REFERENCE_WIDTHS, "conv": REFERENCE_WIDTHS, "mlp": (512, 256)}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise BdvaeError(message)
+
+
+def _positive(section: str, name: str, value: int | float | None) -> None:
+    _require(value is None or value > 0, f"{section}.{name} must be positive, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Which images to train on and how to prepare them."""
+
+    name: str = "mnist"  # one of DATASETS
+    path: str | None = None  # mnist/fashion_mnist: a folder with the 4 IDX files; else the data file/folder
+    labels_path: str | None = None  # idx: the label file that goes with `path`
+    data_dir: str | None = None  # cache folder for mnist/fashion_mnist (default: see data.default_data_dir)
+    train_size: int | None = None  # use only the first N training images
+    test_size: int | None = None  # use only the first N test images
+    test_fraction: float = 0.1  # idx/npz/folder without a test split: fraction held out as test set
+    pad: int | None = None  # zero pixels added on each side; default 2 for 28x28 images, else 0
+    image_size: int | None = None  # folder: resize every image to image_size x image_size
+    channels: int | None = None  # folder: 1 (grayscale) or 3 (RGB); default from the images
+
+    def __post_init__(self) -> None:
+        _require(self.name in DATASETS, f"data.name must be one of {', '.join(DATASETS)}, got {self.name!r}")
+        for name in ("train_size", "test_size", "image_size"):
+            _positive("data", name, getattr(self, name))
+        _require(0 < self.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        _require(self.pad is None or self.pad >= 0, f"data.pad must be >= 0, got {self.pad!r}")
+        _require(self.channels in (None, 1, 3), f"data.channels must be 1 or 3, got {self.channels!r}")
+        _require(self.name not in ("idx", "npz", "folder") or self.path is not None,
+                 f"data.name={self.name!r} needs data.path")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The encoder/decoder architecture."""
+
+    arch: str = "reference"  # one of ARCHS
+    latent_dim: int = REFERENCE_LATENT_DIM
+    widths: tuple[int, ...] | None = None  # conv channels per stride-2 layer, or MLP hidden sizes
+
+    def __post_init__(self) -> None:
+        _require(self.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        _positive("model", "latent_dim", self.latent_dim)
+        if self.widths is not None:
+            _require(len(self.widths) > 0, "model.widths must not be empty")
+            for w in self.widths:
+                _positive("model", "widths", w)
+        if self.arch == "reference":
+            _require(self.latent_dim == REFERENCE_LATENT_DIM and self.widths in (None, REFERENCE_WIDTHS),
+                     "model.arch='reference' fixes latent_dim=16 and widths=[32, 64, 128]; "
+                     "use model.arch='conv' to change them")
+
+    @property
+    def resolved_widths(self) -> tuple[int, ...]:
+        return self.widths if self.widths is not None else DEFAULT_WIDTHS[self.arch]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectiveConfig:
+    """The loss: -log p(x|z) + beta * regularizer(q(z|x) || N(0, I))."""
+
+    likelihood: str = "bernoulli"  # a key of likelihoods.LIKELIHOODS
+    regularizer: str = "bhattacharyya"  # a key of regularizers.REGULARIZERS
+    beta: float = 1.0  # weight of the regularizer
+    sigma: float = 0.1  # gaussian likelihoods: the fixed standard deviation, or the initial one
+
+    def __post_init__(self) -> None:
+        # Imported here: the registries import nothing from config, so there is no cycle.
+        from bdvae.likelihoods import LIKELIHOODS
+        from bdvae.regularizers import REGULARIZERS
+
+        _require(self.likelihood in LIKELIHOODS,
+                 f"objective.likelihood must be one of {', '.join(LIKELIHOODS)}, got {self.likelihood!r}")
+        _require(self.regularizer in REGULARIZERS,
+                 f"objective.regularizer must be one of {', '.join(REGULARIZERS)}, got {self.regularizer!r}")
+        _require(self.beta >= 0, f"objective.beta must be >= 0, got {self.beta!r}")
+        _positive("objective", "sigma", self.sigma)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimisation: Adam over shuffled mini-batches."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads; default: torch's choice
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "lr", "threads"):
+            _positive("train", name, getattr(self, name))
+        _require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A whole run. Written beside the weights as config.toml; enough to rebuild the model."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "objective": ObjectiveConfig, "train": TrainConfig}
+
+
+def _coerce(section: str, key: str, annotation: Any, value: Any) -> Any:
+    """Check `value` against the field's annotation; lists become tuples, ints may be floats."""
+    where = f"{section}.{key}"
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(section, key, inner[0], value)
+    if typing.get_origin(annotation) is tuple:
+        _require(isinstance(value, (list, tuple)), f"{where} must be a list, got {value!r}")
+        return tuple(_coerce(section, key, args[0], v) for v in value)
+    if annotation is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool),
+                 f"{where} must be a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), f"{where} must be an integer, got {value!r}")
+        return value
+    if annotation is str:
+        _require(isinstance(value, str), f"{where} must be a string, got {value!r}")
+        return value
+    raise AssertionError(f"unhandled annotation {annotation!r}")  # a bug in this module, not user input
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a validated Config from nested dicts, refusing unknown sections and keys."""
+    sections = {}
+    for name, values in raw.items():
+        _require(name in SECTIONS, f"unknown config section {name!r}; valid: {', '.join(SECTIONS)}")
+        _require(isinstance(values, dict), f"config section {name!r} must be a table")
+        cls = SECTIONS[name]
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            _require(key in hints, f"unknown key {name}.{key}; valid: {', '.join(hints)}")
+            kwargs[key] = _coerce(name, key, hints[key], value)
+        sections[name] = cls(**kwargs)
+    return Config(**sections)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Nested dicts without the unset (None) values, ready for TOML."""
+    return {
+        f.name: {k: list(v) if isinstance(v, tuple) else v
+                 for k, v in dataclasses.asdict(getattr(config, f.name)).items() if v is not None}
+        for f in dataclasses.fields(config)
+    }
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, value); the value is read as TOML, else as a bare string."""
+    name, sep, value_text = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    _require(bool(sep and dot and section and key), f"--set expects section.key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {value_text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text.strip()
+    return section, key, value
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a TOML file (optional), apply ``section.key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise BdvaeError(f"cannot read config {path}: {e.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise BdvaeError(f"config {path} is not valid TOML: {e}") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        table = raw.setdefault(section, {})
+        _require(isinstance(table, dict), f"config section {section!r} must be a table")
+        table[key] = value
+    return from_dict(raw)
+
+
+def dumps(config: Config) -> str:
+    return tomli_w.dumps(to_dict(config))

@@ -1,0 +1,113 @@
+"""Encoder, decoder and VAE modules: no losses, no I/O.
+
+The encoder maps x (B, C, H, W) to the posterior parameters mu, logvar (B, D); the decoder maps
+z (B, D) to x_logits (B, C, H, W). ``build_model`` turns a config into modules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from bdvae.config import ModelConfig, ObjectiveConfig
+from bdvae.errors import BdvaeError
+from bdvae.likelihoods import LIKELIHOODS
+
+
+def conv_encoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim: int) -> nn.Sequential:
+    """Conv(k4, s2, p1)-ReLU per width, each halving H and W, then Linear(-> 2 D)."""
+    c, h, w = shape
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [nn.Conv2d(c, width, 4, 2, 1), nn.ReLU()]
+        c = width
+    scale = 2 ** len(widths)
+    layers += [nn.Flatten(), nn.Linear(c * (h // scale) * (w // scale), 2 * latent_dim)]
+    return nn.Sequential(*layers)
+
+
+def conv_decoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim: int) -> nn.Sequential:
+    """Linear(D ->)-ReLU, then ConvTranspose(k4, s2, p1) per width in reverse, the last giving logits."""
+    c, h, w = shape
+    scale = 2 ** len(widths)
+    hidden = (widths[-1], h // scale, w // scale)
+    layers: list[nn.Module] = [nn.Linear(latent_dim, math.prod(hidden)), nn.ReLU(), nn.Unflatten(1, hidden)]
+    outs = list(reversed(widths[:-1])) + [c]
+    for c_in, c_out in zip(reversed(widths), outs):
+        layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])  # no ReLU on the logits
+
+
+def mlp_encoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    n = math.prod(shape)
+    for width in widths:
+        layers += [nn.Linear(n, width), nn.ReLU()]
+        n = width
+    return nn.Sequential(*layers, nn.Linear(n, 2 * latent_dim))
+
+
+def mlp_decoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    n = latent_dim
+    for width in reversed(widths):
+        layers += [nn.Linear(n, width), nn.ReLU()]
+        n = width
+    return nn.Sequential(*layers, nn.Linear(n, math.prod(shape)), nn.Unflatten(1, shape))
+
+
+ARCHITECTURES = {
+    "reference": (conv_encoder, conv_decoder),
+    "conv": (conv_encoder, conv_decoder),
+    "mlp": (mlp_encoder, mlp_decoder),
+}
+
+
+class VAE(nn.Module):
+    """q(z|x) = N(mu, diag(exp(logvar))), p(z) = N(0, I), p(x|z) from the decoder's logits."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, log_sigma: float, learn_sigma: bool):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        # ln sigma of a Gaussian likelihood (unused by Bernoulli ones); a parameter only if learned.
+        value = torch.tensor(float(log_sigma))
+        if learn_sigma:
+            self.log_sigma = nn.Parameter(value)
+        else:
+            self.register_buffer("log_sigma", value)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.encoder(x).chunk(2, dim=1)  # (B, D) each
+        return mu, logvar
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(z)  # x_logits (B, C, H, W)
+
+    def decode_mean(self, z: Tensor) -> Tensor:
+        """The expected image E[x|z] = sigmoid(x_logits), in [0, 1], under every likelihood here."""
+        return torch.sigmoid(self.decode(z))
+
+    def forward(self, x: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Reparameterised pass: z = mu + exp(logvar / 2) * eps, eps ~ N(0, I) unless given."""
+        mu, logvar = self.encode(x)
+        if eps is None:
+            eps = torch.randn_like(mu)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        return self.decode(z), mu, logvar, z
+
+
+def build_model(model: ModelConfig, objective: ObjectiveConfig, shape: tuple[int, int, int]) -> VAE:
+    """The VAE for images of `shape` = (C, H, W)."""
+    widths = model.resolved_widths
+    make_encoder, make_decoder = ARCHITECTURES[model.arch]
+    if make_encoder is conv_encoder:
+        scale = 2 ** len(widths)
+        if shape[1] % scale or shape[2] % scale:
+            raise BdvaeError(f"model.arch={model.arch!r} with {len(widths)} stride-2 layers needs image height and "
+                             f"width divisible by {scale}, got {shape[1]}x{shape[2]} (set data.pad or data.image_size)")
+    likelihood = LIKELIHOODS[objective.likelihood]
+    return VAE(make_encoder(shape, widths, model.latent_dim), make_decoder(shape, widths, model.latent_dim),
+               log_sigma=math.log(objective.sigma), learn_sigma=likelihood.learn_sigma)

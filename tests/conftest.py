@@ -1,0 +1,28 @@
+"""Shared fixtures: the real MNIST, fetched once per test session by the real command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`bdvae ARGS` in a subprocess, as a user would run it."""
+    return subprocess.run([sys.executable, "-m", "bdvae", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, check=False)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory) -> Path:
+    """A data cache holding the verified MNIST, filled by `bdvae data fetch mnist`."""
+    data_dir = tmp_path_factory.mktemp("data")
+    result = run_cli("data", "fetch", "mnist", "--data-dir", str(data_dir))
+    assert result.returncode == 0, result.stderr
+    assert "mnist: fetched from " in result.stdout  # it names its source
+    return data_dir

@@ -1,0 +1,127 @@
+"""End to end: the real `bdvae` command in a subprocess, on a slice of the real MNIST."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+
+GRID_PX = 8 * (32 + 2) + 2  # 8 x 8 tiles of 32 px with 2-px gaps
+
+
+@pytest.fixture(scope="module")
+def trained_run(mnist_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "bd"
+    result = run_cli("train", "--data-dir", str(mnist_dir), "--out", str(run_dir), "--quiet",
+                     "--set", "data.train_size=12000", "--set", "data.test_size=1000", "--set", "train.epochs=3",
+                     "--set", "train.batch_size=64")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def _png(path):
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"), dtype=np.float64) / 255
+
+
+def _tiles(array):
+    return np.stack([array[2 + r * 34: 2 + r * 34 + 32, 2 + c * 34: 2 + c * 34 + 32] for r in range(8) for c in range(8)])
+
+
+def test_run_directory_holds_every_file(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.toml", "run.json", "model.safetensors", "metrics.jsonl", "loss_curve.png",
+            "originals.png", "reconstructions.png", "samples.png"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]  # no temporary file left behind
+    for name in ("originals.png", "reconstructions.png", "samples.png"):
+        with Image.open(trained_run / name) as im:
+            assert im.size == (GRID_PX, GRID_PX)
+    facts = json.loads((trained_run / "run.json").read_text())
+    assert facts["image_shape"] == [1, 32, 32] and facts["train_images"] == 12000
+
+
+def test_test_loss_fell_and_both_divergences_are_recorded(trained_run):
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["test_loss"] < rows[0]["test_loss"]
+    for r in rows:
+        assert r["test_reg"] == r["test_bhattacharyya"]  # the default regularizer is BD
+        assert r["test_kl"] > r["test_bhattacharyya"] > 0
+        assert r["test_loss"] == pytest.approx(r["test_recon_nll"] + r["test_reg"])
+
+
+def test_each_reconstruction_is_closest_to_its_own_original(trained_run):
+    originals = _tiles(_png(trained_run / "originals.png"))
+    reconstructions = _tiles(_png(trained_run / "reconstructions.png"))
+    mse = ((reconstructions[:, None] - originals[None]) ** 2).mean(axis=(2, 3))  # (recon, original)
+    assert (mse.argmin(axis=1) == np.arange(64)).all()
+
+
+def test_sample_is_reproducible_with_a_seed(trained_run, tmp_path):
+    for name in ("a.png", "b.png"):
+        result = run_cli("sample", str(trained_run), "-n", "16", "--seed", "3", "--out", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr
+    a, b = _png(tmp_path / "a.png"), _png(tmp_path / "b.png")
+    assert a.shape == (4 * 34 + 2, 4 * 34 + 2)
+    np.testing.assert_array_equal(a, b)
+    assert a.std() > 0.05  # not a blank picture
+
+
+def test_reconstruct_writes_alternating_rows(trained_run, tmp_path):
+    result = run_cli("reconstruct", str(trained_run), "-n", "16", "--out", str(tmp_path / "r.png"))
+    assert result.returncode == 0, result.stderr
+    assert _png(tmp_path / "r.png").shape == (4 * 34 + 2, 8 * 34 + 2)
+
+
+def test_existing_run_directory_is_never_overwritten(trained_run):
+    before = {p.name: p.read_bytes() for p in trained_run.iterdir()}
+    result = run_cli("train", "--out", str(trained_run), "--set", "train.epochs=1")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "run directory exists; pass --overwrite" in result.stderr
+    assert {p.name: p.read_bytes() for p in trained_run.iterdir()} == before
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--set", "objective.regularizer=wasserstein"], "objective.regularizer must be one of"),
+    (["train", "--set", "objective.beta=-0.5"], "objective.beta must be >= 0"),
+    (["train", "--set", "train.batch_size=0"], "train.batch_size must be positive"),
+    (["train", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["train", "--config", "/nonexistent/c.toml"], "cannot read config /nonexistent/c.toml"),
+    (["sample", "/nonexistent/run", "--out", "x.png"], "not a finished run"),
+    (["data", "fetch", "mnist", "--source-dir", "/nonexistent/idx"], "no train-images-idx3-ubyte"),
+    (["teleport"], "invalid choice: 'teleport'"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
+    result = run_cli(*args, "--data-dir", str(tmp_path)) if args[0] == "data" else run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stderr.startswith("bdvae: error:") and result.stderr.strip().count("\n") == 0
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_data_is_one_line(tmp_path):
+    (tmp_path / "x.idx").write_bytes(b"\x00\x00\x08\x03garbage")
+    result = run_cli("train", "--out", str(tmp_path / "run"), "--set", "data.name=idx",
+                     "--set", f"data.path='{tmp_path / 'x.idx'}'")
+    assert result.returncode == 2
+    assert "IDX header is truncated" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_python_api_round_trip(trained_run):
+    import torch
+
+    import bdvae
+
+    run = bdvae.load_run(trained_run)
+    x = torch.from_numpy(_tiles(_png(trained_run / "originals.png"))[:4]).float()[:, None]
+    mu, logvar = run.encode(x)
+    assert mu.shape == logvar.shape == (4, 16)
+    recon = run.reconstruct(x)
+    torch.testing.assert_close(recon, run.decode(mu))
+    torch.testing.assert_close(run.sample(3, seed=5), run.sample(3, seed=5))
+    assert run.sample(3, seed=5).shape == (3, 1, 32, 32)

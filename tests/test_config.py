@@ -1,0 +1,59 @@
+"""Config: TOML round trip, overrides, and one-line errors for unknown keys and invalid values."""
+
+import pytest
+
+from bdvae import config as config_lib
+from bdvae.config import Config, DataConfig, ModelConfig, ObjectiveConfig, TrainConfig
+from bdvae.errors import BdvaeError
+
+
+def test_toml_round_trip(tmp_path):
+    original = Config(data=DataConfig(train_size=100, pad=0), model=ModelConfig(arch="conv", widths=(8, 16), latent_dim=3),
+                      objective=ObjectiveConfig(regularizer="kl", beta=0.5), train=TrainConfig(epochs=2, seed=7))
+    path = tmp_path / "c.toml"
+    path.write_text(config_lib.dumps(original))
+    assert config_lib.load(path) == original
+
+
+def test_overrides_apply_on_top_of_the_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nepochs = 3\nlr = 0.01\n")
+    config = config_lib.load(path, ["train.epochs=5", "objective.regularizer=kl", "model.widths=[4, 8]",
+                                    "model.arch='conv'", "objective.beta=2"])
+    assert config.train.epochs == 5 and config.train.lr == 0.01
+    assert config.objective.regularizer == "kl" and config.objective.beta == 2.0
+    assert config.model.widths == (4, 8)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["objective.regularizer=wasserstein"], "objective.regularizer must be one of bhattacharyya, kl"),
+    (["train.epochs=0"], "train.epochs must be positive"),
+    (["train.batch_size=-4"], "train.batch_size must be positive"),
+    (["objective.beta=-1"], "objective.beta must be >= 0"),
+    (["train.epoch=3"], "unknown key train.epoch; valid: epochs, batch_size"),
+    (["optim.lr=3"], "unknown config section 'optim'"),
+    (["train.epochs=two"], "train.epochs must be an integer"),
+    (["train.epochs=2.5"], "train.epochs must be an integer"),
+    (["model.latent_dim=8"], "model.arch='reference' fixes latent_dim=16"),
+    (["model.arch=conv", "model.widths=[]"], "model.widths must not be empty"),
+    (["data.name=npz"], "data.name='npz' needs data.path"),
+    (["trainepochs=3"], "--set expects section.key=value"),
+])
+def test_invalid_values_are_one_line_errors(overrides, message):
+    with pytest.raises(BdvaeError) as err:
+        config_lib.load(None, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_broken_toml_is_reported_with_its_path(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[train\nepochs = 3")
+    with pytest.raises(BdvaeError, match="bad.toml is not valid TOML"):
+        config_lib.load(path)
+
+
+def test_configs_are_frozen():
+    config = Config()
+    with pytest.raises(AttributeError):
+        config.train.epochs = 3  # type: ignore[misc]

@@ -1,0 +1,69 @@
+"""The loss reduction: sum over pixels and latent dimensions, mean over the batch."""
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+from bdvae.config import ModelConfig, ObjectiveConfig
+from bdvae.likelihoods import LIKELIHOODS
+from bdvae.model import build_model
+from bdvae.objective import loss_terms
+from bdvae.regularizers import REGULARIZERS
+
+
+def _model_and_batch(likelihood="bernoulli"):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(), ObjectiveConfig(likelihood=likelihood), (1, 32, 32))
+    x = torch.rand(5, 1, 32, 32)
+    eps = torch.randn(5, 16)
+    return model, x, eps
+
+
+def test_reduction_is_sum_over_pixels_and_dimensions_mean_over_batch():
+    model, x, eps = _model_and_batch()
+    objective = ObjectiveConfig(beta=2.5)
+    terms = loss_terms(model, x, objective, eps)
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        x_logits = model.decode(mu + torch.exp(0.5 * logvar) * eps)
+        recon = sum(F.binary_cross_entropy_with_logits(x_logits[i], x[i], reduction="sum") for i in range(5)) / 5
+        sq = torch.exp(logvar)
+        bd = (0.25 * mu**2 / (sq + 1) + 0.5 * torch.log((sq + 1) / (2 * sq.sqrt()))).sum() / 5
+    torch.testing.assert_close(terms.recon_nll, recon)
+    torch.testing.assert_close(terms.reg, bd)
+    torch.testing.assert_close(terms.loss, recon + 2.5 * bd)
+
+
+def test_kl_beta_one_is_the_negative_elbo_and_independent_of_batch_size():
+    model, x, eps = _model_and_batch()
+    objective = ObjectiveConfig(regularizer="kl")
+    whole = loss_terms(model, x, objective, eps).loss
+    halves = [loss_terms(model, x[i: i + 1], objective, eps[i: i + 1]).loss for i in range(5)]
+    torch.testing.assert_close(whole, torch.stack(halves).mean())
+
+
+def test_gaussian_likelihood_is_the_normal_density():
+    x = torch.rand(2, 1, 4, 4)
+    x_logits = torch.randn(2, 1, 4, 4)
+    log_sigma = torch.tensor(math.log(0.3))
+    nll = LIKELIHOODS["gaussian"].nll(x_logits, x, log_sigma)
+    expected = -torch.distributions.Normal(torch.sigmoid(x_logits), 0.3).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(nll, expected)
+
+
+def test_learned_sigma_is_a_parameter_fixed_sigma_is_not():
+    learned = build_model(ModelConfig(), ObjectiveConfig(likelihood="gaussian_learned"), (1, 32, 32))
+    fixed = build_model(ModelConfig(), ObjectiveConfig(likelihood="gaussian"), (1, 32, 32))
+    assert any(p is learned.log_sigma for p in learned.parameters())
+    assert not any(p is fixed.log_sigma for p in fixed.parameters())
+    assert "log_sigma" in fixed.state_dict()
+
+
+def test_regularizer_registry_is_what_the_objective_uses():
+    model, x, eps = _model_and_batch()
+    for name, fn in REGULARIZERS.items():
+        terms = loss_terms(model, x, ObjectiveConfig(regularizer=name), eps)
+        with torch.no_grad():
+            mu, logvar = model.encode(x)
+        torch.testing.assert_close(terms.reg, fn(mu, logvar).mean())

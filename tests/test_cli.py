@@ -65,6 +65,8 @@ def test_sample_is_reproducible_with_a_seed(trained_run, tmp_path):
     for name in ("a.png", "b.png"):
         result = run_cli("sample", str(trained_run), "-n", "16", "--seed", "3", "--out", str(tmp_path / name))
         assert result.returncode == 0, result.stderr
+    again = run_cli("sample", str(trained_run), "-n", "16", "--out", str(tmp_path / "a.png"))
+    assert again.returncode == 2 and "file exists; pass --overwrite" in again.stderr
     a, b = _png(tmp_path / "a.png"), _png(tmp_path / "b.png")
     assert a.shape == (4 * 34 + 2, 4 * 34 + 2)
     np.testing.assert_array_equal(a, b)

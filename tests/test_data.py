@@ -23,7 +23,7 @@ def idx_bytes(array: np.ndarray) -> bytes:
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
     raw = idx_bytes(array)
-    path.write_bytes(gzip.compress(raw) if compress else raw)
+    path.write_bytes(gzip.compress(raw, compresslevel=1) if compress else raw)
     return path
 
 
@@ -244,3 +244,57 @@ def test_fashion_mnist_from_the_debian_package(tmp_path):
     assert messages and "IDX files in /usr/share/datasets/fashion-mnist" in messages[0]
     assert ds.train_images.shape == (60000, 1, 32, 32)
     assert torch.bincount(ds.test_labels).tolist() == [1000] * 10
+
+
+@pytest.fixture
+def loopback_server(tmp_path):
+    """An HTTP server on 127.0.0.1 serving tmp_path/www, stopped after the test."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None  # keep test output clean
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_source_with_fall_through(mnist_dir, tmp_path, loopback_server, monkeypatch):
+    """Source (b): gzipped IDX files over HTTP. A mirror serving altered data is passed over with
+    its reason, and the next mirror that serves the official bytes is used."""
+    import dataclasses
+
+    root, url = loopback_server
+    arrays, _ = data.read_cache(KNOWN["mnist"], mnist_dir / "mnist")
+    for mirror, flip in (("bad", True), ("good", False)):
+        (root / mirror).mkdir()
+        for split in data.SPLITS:
+            array = arrays[split].copy()
+            if flip and split == "train_labels":
+                array[5] = (array[5] + 1) % 10
+            write_idx(root / mirror / (data.IDX_NAMES[split] + ".gz"), array, compress=True)
+    known = dataclasses.replace(KNOWN["mnist"], idx_urls=(f"{url}/missing/", f"{url}/bad/", f"{url}/good/"),
+                                npz_url=None, pypi_fallback=False)
+    monkeypatch.setitem(KNOWN, "mnist", known)
+    messages = []
+    folder = data.fetch("mnist", tmp_path / "cache", log=messages.append)
+    assert messages == [f"mnist: fetched from download from {url}/good/ into {folder}"]
+    assert "download from" in (folder / "source.json").read_text()
+
+
+def test_no_source_reachable_is_one_error_listing_each(tmp_path, loopback_server, monkeypatch):
+    import dataclasses
+
+    _, url = loopback_server
+    known = dataclasses.replace(KNOWN["mnist"], idx_urls=(f"{url}/nothing-here/",), npz_url=f"{url}/mnist.npz",
+                                pypi_fallback=False)
+    monkeypatch.setitem(KNOWN, "mnist", known)
+    with pytest.raises(BdvaeError, match="could not fetch mnist: download from .*nothing-here.*; download from .*mnist.npz"):
+        data.fetch("mnist", tmp_path / "cache")
+    assert not (tmp_path / "cache" / "mnist").exists()

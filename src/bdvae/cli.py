@@ -18,7 +18,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports an error in one line (no usage block) and exits with 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise BdvaeError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix("bdvae").strip()  # "train", "data fetch", or "" at the top
+        raise BdvaeError(f"{command}: {message}" if command else message)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -34,11 +35,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"run directory: {run_dir}")
 
 
-def _check_out(path: Path) -> None:
+def _check_out(path: Path, overwrite: bool) -> None:
     if path.suffix.lower() != ".png":
         raise BdvaeError(f"--out {path}: must be a .png file")
     if not path.parent.is_dir():
         raise BdvaeError(f"--out {path}: folder {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise BdvaeError(f"--out {path}: file exists; pass --overwrite to replace it")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -47,7 +50,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     if args.n <= 0:
         raise BdvaeError(f"-n must be positive, got {args.n}")
-    _check_out(args.out)
+    _check_out(args.out, args.overwrite)
     run = load_run(args.run)
     save_grid(run.sample(args.n, seed=args.seed), args.out)
     print(f"wrote {args.n} samples from N(0, I) to {args.out}")
@@ -62,7 +65,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
     if args.n <= 0:
         raise BdvaeError(f"-n must be positive, got {args.n}")
-    _check_out(args.out)
+    _check_out(args.out, args.overwrite)
     run = load_run(args.run)
     data = load_dataset(run.config.data)
     x = data.test_images[: args.n]
@@ -108,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--seed", type=int, default=None, help="seed of the draws (default: random)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_sample)
 
     p = commands.add_parser("reconstruct", help="test images and their reconstructions, in alternating rows")
@@ -115,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=32, help="number of test images (default 32)")
     p.add_argument("--ncol", type=int, default=8, help="images per row (default 8)")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_reconstruct)
 
     p = commands.add_parser("data", help="datasets")
@@ -135,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         func(args)
     except BdvaeError as e:
         print(f"bdvae: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a folder that became unwritable: say which file, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"bdvae: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bdvae: interrupted", file=sys.stderr)

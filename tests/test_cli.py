@@ -95,7 +95,7 @@ def test_existing_run_directory_is_never_overwritten(trained_run):
     (["train", "--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["train", "--config", "/nonexistent/c.toml"], "cannot read config /nonexistent/c.toml"),
     (["sample", "/nonexistent/run", "--out", "x.png"], "not a finished run"),
-    (["data", "fetch", "mnist", "--source-dir", "/nonexistent/idx"], "no train-images-idx3-ubyte"),
+    (["data", "fetch", "mnist", "--source-dir", "/nonexistent/idx"], "/nonexistent/idx: not a folder"),
     (["teleport"], "invalid choice: 'teleport'"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
@@ -106,12 +106,25 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_missing_data_is_one_line(tmp_path):
+def test_corrupt_data_is_one_line_and_leaves_no_run_directory(tmp_path):
     (tmp_path / "x.idx").write_bytes(b"\x00\x00\x08\x03garbage")
     result = run_cli("train", "--out", str(tmp_path / "run"), "--set", "data.name=idx",
                      "--set", f"data.path='{tmp_path / 'x.idx'}'")
     assert result.returncode == 2
     assert "IDX header is truncated" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_fetch_checks_a_filled_cache_again(mnist_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(mnist_dir / "mnist", tmp_path / "mnist")
+    labels = np.load(tmp_path / "mnist" / "train_labels.npy")
+    labels[0] = (labels[0] + 1) % 10
+    np.save(tmp_path / "mnist" / "train_labels.npy", labels)
+    result = run_cli("data", "fetch", "mnist", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "train_labels.npy: checksum mismatch in the data cache" in result.stderr
 
 
 def test_python_api_round_trip(trained_run):

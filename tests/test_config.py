@@ -30,6 +30,8 @@ def test_overrides_apply_on_top_of_the_file(tmp_path):
     (["train.epochs=0"], "train.epochs must be positive"),
     (["train.batch_size=-4"], "train.batch_size must be positive"),
     (["objective.beta=-1"], "objective.beta must be >= 0"),
+    (["objective.beta=inf"], "objective.beta must be >= 0 and finite"),
+    (["train.lr=nan"], "train.lr must be positive"),
     (["train.epoch=3"], "unknown key train.epoch; valid: epochs, batch_size"),
     (["optim.lr=3"], "unknown config section 'optim'"),
     (["train.epochs=two"], "train.epochs must be an integer"),

@@ -62,6 +62,22 @@ def test_truncated_gzip_is_refused(tmp_path, small_images):
         data.read_idx(path)
 
 
+def test_damaged_deflate_stream_is_refused(tmp_path, small_images):
+    raw = bytearray(gzip.compress(idx_bytes(small_images[0])))
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte inside the compressed data
+    path = tmp_path / "x.idx.gz"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BdvaeError, match="damaged gzip|IDX"):
+        data.read_idx(path)
+
+
+def test_npy_content_is_recognised_whatever_the_suffix(tmp_path, small_images):
+    with open(tmp_path / "x.npz", "wb") as f:
+        np.save(f, small_images[0])
+    ds = data.load_dataset(DataConfig(name="npz", path=str(tmp_path / "x.npz"), test_fraction=0.5))
+    assert len(ds.train_images) == 10
+
+
 def test_idx_pair_dataset_is_split_padded_and_labelled(tmp_path, small_images):
     images, labels = small_images
     write_idx(tmp_path / "x.idx", images)

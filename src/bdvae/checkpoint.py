@@ -70,6 +70,8 @@ def load_model(run_dir: Path) -> tuple[VAE, Config, dict[str, Any]]:
     try:
         facts = json.loads((run_dir / RUN_FILE).read_text())
         shape = tuple(int(n) for n in facts["image_shape"])
+        if len(shape) != 3 or min(shape) <= 0:
+            raise ValueError(f"image_shape {list(shape)} is not 3 positive sizes")
     except (ValueError, KeyError, TypeError) as e:
         raise BdvaeError(f"{run_dir / RUN_FILE}: damaged ({e})") from None
     model = build_model(config.model, config.objective, shape)  # type: ignore[arg-type]
@@ -83,12 +85,17 @@ def load_model(run_dir: Path) -> tuple[VAE, Config, dict[str, Any]]:
     return model, config, facts
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create the run directory; an existing non-empty one is an error unless `overwrite`."""
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """An existing non-empty run directory is an error unless `overwrite`; touches nothing."""
     if run_dir.exists() and not run_dir.is_dir():
         raise BdvaeError(f"{run_dir}: exists and is not a directory")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
         raise BdvaeError(f"{run_dir}: run directory exists; pass --overwrite to replace it or choose another --out")
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Create the run directory (checked again) and make sure it can be written."""
+    check_run_dir(run_dir, overwrite)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-")

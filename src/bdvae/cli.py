@@ -7,6 +7,7 @@ and exit code 2, as do argument errors.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     overrides = list(args.set or [])
     if args.data_dir is not None:
-        overrides.append(f"data.data_dir={str(args.data_dir)!r}")
+        overrides.append(f"data.data_dir={json.dumps(str(args.data_dir))}")  # a JSON string is a TOML string
     config = config_lib.load(args.config, overrides)
     out = args.out or Path("runs") / f"{config.objective.regularizer}-beta{config.objective.beta:g}-seed{config.train.seed}"
     run_dir = train(config, Path(out), overwrite=args.overwrite, progress=None if not args.quiet else False)
@@ -50,6 +51,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     if args.n <= 0:
         raise BdvaeError(f"-n must be positive, got {args.n}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise BdvaeError(f"--seed must be in [0, 2**63), got {args.seed}")
     _check_out(args.out, args.overwrite)
     run = load_run(args.run)
     save_grid(run.sample(args.n, seed=args.seed), args.out)
@@ -63,8 +66,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     from bdvae.data import load_dataset
     from bdvae.pictures import save_grid
 
-    if args.n <= 0:
-        raise BdvaeError(f"-n must be positive, got {args.n}")
+    if args.n <= 0 or args.ncol <= 0:
+        raise BdvaeError(f"-n and --ncol must be positive, got {args.n} and {args.ncol}")
     _check_out(args.out, args.overwrite)
     run = load_run(args.run)
     data = load_dataset(run.config.data)
@@ -83,9 +86,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> None:
-    from bdvae.data import fetch
+    from bdvae.data import KNOWN, fetch, read_cache
 
     folder = fetch(args.name, data_dir=args.data_dir, source_dir=args.source_dir, force=args.force or bool(args.source_dir))
+    read_cache(KNOWN[args.name], folder)  # checks every array again, also when the cache was already there
     print(f"{args.name}: verified arrays in {folder}")
 
 

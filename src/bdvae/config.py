@@ -8,6 +8,7 @@ valid ones. ``None`` means "not set" (TOML has no null: such keys are simply lef
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -33,7 +34,7 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _positive(section: str, name: str, value: int | float | None) -> None:
-    _require(value is None or value > 0, f"{section}.{name} must be positive, got {value!r}")
+    _require(value is None or (value > 0 and math.isfinite(value)), f"{section}.{name} must be positive, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,7 +106,7 @@ class ObjectiveConfig:
                  f"objective.likelihood must be one of {', '.join(LIKELIHOODS)}, got {self.likelihood!r}")
         _require(self.regularizer in REGULARIZERS,
                  f"objective.regularizer must be one of {', '.join(REGULARIZERS)}, got {self.regularizer!r}")
-        _require(self.beta >= 0, f"objective.beta must be >= 0, got {self.beta!r}")
+        _require(self.beta >= 0 and math.isfinite(self.beta), f"objective.beta must be >= 0 and finite, got {self.beta!r}")
         _positive("objective", "sigma", self.sigma)
 
 
@@ -122,7 +123,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "lr", "threads"):
             _positive("train", name, getattr(self, name))
-        _require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed!r}")
+        _require(0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed!r}")
+        _require(self.threads is None or self.threads <= 1024, f"train.threads must be at most 1024, got {self.threads!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

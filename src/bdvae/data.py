@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -137,7 +139,7 @@ def decompress_if_gzip(raw: bytes, name: str) -> bytes:
         return raw
     try:
         return gzip.decompress(raw)
-    except (OSError, EOFError, ValueError) as e:
+    except (OSError, EOFError, ValueError, zlib.error) as e:
         raise BdvaeError(f"{name}: damaged gzip data ({e})") from None
 
 
@@ -152,7 +154,7 @@ def parse_idx(raw: bytes, name: str) -> np.ndarray:
     if ndim == 0 or len(raw) < 4 + 4 * ndim:
         raise BdvaeError(f"{name}: IDX header is truncated or has no dimensions")
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(dims, dtype=np.int64))
+    expected = math.prod(dims)
     payload = raw[4 + 4 * ndim:]
     if len(payload) != expected:
         raise BdvaeError(f"{name}: IDX payload has {len(payload)} bytes, its header {dims} says {expected}")
@@ -311,6 +313,8 @@ def fetch(name: str, data_dir: Path | None = None, source_dir: Path | None = Non
     """
     known = KNOWN[name]
     target = (data_dir or default_data_dir()) / known.name
+    if source_dir is not None and not source_dir.is_dir():
+        raise BdvaeError(f"{source_dir}: not a folder (expected the four {name} IDX files there)")
     if (target / "source.json").is_file() and not force:
         return target
     if source_dir is not None:
@@ -358,11 +362,14 @@ def read_cache(known: KnownDataset, folder: Path) -> tuple[dict[str, np.ndarray]
         path = folder / f"{split}.npy"
         try:
             arrays[split] = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:
             raise BdvaeError(f"{path}: unreadable cache file ({e}); run `bdvae data fetch {known.name} --force`") from None
         if sha256(np.ascontiguousarray(arrays[split])) != known.sha256[split]:
             raise BdvaeError(f"{path}: checksum mismatch in the data cache; run `bdvae data fetch {known.name} --force`")
-    source = json.loads((folder / "source.json").read_text()).get("source", "?")
+    try:
+        source = str(json.loads((folder / "source.json").read_text())["source"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BdvaeError(f"{folder / 'source.json'}: damaged ({e}); run `bdvae data fetch {known.name} --force`") from None
     return arrays, source
 
 
@@ -401,9 +408,10 @@ def to_labels(labels: np.ndarray | None, n: int, name: str) -> np.ndarray:
 def load_npz(path: Path) -> dict[str, np.ndarray]:
     """.npz with x_train/y_train/x_test/y_test (Keras' layout) or x/y or images/labels; or a .npy of images."""
     try:
-        if path.suffix == ".npy":
-            return {"images": np.load(path, allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)  # an ndarray for .npy content, an NpzFile for .npz
+        if isinstance(loaded, np.ndarray):
+            return {"images": loaded}
+        with loaded as f:
             arrays = {k: f[k] for k in f.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise BdvaeError(f"{path}: not a readable .npz/.npy file ({e})") from None

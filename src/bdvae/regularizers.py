@@ -61,7 +61,6 @@ def kl(mu: Tensor, logvar: Tensor) -> Tensor:
     """Kullback-Leibler divergence KL(N(mu, s^2) || N(0, 1)), summed over dimensions.
 
     KL = ∫ q ln(q/p) dz = ½ (mu² + s² - ln s² - 1)   (Kingma & Welling 2014, appendix B).
-    Written as ½ (mu² + expm1(logvar) - logvar) so that q = p gives exactly 0 and small logvar
-    keeps its relative precision.
+    Written as ½ (mu² + expm1(logvar) - logvar): exactly 0 at q = p, and no ln of a vanishing s.
     """
     return 0.5 * (mu.square() + torch.expm1(logvar) - logvar).sum(-1)

@@ -7,6 +7,7 @@ written into the run directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -105,6 +106,15 @@ def write_pictures(model: VAE, data: Dataset, run_dir: Path, seed: int) -> None:
     pictures.save_grid(samples, run_dir / "samples.png")
 
 
+def absolute_paths(config: Config) -> Config:
+    """The same config with its data paths made absolute, so that the saved config.toml still
+    finds the data when `bdvae reconstruct` runs from another folder."""
+    data = config.data
+    resolved = {k: str(Path(v).expanduser().absolute()) for k in ("path", "labels_path", "data_dir")
+                if (v := getattr(data, k)) is not None}
+    return dataclasses.replace(config, data=dataclasses.replace(data, **resolved))
+
+
 def train(config: Config, run_dir: Path, overwrite: bool = False, progress: bool | None = None,
           log: Callable[[str], None] = print) -> Path:
     """Train a VAE as configured and fill `run_dir`; returns `run_dir`.
@@ -112,12 +122,14 @@ def train(config: Config, run_dir: Path, overwrite: bool = False, progress: bool
     `progress=None` shows the progress bar only on a terminal.
     """
     run_dir = Path(run_dir)
-    checkpoint.prepare_run_dir(run_dir, overwrite)
+    checkpoint.check_run_dir(run_dir, overwrite)  # before the slow parts, and before anything is written
+    config = absolute_paths(config)
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
     data = load_dataset(config.data, log=log)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, config.objective, data.shape)
+    checkpoint.prepare_run_dir(run_dir, overwrite)  # only once data and model are known to be good
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     log(f"training on {len(data.train_images)} images {tuple(data.shape)} from {data.source}; "
         f"{sum(p.numel() for p in model.parameters())} parameters; run directory {run_dir}")

@@ -140,3 +140,16 @@ def test_python_api_round_trip(trained_run):
     torch.testing.assert_close(recon, run.decode(mu))
     torch.testing.assert_close(run.sample(3, seed=5), run.sample(3, seed=5))
     assert run.sample(3, seed=5).shape == (3, 1, 32, 32)
+
+
+def test_python_api_trains_and_refuses_an_existing_run(mnist_dir, tmp_path):
+    import bdvae
+    from bdvae.config import Config, DataConfig, TrainConfig
+    from bdvae.errors import BdvaeError
+
+    config = Config(data=DataConfig(data_dir=str(mnist_dir), train_size=256, test_size=64), train=TrainConfig(epochs=1))
+    run_dir = bdvae.train(config, tmp_path / "api", progress=False)
+    run = bdvae.load_run(run_dir)
+    assert run.config == config and run.image_shape == (1, 32, 32)
+    with pytest.raises(BdvaeError, match="run directory exists"):
+        bdvae.train(config, run_dir)

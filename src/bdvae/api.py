@@ -1,7 +1,9 @@
 """The Python API: train from a config, load a finished run, encode / decode / reconstruct / sample.
 
     import bdvae
-    run_dir = bdvae.train(bdvae.config.Config(), "runs/bd")
+    from bdvae.config import Config
+
+    run_dir = bdvae.train(Config(), "runs/bd")
     run = bdvae.load_run(run_dir)
     images = run.sample(16, seed=0)          # (16, C, H, W) floats in [0, 1]
 """
@@ -18,18 +20,18 @@ from torch import Tensor
 from bdvae import checkpoint
 from bdvae.config import Config
 from bdvae.model import VAE
+from bdvae.train import to_float
 from bdvae.train import train as _train
 
 
-def train(config: Config | None = None, run_dir: str | Path = "runs/default", overwrite: bool = False,
-          progress: bool | None = None) -> Path:
-    """Train a VAE (default config if none) into `run_dir` and return its path."""
-    return _train(config or Config(), Path(run_dir), overwrite=overwrite, progress=progress)
+def train(config: Config, run_dir: str | Path, overwrite: bool = False, progress: bool | None = None) -> Path:
+    """Train a VAE as configured into `run_dir` and return its path."""
+    return _train(config, Path(run_dir), overwrite=overwrite, progress=progress)
 
 
 def _as_float(x: Tensor) -> Tensor:
     """Images as floats in [0, 1]: uint8 pixels are divided by 255; (C, H, W) gets a batch axis."""
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    x = to_float(x) if x.dtype == torch.uint8 else x.float()
     return x.unsqueeze(0) if x.dim() == 3 else x
 
 

@@ -89,7 +89,7 @@ def test_existing_run_directory_is_never_overwritten(trained_run):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["train", "--set", "objective.regularizer=wasserstein"], "objective.regularizer must be one of"),
+    (["train", "--set", "objective.regularizer=jensen_shannon"], "objective.regularizer must be one of"),
     (["train", "--set", "objective.beta=-0.5"], "objective.beta must be >= 0"),
     (["train", "--set", "train.batch_size=0"], "train.batch_size must be positive"),
     (["train", "--frobnicate"], "unrecognized arguments: --frobnicate"),

@@ -26,7 +26,9 @@ def test_overrides_apply_on_top_of_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["objective.regularizer=wasserstein"], "objective.regularizer must be one of bhattacharyya, kl"),
+    (["objective.regularizer=jensen_shannon"], "objective.regularizer must be one of bhattacharyya, kl, hellinger"),
+    (["objective.alpha=1"], "objective.alpha must be positive, finite and not 1"),
+    (["objective.warmup_steps=-1"], "objective.warmup_steps must be >= 0"),
     (["train.epochs=0"], "train.epochs must be positive"),
     (["train.batch_size=-4"], "train.batch_size must be positive"),
     (["objective.beta=-1"], "objective.beta must be >= 0"),

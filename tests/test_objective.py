@@ -8,7 +8,7 @@ from torch.nn import functional as F
 from bdvae.config import ModelConfig, ObjectiveConfig
 from bdvae.likelihoods import LIKELIHOODS
 from bdvae.model import build_model
-from bdvae.objective import loss_terms
+from bdvae.objective import beta_at, loss_terms
 from bdvae.regularizers import REGULARIZERS
 
 
@@ -67,3 +67,25 @@ def test_regularizer_registry_is_what_the_objective_uses():
         with torch.no_grad():
             mu, logvar = model.encode(x)
         torch.testing.assert_close(terms.reg, fn(mu, logvar).mean())
+
+
+def test_beta_warm_up_is_linear_then_constant():
+    objective = ObjectiveConfig(beta=2.0, warmup_steps=4)
+    assert [beta_at(objective, step) for step in range(1, 7)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+    assert beta_at(ObjectiveConfig(beta=2.0), 1) == 2.0  # no warm-up by default
+
+
+def test_loss_uses_the_beta_it_is_given():
+    model, x, eps = _model_and_batch()
+    objective = ObjectiveConfig(beta=3.0, warmup_steps=10)
+    full = loss_terms(model, x, objective, eps)
+    warm = loss_terms(model, x, objective, eps, beta=beta_at(objective, 1))
+    torch.testing.assert_close(warm.loss, full.recon_nll + 0.3 * full.reg)
+
+
+def test_renyi_order_comes_from_the_objective():
+    model, x, eps = _model_and_batch()
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+    terms = loss_terms(model, x, ObjectiveConfig(regularizer="renyi", alpha=0.2), eps)
+    torch.testing.assert_close(terms.reg, REGULARIZERS["renyi"](mu, logvar, alpha=0.2).mean())

@@ -95,6 +95,8 @@ class ObjectiveConfig:
     likelihood: str = "bernoulli"  # a key of likelihoods.LIKELIHOODS
     regularizer: str = "bhattacharyya"  # a key of regularizers.REGULARIZERS
     beta: float = 1.0  # weight of the regularizer
+    warmup_steps: int = 0  # beta rises linearly from beta/N to beta over the first N optimizer steps
+    alpha: float = 0.5  # regularizer "renyi": the order alpha, > 0 and != 1
     sigma: float = 0.1  # gaussian likelihoods: the fixed standard deviation, or the initial one
 
     def __post_init__(self) -> None:
@@ -108,6 +110,9 @@ class ObjectiveConfig:
                  f"objective.regularizer must be one of {', '.join(REGULARIZERS)}, got {self.regularizer!r}")
         _require(self.beta >= 0 and math.isfinite(self.beta), f"objective.beta must be >= 0 and finite, got {self.beta!r}")
         _positive("objective", "sigma", self.sigma)
+        _require(self.warmup_steps >= 0, f"objective.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        _require(self.alpha > 0 and self.alpha != 1 and math.isfinite(self.alpha),
+                 f"objective.alpha must be positive, finite and not 1, got {self.alpha!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,7 +14,7 @@ from torch import Tensor
 from bdvae.config import ObjectiveConfig
 from bdvae.likelihoods import LIKELIHOODS
 from bdvae.model import VAE
-from bdvae.regularizers import REGULARIZERS
+from bdvae.regularizers import Regularizer, bind
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,26 @@ class LossTerms:
     reg: Tensor
 
 
-def loss_terms(model: VAE, x: Tensor, objective: ObjectiveConfig, eps: Tensor | None = None) -> LossTerms:
-    """The objective on one batch x (B, C, H, W) with values in [0, 1] (already binarized if need be)."""
+def regularizer(objective: ObjectiveConfig, name: str | None = None) -> Regularizer:
+    """The regularizer `name` (default: the objective's own), its parameters taken from `objective`."""
+    return bind(name or objective.regularizer, alpha=objective.alpha)
+
+
+def beta_at(objective: ObjectiveConfig, step: int) -> float:
+    """The weight of the regularizer at optimizer step `step` (1, 2, ...): linear warm-up from
+    beta / warmup_steps to beta over the first warmup_steps steps (Bowman et al. 2016), then beta."""
+    if objective.warmup_steps <= 0:
+        return objective.beta
+    return objective.beta * min(1.0, step / objective.warmup_steps)
+
+
+def loss_terms(model: VAE, x: Tensor, objective: ObjectiveConfig, eps: Tensor | None = None,
+               beta: float | None = None) -> LossTerms:
+    """The objective on one batch x (B, C, H, W) with values in [0, 1] (already binarized if need be);
+    `beta` (default: objective.beta) is the regularizer's weight, as beta_at gives it during warm-up."""
     x_logits, mu, logvar, _ = model(x, eps)
     recon_nll = LIKELIHOODS[objective.likelihood].nll(x_logits, x, model.log_sigma)  # (B,)
-    reg = REGULARIZERS[objective.regularizer](mu, logvar)  # (B,)
+    reg = regularizer(objective)(mu, logvar)  # (B,)
     recon_nll, reg = recon_nll.mean(), reg.mean()
-    return LossTerms(loss=recon_nll + objective.beta * reg, recon_nll=recon_nll, reg=reg)
+    beta = objective.beta if beta is None else beta
+    return LossTerms(loss=recon_nll + beta * reg, recon_nll=recon_nll, reg=reg)

@@ -22,7 +22,7 @@ from bdvae.config import Config
 from bdvae.data import Dataset, load_dataset
 from bdvae.likelihoods import LIKELIHOODS
 from bdvae.model import VAE, build_model
-from bdvae.objective import loss_terms
+from bdvae.objective import beta_at, loss_terms, regularizer
 from bdvae.regularizers import REGULARIZERS
 
 METRICS_FILE = "metrics.jsonl"
@@ -57,7 +57,7 @@ def evaluate_terms(model: VAE, images: Tensor, config: Config, seed: int) -> dic
         mu, logvar = model.encode(x)
         z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen)
         sums["recon_nll"] += likelihood.nll(model.decode(z), x, model.log_sigma).sum().item()
-        sums["reg"] += REGULARIZERS[objective.regularizer](mu, logvar).sum().item()
+        sums["reg"] += regularizer(objective)(mu, logvar).sum().item()
         sums["kl"] += REGULARIZERS["kl"](mu, logvar).sum().item()
         sums["bhattacharyya"] += REGULARIZERS["bhattacharyya"](mu, logvar).sum().item()
     means = {k: v / len(images) for k, v in sums.items()}
@@ -67,8 +67,9 @@ def evaluate_terms(model: VAE, images: Tensor, config: Config, seed: int) -> dic
 
 
 def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, config: Config,
-                bar: tqdm) -> dict[str, float]:
-    """One pass over a fresh permutation of `images`; returns the running means of the terms."""
+                bar: tqdm, first_step: int = 1) -> dict[str, float]:
+    """One pass over a fresh permutation of `images`; returns the running means of the terms.
+    `first_step` numbers this epoch's first optimizer step, for the beta warm-up."""
     objective, batch_size = config.objective, config.train.batch_size
     binarize = LIKELIHOODS[objective.likelihood].binarize
     order = torch.randperm(len(images))
@@ -77,7 +78,7 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, co
         x = to_float(images[order[start: start + batch_size]])
         if binarize:
             x = binarized(x)
-        terms = loss_terms(model, x, objective)
+        terms = loss_terms(model, x, objective, beta=beta_at(objective, first_step + step))
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         optimizer.step()
@@ -141,7 +142,9 @@ def train(config: Config, run_dir: Path, overwrite: bool = False, progress: bool
         t0 = time.perf_counter()
         with tqdm(total=len(data.train_images), desc=f"epoch {epoch}/{config.train.epochs}", unit="img",
                   disable=None if progress is None else not progress, leave=False) as bar:
-            train_means = train_epoch(model, optimizer, data.train_images, config, bar)
+            steps_per_epoch = -(-len(data.train_images) // config.train.batch_size)
+            train_means = train_epoch(model, optimizer, data.train_images, config, bar,
+                                      first_step=(epoch - 1) * steps_per_epoch + 1)
         test_means = evaluate_terms(model, data.test_images, config, seed=config.train.seed)
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_means.items()},
                **{f"test_{k}": v for k, v in test_means.items()}, "seconds": time.perf_counter() - t0}

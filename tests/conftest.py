@@ -26,3 +26,15 @@ def mnist_dir(tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr
     assert "mnist: fetched from " in result.stdout  # it names its source
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def trained_run(mnist_dir, tmp_path_factory) -> Path:
+    """A small real run (12,000 images, 3 epochs), trained once per session by `bdvae train`.
+    Tests that write into a run directory work on a copy."""
+    run_dir = tmp_path_factory.mktemp("runs") / "bd"
+    result = run_cli("train", "--data-dir", str(mnist_dir), "--out", str(run_dir), "--quiet",
+                     "--set", "data.train_size=12000", "--set", "data.test_size=1000", "--set", "train.epochs=3",
+                     "--set", "train.batch_size=64")
+    assert result.returncode == 0, result.stderr
+    return run_dir

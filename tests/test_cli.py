@@ -13,16 +13,6 @@ from conftest import run_cli
 GRID_PX = 8 * (32 + 2) + 2  # 8 x 8 tiles of 32 px with 2-px gaps
 
 
-@pytest.fixture(scope="module")
-def trained_run(mnist_dir, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "bd"
-    result = run_cli("train", "--data-dir", str(mnist_dir), "--out", str(run_dir), "--quiet",
-                     "--set", "data.train_size=12000", "--set", "data.test_size=1000", "--set", "train.epochs=3",
-                     "--set", "train.batch_size=64")
-    assert result.returncode == 0, result.stderr
-    return run_dir
-
-
 def _png(path):
     with Image.open(path) as im:
         return np.asarray(im.convert("L"), dtype=np.float64) / 255

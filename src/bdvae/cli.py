@@ -85,6 +85,42 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     print(f"wrote {len(x)} test images (odd rows) and their reconstructions (even rows) to {args.out}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from bdvae.evaluate import EvalOptions, evaluate_run, format_table
+
+    options = EvalOptions(k=args.k, samples=args.samples, test_size=args.test_size, seed=args.seed,
+                          max_batch=args.max_batch, pictures=not args.no_pictures)
+    result = evaluate_run(args.run, options, progress=None if not args.quiet else False)
+    print(format_table(result))
+    print(f"wrote {args.run / 'metrics.json'} ({result['seconds']:.0f} s)")
+
+
+def cmd_classifier_train(args: argparse.Namespace) -> None:
+    from bdvae.classifier import save_classifier, train_reference
+
+    if args.out.exists() and not args.overwrite:
+        raise BdvaeError(f"--out {args.out}: file exists; pass --overwrite to replace it")
+    if not args.out.parent.is_dir():
+        raise BdvaeError(f"--out {args.out}: folder {args.out.parent} does not exist")
+    if args.epochs <= 0:
+        raise BdvaeError(f"--epochs must be positive, got {args.epochs}")
+    model, facts = train_reference(args.data_dir, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
+    save_classifier(model, args.out, facts)
+    print(f"test accuracy {facts['test_accuracy']:.2%}; wrote {args.out}")
+
+
+def cmd_classifier_scales(args: argparse.Namespace) -> None:
+    from bdvae.config import DataConfig
+    from bdvae.data import load_dataset
+    from bdvae.evaluate import reference_scores
+
+    data = load_dataset(DataConfig(name="mnist", data_dir=None if args.data_dir is None else str(args.data_dir)))
+    print(f"{'reference set (against the test set)':<36} {'Fréchet':>9} {'score':>6} {'entropy':>7} {'precision':>9} {'recall':>6}")
+    for name, s in reference_scores(data).items():
+        print(f"{name:<36} {s['frechet_distance']:>9.2f} {s['classifier_score']:>6.2f} {s['class_entropy']:>7.3f} "
+              f"{s['precision']:>9.3f} {s['recall']:>6.3f}")
+
+
 def cmd_data_fetch(args: argparse.Namespace) -> None:
     from bdvae.data import KNOWN, fetch, read_cache
 
@@ -125,6 +161,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_reconstruct)
+
+    p = commands.add_parser("evaluate", help="test-set metrics of a run: likelihood, divergences, prior match, samples")
+    p.add_argument("run", type=Path)
+    p.add_argument("-k", type=int, default=100, help="importance samples per image for -ln p(x) (default 100)")
+    p.add_argument("--samples", type=int, default=10000, help="images decoded from N(0, I) for sample quality (default 10000)")
+    p.add_argument("--test-size", type=int, help="only the first N test images (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation's random draws (default 0)")
+    p.add_argument("--max-batch", type=int, default=1000, help="most latents decoded at once (default 1000)")
+    p.add_argument("--no-pictures", action="store_true", help="skip the pictures in RUN/eval/")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = commands.add_parser("classifier", help="the reference MNIST classifier behind the sample-quality scores")
+    classifier_commands = p.add_subparsers(dest="classifier_command", required=True, parser_class=_Parser)
+    p = classifier_commands.add_parser("train", help="train it reproducibly on MNIST and save it as safetensors")
+    p.add_argument("--out", type=Path, required=True, help="safetensors file to write")
+    p.add_argument("--epochs", type=int, default=4, help="epochs (default 4, as the shipped weights)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0, as the shipped weights)")
+    p.add_argument("--data-dir", type=Path, help="dataset cache folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_classifier_train)
+    p = classifier_commands.add_parser("scales", help="the sample-quality scores of reference image sets")
+    p.add_argument("--data-dir", type=Path, help="dataset cache folder")
+    p.set_defaults(func=cmd_classifier_scales)
 
     p = commands.add_parser("data", help="datasets")
     data_commands = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from bdvae.checkpoint import atomic_path
@@ -38,12 +39,73 @@ def save_grid(images: Tensor, path: Path, ncol: int | None = None, scale: int = 
         Image.fromarray(array).save(tmp, format="PNG")
 
 
-def save_loss_curves(rows: list[dict[str, float]], path: Path) -> None:
-    """Train and test curves of the loss and its two terms against the epoch."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, path: Path, dpi: int = 100) -> None:
+    plt = _pyplot()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+
+
+def save_latent_histograms(z: Tensor, path: Path, bins: int = 60) -> None:
+    """One panel per latent dimension: the histogram of encoder samples z ~ q(z|x) over the test set
+    (that is, of the aggregate posterior's marginal) over the N(0, 1) density it should match."""
+    plt = _pyplot()
+    z = z.detach().double().cpu().numpy()
+    d = z.shape[1]
+    ncol = min(d, 8)
+    nrow = math.ceil(d / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(1.9 * ncol, 1.6 * nrow), squeeze=False, constrained_layout=True)
+    grid_z = np.linspace(-4, 4, 200)
+    density = np.exp(-0.5 * grid_z**2) / math.sqrt(2 * math.pi)
+    for j, ax in enumerate(axes.flat):
+        if j >= d:
+            ax.axis("off")
+            continue
+        ax.hist(z[:, j], bins=bins, range=(-4, 4), density=True, color="tab:blue", alpha=0.6)
+        ax.plot(grid_z, density, color="black", linewidth=1)
+        ax.set_title(f"z{j}", fontsize=8)
+        ax.set_yticks([])
+        ax.tick_params(labelsize=6)
+    _save_figure(fig, path)
+
+
+def save_latent_scatter(mu: Tensor, labels: Tensor, path: Path, max_points: int = 5000) -> None:
+    """The test set's posterior means in 2-D, coloured by digit: the latent itself when it is 2-D,
+    else its first two principal components."""
+    plt = _pyplot()
+    mu = mu.detach().double().cpu()[:max_points]
+    labels = labels.cpu()[:max_points].numpy()
+    if mu.shape[1] == 2:
+        xy, axis_names = mu.numpy(), ("z0", "z1")
+    else:
+        centred = mu - mu.mean(0)
+        _, s, v = torch.linalg.svd(centred, full_matrices=False)
+        xy = (centred @ v[:2].T).numpy()
+        share = (s[:2].square() / s.square().sum()).tolist()
+        axis_names = (f"PC1 ({share[0]:.0%} of variance)", f"PC2 ({share[1]:.0%})")
+    fig, ax = plt.subplots(figsize=(5.5, 5), constrained_layout=True)
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=3, vmin=-0.5, vmax=9.5)
+    if (labels >= 0).any():
+        fig.colorbar(points, ax=ax, ticks=range(10), label="label")
+    ax.set_xlabel(axis_names[0])
+    ax.set_ylabel(axis_names[1])
+    ax.set_title("test posterior means")
+    _save_figure(fig, path)
+
+
+def save_loss_curves(rows: list[dict[str, float]], path: Path) -> None:
+    """Train and test curves of the loss and its two terms against the epoch."""
+    plt = _pyplot()
 
     epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), constrained_layout=True)
@@ -55,6 +117,4 @@ def save_loss_curves(rows: list[dict[str, float]], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path)

@@ -1,0 +1,271 @@
+"""`bdvae evaluate RUN`: does the regularizer do its job? Numbers on the whole test set.
+
+Writes RUN/metrics.json and RUN/eval/*.png, returns the metrics as a dict. Every number is per
+test image (nats) unless its name says otherwise; the prior is N(0, I) for every model, so the
+numbers compare across regularizers. See README, "Evaluation", for what each one means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from bdvae import checkpoint, metrics, pictures
+from bdvae.api import Run, load_run
+from bdvae.data import Dataset, load_dataset
+from bdvae.errors import BdvaeError
+from bdvae.likelihoods import LIKELIHOODS
+from bdvae.objective import regularizer
+from bdvae.train import EVAL_BATCH, binarized, to_float
+
+METRICS_FILE = "metrics.json"
+PICTURES_DIR = "eval"
+DEFAULT_K = 100
+IWAE_IMAGES_PER_STEP = 100  # images per IWAE step: the progress bar's unit of work
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalOptions:
+    """What `bdvae evaluate` computes, and on how much."""
+
+    k: int = DEFAULT_K  # importance samples per image for the IWAE estimate of -ln p(x)
+    samples: int = 10000  # images decoded from N(0, I) for the sample-quality scores
+    test_size: int | None = None  # evaluate on the first N test images only (default: all)
+    seed: int = 0  # seed of every random draw of the evaluation (binarization, z, samples)
+    max_batch: int = 1000  # most latents decoded at once: bounds memory whatever k is
+    pictures: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("k", "samples", "test_size", "max_batch"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise BdvaeError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if not 0 <= self.seed < 2**63:
+            raise BdvaeError(f"--seed must be in [0, 2**63), got {self.seed}")
+
+
+def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch: int = EVAL_BATCH) -> Tensor:
+    return torch.cat([fn(x[i: i + batch]) for i in range(0, len(x), batch)])
+
+
+def likelihood_note(likelihood: str) -> str:
+    info = LIKELIHOODS[likelihood]
+    if info.binarize:
+        return ("dynamically binarized model: the test set is binarized once with the evaluation seed, "
+                "so -ln p(x) compares with published binarized-MNIST figures (Burda et al. 2015: 86.76 nats, one-layer MLP VAE)")
+    if not info.proper_density:
+        return ("Bernoulli likelihood on continuous intensities: not a density of the data, so -ln p(x) is not a "
+                "true negative log-likelihood; compare it only between runs with the same likelihood")
+    return "Gaussian likelihood: a density of the continuous pixel values"
+
+
+@torch.inference_mode()
+def reconstruction_and_divergences(run: Run, x: Tensor, intensities: Tensor, gen: torch.Generator) -> dict[str, Any]:
+    """Single-sample reconstruction NLL, MSE of the decoded posterior mean, KL and BD per image."""
+    model, objective = run.model, run.config.objective
+    nll = LIKELIHOODS[objective.likelihood].nll
+    mu, logvar = (torch.cat(t) for t in zip(*(model.encode(x[i: i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH))))
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen)
+    recon_nll = torch.cat([nll(model.decode(z[i: i + EVAL_BATCH]), x[i: i + EVAL_BATCH], model.log_sigma)
+                           for i in range(0, len(x), EVAL_BATCH)])
+    mse = torch.cat([(model.decode_mean(mu[i: i + EVAL_BATCH]) - intensities[i: i + EVAL_BATCH]).square().flatten(1).mean(1)
+                     for i in range(0, len(x), EVAL_BATCH)])
+    kl, bd = regularizer(objective, "kl"), regularizer(objective, "bhattacharyya")
+
+    def per_dim_mean(fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:  # (D,): both are sums over dimensions
+        return torch.stack([fn(mu[:, j: j + 1], logvar[:, j: j + 1]).mean() for j in range(mu.shape[1])])
+
+    return {"mu": mu, "logvar": logvar, "z": z, "recon_nll": recon_nll, "mse": mse,
+            "kl": kl(mu, logvar), "bd": bd(mu, logvar), "kl_per_dim": per_dim_mean(kl), "bd_per_dim": per_dim_mean(bd)}
+
+
+def iwae_nll(run: Run, x: Tensor, options: EvalOptions, gen: torch.Generator, progress: bool | None) -> Tensor:
+    """-ln p(x) per image by the IWAE bound with options.k samples; (N,)."""
+    model = run.model
+    nll = LIKELIHOODS[run.config.objective.likelihood].nll
+
+    def log_px_given_z(z: Tensor, xs: Tensor) -> Tensor:
+        return -nll(model.decode(z), xs, model.log_sigma)
+
+    out = []
+    with tqdm(total=len(x), desc=f"IWAE, K={options.k}", unit="img", disable=None if progress is None else not progress,
+              leave=False) as bar:
+        for i in range(0, len(x), IWAE_IMAGES_PER_STEP):
+            chunk = x[i: i + IWAE_IMAGES_PER_STEP]
+            out.append(-metrics.iwae_log_likelihood(model.encode, log_px_given_z, chunk, options.k,
+                                                    max_batch=options.max_batch, generator=gen))
+            bar.update(len(chunk))
+    return torch.cat(out)
+
+
+def score_samples(classifier: Any, real: Tensor, fake: Tensor) -> dict[str, Any]:
+    """Sample-quality scores of images `fake` against images `real` (N, 1, 32, 32) in [0, 1],
+    in the reference classifier's feature space."""
+    from bdvae.classifier import features_and_logits
+
+    real_feats, _ = features_and_logits(classifier, real)
+    fake_feats, fake_logits = features_and_logits(classifier, fake)
+    counts, entropy = metrics.class_histogram(fake_logits)
+    precision, recall = metrics.precision_recall(real_feats, fake_feats, k=3)
+    return {"frechet_distance": metrics.frechet_distance(real_feats, fake_feats),
+            "classifier_score": metrics.inception_score(fake_logits), "class_counts": counts,
+            "class_entropy": entropy, "precision": precision, "recall": recall}
+
+
+def sample_quality(run: Run, data: Dataset, intensities: Tensor, options: EvalOptions) -> dict[str, Any] | None:
+    """Scores of options.samples decoded N(0, I) draws against the test images; None where the
+    reference classifier does not apply (not 32x32 MNIST)."""
+    from bdvae.classifier import classifier_facts, load_classifier
+
+    if run.config.data.name != "mnist" or tuple(data.shape) != (1, 32, 32):
+        return None
+    gen = torch.Generator().manual_seed(options.seed + 1)
+    z = torch.randn(options.samples, run.config.model.latent_dim, generator=gen)
+    with torch.inference_mode():
+        samples = _batched(run.model.decode_mean, z)
+    return {"samples": options.samples, **score_samples(load_classifier(), intensities, samples),
+            "classifier": classifier_facts()}
+
+
+def blurred(images: Tensor, sigma: float) -> Tensor:
+    """Images (N, 1, H, W) convolved with a Gaussian of `sigma` pixels (zero padding)."""
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    out = torch.nn.functional.conv2d(images, kernel.view(1, 1, 1, -1), padding=(0, radius))
+    return torch.nn.functional.conv2d(out, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+
+
+def reference_scores(data: Dataset, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """The sample-quality scores on reference sets, to give them a scale: the two halves of the
+    test set against each other (as good as it gets), blurred test images, and uniform noise."""
+    from bdvae.classifier import load_classifier
+
+    classifier = load_classifier()
+    test = to_float(data.test_images)
+    half = len(test) // 2
+    noise = torch.rand(test.shape, generator=torch.Generator().manual_seed(seed))
+    return {
+        "test half vs other half": score_samples(classifier, test[:half], test[half:]),
+        "test blurred, sigma 1 px": score_samples(classifier, test, blurred(test, 1.0)),
+        "test blurred, sigma 2 px": score_samples(classifier, test, blurred(test, 2.0)),
+        "uniform noise": score_samples(classifier, test, noise),
+    }
+
+
+def write_pictures(run: Run, x: Tensor, labels: Tensor, terms: dict[str, Any], folder: Path) -> list[str]:
+    """Latent histograms, the 2-D view of the means, an interpolation grid and a traversal grid."""
+    folder.mkdir(exist_ok=True)
+    mu = terms["mu"]
+    pictures.save_latent_histograms(terms["z"], folder / "latent_histograms.png")
+    pictures.save_latent_scatter(mu, labels, folder / "latent_means.png")
+    model = run.model
+    with torch.inference_mode():
+        # Interpolation: 8 pairs of test images, their posterior means joined by straight lines.
+        steps = torch.linspace(0, 1, 10)[None, :, None]
+        a, b = mu[0:16:2, None], mu[1:16:2, None]  # (8, 1, D)
+        path = (a + steps * (b - a)).reshape(-1, mu.shape[1])  # (80, D), row by row
+        rows = model.decode_mean(path).reshape(8, 10, *x.shape[1:])
+        grid = torch.cat([x[0:16:2, None], rows, x[1:16:2, None]], 1).reshape(-1, *x.shape[1:])
+        pictures.save_grid(grid, folder / "interpolation.png", ncol=12, scale=2)
+        # Traversal: each latent dimension swept over [-3, 3] with the others at the first test image's mean.
+        d = mu.shape[1]
+        values = torch.linspace(-3, 3, 11)
+        z = mu[0].repeat(d, 11, 1)  # (D, 11, D)
+        z[torch.arange(d), :, torch.arange(d)] = values
+        pictures.save_grid(model.decode_mean(z.reshape(-1, d)), folder / "traversal.png", ncol=11, scale=2)
+    return sorted(p.name for p in folder.glob("*.png"))
+
+
+def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: bool | None = None,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate a finished run; write RUN/metrics.json (and RUN/eval/*.png) and return the metrics."""
+    started = time.perf_counter()
+    run = load_run(run_dir)
+    objective = run.config.objective
+    data_cfg = dataclasses.replace(run.config.data, test_size=options.test_size)
+    data = load_dataset(data_cfg, log=log)
+    if tuple(data.shape) != run.image_shape:
+        raise BdvaeError(f"{run_dir}: the data now gives images of shape {tuple(data.shape)}, the run was trained on {run.image_shape}")
+    intensities = to_float(data.test_images)
+    gen = torch.Generator().manual_seed(options.seed)
+    x = binarized(intensities, gen) if LIKELIHOODS[objective.likelihood].binarize else intensities
+    n = len(x)
+
+    terms = reconstruction_and_divergences(run, x, intensities, gen)
+    t0 = time.perf_counter()
+    nll = iwae_nll(run, x, options, gen, progress)
+    iwae_seconds = time.perf_counter() - t0
+    neg_elbo = terms["recon_nll"] + terms["kl"]
+
+    def mean_and_error(v: Tensor) -> dict[str, float]:
+        v = v.double()
+        return {"mean": v.mean().item(), "std_error": (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else 0.0}
+
+    result: dict[str, Any] = {
+        "run": str(run_dir),
+        "regularizer": objective.regularizer,
+        "beta": objective.beta,
+        "likelihood": objective.likelihood,
+        "likelihood_note": likelihood_note(objective.likelihood),
+        "test_images": n,
+        "options": dataclasses.asdict(options),
+        "reconstruction": {"nll": mean_and_error(terms["recon_nll"]), "mse_per_pixel": mean_and_error(terms["mse"])},
+        "divergences": {
+            "kl": mean_and_error(terms["kl"]), "bhattacharyya": mean_and_error(terms["bd"]),
+            "kl_per_dim": terms["kl_per_dim"].tolist(), "bhattacharyya_per_dim": terms["bd_per_dim"].tolist(),
+            "kl_dim_mean": terms["kl_per_dim"].mean().item(), "bhattacharyya_dim_mean": terms["bd_per_dim"].mean().item(),
+        },
+        "neg_elbo": mean_and_error(neg_elbo),
+        "iwae_nll": {**mean_and_error(nll), "k": options.k, "importance_samples_per_second": n * options.k / iwae_seconds},
+        "prior_match": metrics.prior_match(terms["z"], terms["mu"], torch.Generator().manual_seed(options.seed + 2)),
+        "sample_quality": sample_quality(run, data, intensities, options),
+    }
+    if options.pictures:
+        result["pictures"] = [f"{PICTURES_DIR}/{name}" for name in
+                              write_pictures(run, intensities, data.test_labels, terms, Path(run_dir) / PICTURES_DIR)]
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    checkpoint.write_text(Path(run_dir) / METRICS_FILE, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_table(m: dict[str, Any]) -> str:
+    """The headline numbers of a metrics dict, one per line, for the terminal."""
+    pm, sq = m["prior_match"], m["sample_quality"]
+    rows = [
+        ("test images", f"{m['test_images']}"),
+        ("reconstruction NLL (nats)", f"{m['reconstruction']['nll']['mean']:.2f}"),
+        ("reconstruction MSE per pixel", f"{m['reconstruction']['mse_per_pixel']['mean']:.5f}"),
+        ("KL(q(z|x) || N(0,I)) (nats)", f"{m['divergences']['kl']['mean']:.2f}  ({m['divergences']['kl_dim_mean']:.3f} per dim)"),
+        ("BD(q(z|x), N(0,I)) (nats)", f"{m['divergences']['bhattacharyya']['mean']:.2f}  "
+                                      f"({m['divergences']['bhattacharyya_dim_mean']:.3f} per dim)"),
+        ("negative ELBO (nats)", f"{m['neg_elbo']['mean']:.2f}"),
+        (f"-ln p(x), IWAE K={m['iwae_nll']['k']} (nats)", f"{m['iwae_nll']['mean']:.2f} ± {m['iwae_nll']['std_error']:.2f}"),
+        ("  note", m["likelihood_note"]),
+        ("aggregate posterior: |mean|", f"{pm['mean_norm']:.3f}"),
+        ("  covariance eigenvalues", f"{pm['cov_eigenvalue_min']:.3f} .. {pm['cov_eigenvalue_max']:.3f}"),
+        ("  MMD² to N(0,I) (null)", f"{pm['mmd2']:.5f}  ({pm['mmd2_null']:.5f})"),
+        ("  active units", f"{pm['active_units']} of {len(pm['per_dim']['mean'])}"),
+    ]
+    if sq is not None:
+        rows += [
+            ("samples: Fréchet distance", f"{sq['frechet_distance']:.2f}"),
+            ("  classifier score (max 10)", f"{sq['classifier_score']:.2f}"),
+            ("  class entropy (max 2.303)", f"{sq['class_entropy']:.3f}"),
+            ("  precision / recall (k=3)", f"{sq['precision']:.3f} / {sq['recall']:.3f}"),
+        ]
+    else:
+        rows.append(("samples", "no sample-quality scores: the reference classifier knows 32x32 MNIST only"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -85,6 +85,35 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     print(f"wrote {len(x)} test images (odd rows) and their reconstructions (even rows) to {args.out}")
 
 
+def _csv(text: str, kind: Callable[[str], object], what: str) -> list:
+    try:
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BdvaeError(f"{what}: expected a comma-separated list, got {text!r}") from None
+    if not values:
+        raise BdvaeError(f"{what}: empty list")
+    return values
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from bdvae import config as config_lib
+    from bdvae.compare import compare
+    from bdvae.evaluate import EvalOptions
+
+    overrides = list(args.set or [])
+    if args.data_dir is not None:
+        overrides.append(f"data.data_dir={json.dumps(str(args.data_dir))}")
+    base = config_lib.load(args.config, overrides)
+    regularizers = _csv(args.regularizers, str, "--regularizers")
+    betas = _csv(args.beta, float, "--beta")
+    if args.seeds <= 0 or (args.epochs is not None and args.epochs <= 0):
+        raise BdvaeError(f"--seeds and --epochs must be positive, got {args.seeds} and {args.epochs}")
+    options = EvalOptions(k=args.k, samples=args.samples, test_size=args.test_size)
+    compare(base, regularizers, betas, args.seeds, args.out, epochs=args.epochs, options=options,
+            progress=None if not args.quiet else False)
+    print(f"wrote {args.out / 'report.md'} and {args.out / 'report.html'}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from bdvae.evaluate import EvalOptions, evaluate_run, format_table
 
@@ -172,6 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pictures", action="store_true", help="skip the pictures in RUN/eval/")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    p = commands.add_parser("compare", help="train and evaluate regularizers x betas x seeds; write a report")
+    p.add_argument("--regularizers", default="bhattacharyya,kl", help="comma-separated (default bhattacharyya,kl)")
+    p.add_argument("--beta", default="1", help="comma-separated betas (default 1); several draw rate-distortion curves")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per configuration (default 3)")
+    p.add_argument("--epochs", type=int, help="epochs per run (default: the config's)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the runs and the report")
+    p.add_argument("--config", type=Path, help="base TOML config shared by every run")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a base config value")
+    p.add_argument("--data-dir", type=Path, help="dataset cache folder")
+    p.add_argument("-k", type=int, default=100, help="IWAE importance samples per image (default 100)")
+    p.add_argument("--samples", type=int, default=10000, help="samples for the sample-quality scores (default 10000)")
+    p.add_argument("--test-size", type=int, help="evaluate on the first N test images only (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)
 
     p = commands.add_parser("classifier", help="the reference MNIST classifier behind the sample-quality scores")
     classifier_commands = p.add_subparsers(dest="classifier_command", required=True, parser_class=_Parser)

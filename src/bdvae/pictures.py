@@ -39,7 +39,7 @@ def save_grid(images: Tensor, path: Path, ncol: int | None = None, scale: int = 
         Image.fromarray(array).save(tmp, format="PNG")
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
@@ -49,8 +49,8 @@ def _pyplot():
     return plt
 
 
-def _save_figure(fig, path: Path, dpi: int = 100) -> None:
-    plt = _pyplot()
+def save_figure(fig, path: Path, dpi: int = 100) -> None:
+    plt = pyplot()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
@@ -59,7 +59,7 @@ def _save_figure(fig, path: Path, dpi: int = 100) -> None:
 def save_latent_histograms(z: Tensor, path: Path, bins: int = 60) -> None:
     """One panel per latent dimension: the histogram of encoder samples z ~ q(z|x) over the test set
     (that is, of the aggregate posterior's marginal) over the N(0, 1) density it should match."""
-    plt = _pyplot()
+    plt = pyplot()
     z = z.detach().double().cpu().numpy()
     d = z.shape[1]
     ncol = min(d, 8)
@@ -76,13 +76,13 @@ def save_latent_histograms(z: Tensor, path: Path, bins: int = 60) -> None:
         ax.set_title(f"z{j}", fontsize=8)
         ax.set_yticks([])
         ax.tick_params(labelsize=6)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def save_latent_scatter(mu: Tensor, labels: Tensor, path: Path, max_points: int = 5000) -> None:
     """The test set's posterior means in 2-D, coloured by digit: the latent itself when it is 2-D,
     else its first two principal components."""
-    plt = _pyplot()
+    plt = pyplot()
     mu = mu.detach().double().cpu()[:max_points]
     labels = labels.cpu()[:max_points].numpy()
     if mu.shape[1] == 2:
@@ -100,12 +100,12 @@ def save_latent_scatter(mu: Tensor, labels: Tensor, path: Path, max_points: int 
     ax.set_xlabel(axis_names[0])
     ax.set_ylabel(axis_names[1])
     ax.set_title("test posterior means")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def save_loss_curves(rows: list[dict[str, float]], path: Path) -> None:
     """Train and test curves of the loss and its two terms against the epoch."""
-    plt = _pyplot()
+    plt = pyplot()
 
     epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), constrained_layout=True)
@@ -117,4 +117,4 @@ def save_loss_curves(rows: list[dict[str, float]], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)

@@ -1,0 +1,192 @@
+"""The comparison report: OUT/report.md (pictures linked) and OUT/report.html (pictures embedded).
+
+Both hold the metrics table (mean ± std over seeds), the three pictures and the latent histograms
+of each configuration side by side (its first seed), and the rate-distortion plot
+OUT/rate_distortion.png.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bdvae import checkpoint, pictures
+
+if TYPE_CHECKING:
+    from bdvae.compare import Entry
+
+# (column, path into metrics.json, decimals); "↓" lower is better, "↑" higher is better.
+COLUMNS: tuple[tuple[str, tuple[str, ...], int], ...] = (
+    ("recon NLL ↓", ("reconstruction", "nll", "mean"), 2),
+    ("MSE/pixel ↓", ("reconstruction", "mse_per_pixel", "mean"), 4),
+    ("KL", ("divergences", "kl", "mean"), 2),
+    ("BD", ("divergences", "bhattacharyya", "mean"), 2),
+    ("−ELBO ↓", ("neg_elbo", "mean"), 2),
+    ("IWAE −ln p(x) ↓", ("iwae_nll", "mean"), 2),
+    ("‖mean q(z)‖ ↓", ("prior_match", "mean_norm"), 3),
+    ("cov eig min", ("prior_match", "cov_eigenvalue_min"), 3),
+    ("cov eig max", ("prior_match", "cov_eigenvalue_max"), 3),
+    ("MMD² to N(0,I) ↓", ("prior_match", "mmd2"), 4),
+    ("active units", ("prior_match", "active_units"), 1),
+    ("Fréchet ↓", ("sample_quality", "frechet_distance"), 1),
+    ("classifier score ↑", ("sample_quality", "classifier_score"), 2),
+    ("class entropy ↑", ("sample_quality", "class_entropy"), 3),
+    ("precision ↑", ("sample_quality", "precision"), 3),
+    ("recall ↑", ("sample_quality", "recall"), 3),
+)
+PICTURES = (("originals", "originals.png"), ("reconstructions", "reconstructions.png"),
+            ("samples from N(0, I)", "samples.png"), ("latent histograms", "eval/latent_histograms.png"))
+
+
+def _get(metrics: dict[str, Any], path: tuple[str, ...]) -> float | None:
+    value: Any = metrics
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def group(entries: Sequence[Entry]) -> dict[tuple[str, float], list[Entry]]:
+    """Entries by (regularizer, beta), in the order first seen."""
+    groups: dict[tuple[str, float], list[Entry]] = {}
+    for e in entries:
+        groups.setdefault((e.regularizer, e.beta), []).append(e)
+    return groups
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single seed)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summary_rows(entries: Sequence[Entry]) -> list[dict[str, Any]]:
+    """One row per configuration: its name, seed count and (mean, std) per column (None if absent)."""
+    rows = []
+    for (reg, beta), members in group(entries).items():
+        cells: dict[str, tuple[float, float] | None] = {}
+        for label, path, _ in COLUMNS:
+            values = [v for e in members if (v := _get(e.metrics, path)) is not None]
+            cells[label] = mean_std(values) if values else None
+        rows.append({"regularizer": reg, "beta": beta, "seeds": len(members), "cells": cells})
+    return rows
+
+
+def _cell(value: tuple[float, float] | None, decimals: int, seeds: int) -> str:
+    if value is None:
+        return "–"
+    mean, std = value
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}" if seeds > 1 else f"{mean:.{decimals}f}"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    header = ["regularizer", "β", "seeds", *(label for label, _, _ in COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [_cell(r["cells"][label], d, r["seeds"]) for label, _, d in COLUMNS]
+        lines.append("| " + " | ".join([r["regularizer"], f"{r['beta']:g}", str(r["seeds"]), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def save_rate_distortion(rows: list[dict[str, Any]], path: Path) -> None:
+    """Rate (KL of the posteriors to the prior) against distortion (reconstruction NLL): one point
+    per configuration with ±1 std bars over seeds; the betas of one regularizer joined as a curve."""
+    plt = pictures.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5), constrained_layout=True)
+    for reg in dict.fromkeys(r["regularizer"] for r in rows):
+        points = sorted((r for r in rows if r["regularizer"] == reg and r["cells"]["KL"] and r["cells"]["recon NLL ↓"]),
+                        key=lambda r: r["beta"])
+        xs = [r["cells"]["KL"] for r in points]
+        ys = [r["cells"]["recon NLL ↓"] for r in points]
+        ax.errorbar([x[0] for x in xs], [y[0] for y in ys], xerr=[x[1] for x in xs], yerr=[y[1] for y in ys],
+                    marker="o", capsize=3, label=reg, linestyle="-" if len(points) > 1 else "none")
+        for r, x, y in zip(points, xs, ys):
+            ax.annotate(f"β={r['beta']:g}", (x[0], y[0]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("rate: KL(q(z|x) || N(0, I)) per image (nats)")
+    ax.set_ylabel("distortion: reconstruction NLL per image (nats)")
+    ax.set_title("rate–distortion on the test set")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    pictures.save_figure(fig, path)
+
+
+def _first_runs(entries: Sequence[Entry]) -> list[tuple[str, Entry]]:
+    return [(f"{reg}, β={beta:g} (seed {members[0].seed})", members[0]) for (reg, beta), members in group(entries).items()]
+
+
+def _notes(entries: Sequence[Entry]) -> list[str]:
+    first = entries[0].metrics
+    notes = [first.get("likelihood_note", "")]
+    if first.get("iwae_nll"):
+        notes.append(f"IWAE with K = {first['iwae_nll']['k']} importance samples per image; "
+                     f"{first.get('test_images')} test images per run.")
+    nulls = sorted({f"{e.metrics['prior_match']['mmd2_null']:.5f}" for e in entries})
+    notes.append("MMD² compares q(z) with N(0, I); the same statistic between two N(0, I) samples of that size "
+                 f"(its null, pure sampling noise) is {', '.join(nulls)}.")
+    return [n for n in notes if n]
+
+
+def markdown(entries: Sequence[Entry], out: Path) -> str:
+    rows = summary_rows(entries)
+    parts = ["# bdvae comparison", "", f"{len(rows)} configurations × seeds, mean ± std over seeds.", "",
+             markdown_table(rows), "", *(f"- {n}" for n in _notes(entries)), "",
+             "## Rate–distortion", "", "![rate-distortion](rate_distortion.png)", "", "## Pictures", ""]
+    header = ["configuration", *(name for name, _ in PICTURES)]
+    parts += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for title, e in _first_runs(entries):
+        rel = e.run_dir.relative_to(out)
+        parts.append("| " + " | ".join([title, *(f"![{name}]({(rel / f).as_posix()})" for name, f in PICTURES)]) + " |")
+    return "\n".join(parts) + "\n"
+
+
+def _img(path: Path) -> str:
+    if not path.is_file():
+        return "<em>missing</em>"
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
+
+
+def html_page(entries: Sequence[Entry], out: Path) -> str:
+    rows = summary_rows(entries)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["regularizer", "β", "seeds", *(c[0] for c in COLUMNS)])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in
+                         [r["regularizer"], f"{r['beta']:g}", str(r["seeds"]),
+                          *(_cell(r["cells"][label], d, r["seeds"]) for label, _, d in COLUMNS)]) + "</tr>"
+        for r in rows)
+    pics_head = "".join(f"<th>{html.escape(name)}</th>" for name in ["configuration", *(n for n, _ in PICTURES)])
+    pics = "".join("<tr>" + f"<th>{html.escape(title)}</th>" + "".join(f"<td>{_img(e.run_dir / f)}</td>" for _, f in PICTURES)
+                   + "</tr>" for title, e in _first_runs(entries))
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in _notes(entries))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>bdvae comparison</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; vertical-align: top; }}
+th {{ background: #f3f3f3; }}
+td img {{ max-width: 360px; image-rendering: pixelated; }}
+</style></head><body>
+<h1>bdvae comparison</h1>
+<p>{len(rows)} configurations; mean ± std over seeds; ↓ lower is better, ↑ higher is better.</p>
+<table><tr>{head}</tr>{body}</table>
+<ul>{notes}</ul>
+<h2>Rate–distortion</h2>{_img(out / "rate_distortion.png")}
+<h2>Pictures (first seed of each configuration)</h2>
+<table><tr>{pics_head}</tr>{pics}</table>
+</body></html>
+"""
+
+
+def write_report(out: Path, entries: Sequence[Entry]) -> tuple[Path, Path]:
+    """Write OUT/rate_distortion.png, OUT/report.md and OUT/report.html; return the two reports."""
+    save_rate_distortion(summary_rows(entries), out / "rate_distortion.png")
+    checkpoint.write_text(out / "report.md", markdown(entries, out))
+    checkpoint.write_text(out / "report.html", html_page(entries, out))
+    return out / "report.md", out / "report.html"
+
+

@@ -1,0 +1,87 @@
+"""`bdvae compare` end to end on a tiny configuration; reuse of finished runs; the report's numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bdvae.compare import Entry
+from bdvae.report import markdown_table, summary_rows
+from conftest import run_cli
+
+
+def _compare(mnist_dir, out, *extra):
+    return run_cli("compare", "--regularizers", "bhattacharyya,kl", "--seeds", "2", "--epochs", "1",
+                   "--out", str(out), "--data-dir", str(mnist_dir), "--set", "data.train_size=512",
+                   "--set", "train.batch_size=64", "-k", "2", "--samples", "300", "--test-size", "300", "--quiet", *extra)
+
+
+@pytest.fixture(scope="module")
+def compared(mnist_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    result = _compare(mnist_dir, out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_every_configuration_and_seed_is_trained_evaluated_and_reported(compared):
+    runs = sorted(p.name for p in (compared / "runs").iterdir())
+    assert runs == ["bhattacharyya-beta1-seed0", "bhattacharyya-beta1-seed1", "kl-beta1-seed0", "kl-beta1-seed1"]
+    for name in runs:
+        m = json.loads((compared / "runs" / name / "metrics.json").read_text())
+        assert m["regularizer"] == name.split("-")[0] and m["test_images"] == 300
+    md = (compared / "report.md").read_text()
+    assert md.count("| bhattacharyya | 1 | 2 |") == 1 and md.count("| kl | 1 | 2 |") == 1
+    assert " ± " in md and "![rate-distortion](rate_distortion.png)" in md
+    assert "runs/kl-beta1-seed0/samples.png" in md
+    page = (compared / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 1 + 2 * 4  # the plot, 4 pictures per configuration
+    assert "src=\"http" not in page and "missing" not in page
+    assert (compared / "rate_distortion.png").stat().st_size > 1000
+
+
+def test_finished_runs_are_reused_and_unfinished_ones_trained_again(compared, mnist_dir):
+    weights = compared / "runs" / "kl-beta1-seed0" / "model.safetensors"
+    before = weights.read_bytes(), weights.stat().st_mtime_ns
+    (compared / "runs" / "kl-beta1-seed1" / "run.json").unlink()  # as a killed training leaves it
+    result = _compare(mnist_dir, compared)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("finished run reused") == 3
+    assert "kl-beta1-seed1: restarting an unfinished run" in result.stdout
+    assert (weights.read_bytes(), weights.stat().st_mtime_ns) == before
+    assert (compared / "runs" / "kl-beta1-seed1" / "run.json").is_file()
+
+
+def test_a_run_with_another_config_is_refused_and_left_alone(compared, mnist_dir):
+    config = compared / "runs" / "bhattacharyya-beta1-seed0" / "config.toml"
+    before = config.read_bytes()
+    result = _compare(mnist_dir, compared, "--set", "train.lr=0.01")
+    assert result.returncode == 2
+    assert "holds a finished run with a different config" in result.stderr and "Traceback" not in result.stderr
+    assert config.read_bytes() == before
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--beta", "one"], "--beta: expected a comma-separated list"),
+    (["--regularizers", "bhattacharyya,nope"], "objective.regularizer must be one of"),
+    (["--seeds", "0"], "--seeds and --epochs must be positive"),
+])
+def test_bad_arguments_are_one_line_before_any_training(args, message, tmp_path):
+    result = run_cli("compare", "--out", str(tmp_path / "c"), *args)
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "c").exists()
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    def entry(reg, seed, nll):
+        return Entry(reg, 1.0, seed, Path("."), {"reconstruction": {"nll": {"mean": nll}}})
+
+    rows = summary_rows([entry("bhattacharyya", 0, 10.0), entry("bhattacharyya", 1, 14.0), entry("kl", 0, 7.0)])
+    assert [(r["regularizer"], r["seeds"]) for r in rows] == [("bhattacharyya", 2), ("kl", 1)]
+    mean, std = rows[0]["cells"]["recon NLL ↓"]
+    assert mean == 12.0 and std == pytest.approx(2 ** 1.5)  # sample std of 10 and 14
+    assert rows[0]["cells"]["KL"] is None
+    table = markdown_table(rows)
+    assert "| bhattacharyya | 1 | 2 | 12.00 ± 2.83 |" in table and "| kl | 1 | 1 | 7.00 |" in table

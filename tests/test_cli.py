@@ -70,12 +70,12 @@ def test_reconstruct_writes_alternating_rows(trained_run, tmp_path):
 
 
 def test_existing_run_directory_is_never_overwritten(trained_run):
-    before = {p.name: p.read_bytes() for p in trained_run.iterdir()}
+    before = {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()}
     result = run_cli("train", "--out", str(trained_run), "--set", "train.epochs=1")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "run directory exists; pass --overwrite" in result.stderr
-    assert {p.name: p.read_bytes() for p in trained_run.iterdir()} == before
+    assert {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("args,message", [

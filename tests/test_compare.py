@@ -42,14 +42,14 @@ def test_every_configuration_and_seed_is_trained_evaluated_and_reported(compared
     assert (compared / "rate_distortion.png").stat().st_size > 1000
 
 
-def test_finished_runs_are_reused_and_unfinished_ones_trained_again(compared, mnist_dir):
+def test_finished_runs_are_reused_and_unfinished_ones_resumed(compared, mnist_dir):
     weights = compared / "runs" / "kl-beta1-seed0" / "model.safetensors"
     before = weights.read_bytes(), weights.stat().st_mtime_ns
     (compared / "runs" / "kl-beta1-seed1" / "run.json").unlink()  # as a killed training leaves it
     result = _compare(mnist_dir, compared)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("finished run reused") == 3
-    assert "kl-beta1-seed1: restarting an unfinished run" in result.stdout
+    assert "kl-beta1-seed1: resuming an unfinished run" in result.stdout
     assert (weights.read_bytes(), weights.stat().st_mtime_ns) == before
     assert (compared / "runs" / "kl-beta1-seed1" / "run.json").is_file()
 
@@ -59,7 +59,7 @@ def test_a_run_with_another_config_is_refused_and_left_alone(compared, mnist_dir
     before = config.read_bytes()
     result = _compare(mnist_dir, compared, "--set", "train.lr=0.01")
     assert result.returncode == 2
-    assert "holds a finished run with a different config" in result.stderr and "Traceback" not in result.stderr
+    assert "holds a run with a different config" in result.stderr and "Traceback" not in result.stderr
     assert config.read_bytes() == before
 
 

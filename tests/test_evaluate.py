@@ -71,7 +71,7 @@ def test_binarized_models_are_scored_on_a_once_binarized_test_set():
 
 
 def test_option_ranges():
-    with pytest.raises(BdvaeError, match="--k must be positive"):
+    with pytest.raises(BdvaeError, match="-k must be positive"):
         EvalOptions(k=0)
     with pytest.raises(BdvaeError, match="--seed must be in"):
         EvalOptions(seed=-1)
@@ -79,7 +79,7 @@ def test_option_ranges():
 
 @pytest.mark.parametrize("args,message", [
     (["evaluate", "/nonexistent/run"], "not a finished run"),
-    (["evaluate", "/nonexistent/run", "-k", "0"], "--k must be positive"),
+    (["evaluate", "/nonexistent/run", "-k", "0"], "-k must be positive"),
     (["evaluate", "/nonexistent/run", "--samples", "-5"], "--samples must be positive"),
     (["classifier", "train", "--out", "/nonexistent/dir/c.safetensors"], "folder /nonexistent/dir does not exist"),
 ])

@@ -1,19 +1,23 @@
 """A run directory on disk: resolved config, weights (safetensors), run facts; and loading it back.
 
 Layout (see README, "The run directory"):
-    config.toml        the resolved config; enough, with run.json, to rebuild the model
+    config.toml        the resolved config (written first); enough, with run.json, to rebuild the model
     run.json           bdvae version, image shape (C, H, W), data source, epochs done, wall time
     model.safetensors  the VAE's weights
-Every file is written to a temporary name in the same folder and renamed into place.
+    checkpoints/       the newest training states (step-NNNNNNNNN.safetensors), for `train --resume`
+Every file is written to a temporary name in the same folder and renamed into place. A training
+state is one safetensors file: tensors (weights, optimizer moments, RNG state, the epoch's data
+order) plus JSON metadata, sealed by a sha256 over both that is checked on load.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,8 @@ from bdvae.model import VAE, build_model
 CONFIG_FILE = "config.toml"
 RUN_FILE = "run.json"
 WEIGHTS_FILE = "model.safetensors"
+STATES_DIR = "checkpoints"
+KEEP_STATES = 2  # the newest and the one before it, in case the newest is damaged
 
 
 @contextlib.contextmanager
@@ -94,12 +100,72 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create the run directory (checked again) and make sure it can be written."""
+    """Create the run directory (checked again) and make sure it can be written; with `overwrite`,
+    drop the old run's training states, which a resume would otherwise mistake for this run's."""
     check_run_dir(run_dir, overwrite)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for old in state_paths(run_dir):
+            old.unlink()
         probe = tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-")
         probe.close()
     except OSError as e:
         raise BdvaeError(f"{run_dir}: cannot write there ({e.strerror})") from None
 
+
+
+def _digest(tensors: dict[str, torch.Tensor], state_json: str) -> str:
+    """sha256 over every tensor (name, dtype, shape, bytes, in name order) and the JSON state."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(state_json.encode())
+    return h.hexdigest()
+
+
+def state_paths(run_dir: Path) -> list[Path]:
+    """The training states of a run, oldest first."""
+    return sorted((run_dir / STATES_DIR).glob("step-*.safetensors"))
+
+
+def save_state(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+    """Write a training state as RUN/checkpoints/step-STEP.safetensors; keep only the newest KEEP_STATES."""
+    folder = run_dir / STATES_DIR
+    folder.mkdir(exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    state_json = json.dumps(state)
+    path = folder / f"step-{step:09d}.safetensors"
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"state": state_json, "sha256": _digest(tensors, state_json),
+                                               "bdvae_version": __version__})
+    for old in state_paths(run_dir)[:-KEEP_STATES]:
+        old.unlink()
+    return path
+
+
+def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and JSON state of a training state file, after checking its sha256."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        state_json, expected = meta["state"], meta["sha256"]
+        if _digest(tensors, state_json) != expected:
+            raise ValueError("checksum mismatch")
+        return tensors, json.loads(state_json)
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise BdvaeError(f"{path}: damaged checkpoint ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+
+
+def latest_state(run_dir: Path, log: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The newest training state that loads and verifies; damaged ones are reported and skipped."""
+    for path in reversed(state_paths(run_dir)):
+        try:
+            return load_state(path)
+        except BdvaeError as e:
+            log(f"{e}; using the one before it")
+    return None

@@ -25,8 +25,15 @@ class _Parser(argparse.ArgumentParser):
 
 def cmd_train(args: argparse.Namespace) -> None:
     from bdvae import config as config_lib
-    from bdvae.train import train
+    from bdvae.train import resume, train
 
+    if args.resume is not None:
+        given = [flag for flag, value in (("--config", args.config), ("--set", args.set), ("--out", args.out),
+                                          ("--data-dir", args.data_dir), ("--overwrite", args.overwrite)) if value]
+        if given:
+            raise BdvaeError(f"--resume continues a run with its own config; it takes no {', '.join(given)}")
+        print(f"run directory: {resume(args.resume, progress=None if not args.quiet else False)}")
+        return
     overrides = list(args.set or [])
     if args.data_dir is not None:
         overrides.append(f"data.data_dir={json.dumps(str(args.data_dir))}")  # a JSON string is a TOML string
@@ -172,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run directory (default: runs/REGULARIZER-betaBETA-seedSEED)")
     p.add_argument("--data-dir", type=Path, help="dataset cache folder (same as --set data.data_dir=...)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an existing run directory")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run from its newest good checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

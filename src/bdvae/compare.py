@@ -4,9 +4,9 @@
     OUT/report.md, OUT/report.html            the comparison (see report.py)
 
 Finished runs whose config matches are reused, and so are their metrics when they were computed
-with the same evaluation options; a run directory left without run.json by an interrupted
-training is trained again from the start. A run directory holding a different config is an error:
-nothing a user made is overwritten.
+with the same evaluation options; a run left unfinished by an interrupted training is resumed from
+its newest checkpoint. A run directory holding a different config is an error: nothing a user
+made is overwritten.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from bdvae.checkpoint import CONFIG_FILE, RUN_FILE, WEIGHTS_FILE
 from bdvae.config import Config
 from bdvae.errors import BdvaeError
 from bdvae.evaluate import METRICS_FILE, EvalOptions, evaluate_run
-from bdvae.train import absolute_paths, train
+from bdvae.train import absolute_paths, resume, train
 
 
 @dataclass(frozen=True)
@@ -53,19 +53,21 @@ def _finished(run_dir: Path) -> bool:
 
 
 def ensure_trained(config: Config, run_dir: Path, progress: bool | None, log: Callable[[str], None]) -> None:
-    """Train `run_dir` unless it already holds a finished run of exactly `config`."""
-    if _finished(run_dir):
+    """Train `run_dir`, resume it, or reuse it if it already holds a finished run of exactly `config`."""
+    if (run_dir / CONFIG_FILE).is_file():
         existing = config_lib.load(run_dir / CONFIG_FILE)
         if config_lib.to_dict(existing) != config_lib.to_dict(config):
-            raise BdvaeError(f"{run_dir}: holds a finished run with a different config; "
-                             "choose another --out or move that run away")
-        log(f"{run_dir.name}: finished run reused")
+            raise BdvaeError(f"{run_dir}: holds a run with a different config; choose another --out or move that run away")
+        if _finished(run_dir):
+            log(f"{run_dir.name}: finished run reused")
+        else:
+            log(f"{run_dir.name}: resuming an unfinished run")
+            resume(run_dir, progress=progress, log=log)
         return
-    restart = run_dir.exists() and any(run_dir.iterdir())
-    if restart and not (run_dir / "metrics.jsonl").is_file():
+    if run_dir.exists() and any(run_dir.iterdir()):
         raise BdvaeError(f"{run_dir}: exists and is not a bdvae run; choose another --out")
-    log(f"{run_dir.name}: {'restarting an unfinished run' if restart else 'training'}")
-    train(config, run_dir, overwrite=restart, progress=progress, log=log)
+    log(f"{run_dir.name}: training")
+    train(config, run_dir, progress=progress, log=log)
 
 
 def ensure_evaluated(run_dir: Path, options: EvalOptions, progress: bool | None,

@@ -124,10 +124,12 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; default: torch's choice
+    checkpoint_every: int = 200  # optimizer steps between training states (0: only at epoch ends)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "lr", "threads"):
             _positive("train", name, getattr(self, name))
+        _require(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every!r}")
         _require(0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed!r}")
         _require(self.threads is None or self.threads <= 1024, f"train.threads must be at most 1024, got {self.threads!r}")
 

@@ -46,10 +46,10 @@ class EvalOptions:
     pictures: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("k", "samples", "test_size", "max_batch"):
+        for name, flag in (("k", "-k"), ("samples", "--samples"), ("test_size", "--test-size"), ("max_batch", "--max-batch")):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise BdvaeError(f"--{name.replace('_', '-')} must be positive, got {value}")
+                raise BdvaeError(f"{flag} must be positive, got {value}")
         if not 0 <= self.seed < 2**63:
             raise BdvaeError(f"--seed must be in [0, 2**63), got {self.seed}")
 

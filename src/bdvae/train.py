@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from bdvae import checkpoint, pictures
+from bdvae import config as config_lib
 from bdvae.config import Config
 from bdvae.data import Dataset, load_dataset
+from bdvae.errors import BdvaeError
 from bdvae.likelihoods import LIKELIHOODS
 from bdvae.model import VAE, build_model
 from bdvae.objective import beta_at, loss_terms, regularizer
@@ -66,30 +71,83 @@ def evaluate_terms(model: VAE, images: Tensor, config: Config, seed: int) -> dic
     return means
 
 
-def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, config: Config,
-                bar: tqdm, first_step: int = 1) -> dict[str, float]:
-    """One pass over a fresh permutation of `images`; returns the running means of the terms.
-    `first_step` numbers this epoch's first optimizer step, for the beta warm-up."""
+@dataclass
+class Position:
+    """Where training stands: the next epoch (1-based), the next image of that epoch's order, the
+    optimizer steps taken, the epoch's data order and running sums, and the finished epochs' rows."""
+
+    epoch: int = 1
+    next_start: int = 0
+    global_step: int = 0
+    order: Tensor | None = None  # this epoch's permutation; None before it is drawn
+    totals: Tensor = dataclasses.field(default_factory=lambda: torch.zeros(3))  # loss, recon_nll, reg sums
+    rows: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, config: Config, bar: tqdm,
+                pos: Position, after_step: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Continue the epoch at `pos` to its end, updating `pos` after every step (then `after_step`
+    may save it); returns the running means of the terms over the epoch."""
     objective, batch_size = config.objective, config.train.batch_size
     binarize = LIKELIHOODS[objective.likelihood].binarize
-    order = torch.randperm(len(images))
-    totals = torch.zeros(3)  # loss, recon_nll, reg, summed over images (no per-step host sync)
-    for step, start in enumerate(range(0, len(images), batch_size)):
-        x = to_float(images[order[start: start + batch_size]])
+    if pos.order is None:  # a new epoch: drawn from the global RNG, which a checkpoint restores
+        pos.order, pos.totals, pos.next_start = torch.randperm(len(images)), torch.zeros(3), 0
+    bar.update(pos.next_start)
+    while pos.next_start < len(images):
+        start = pos.next_start
+        x = to_float(images[pos.order[start: start + batch_size]])
         if binarize:
             x = binarized(x)
-        terms = loss_terms(model, x, objective, beta=beta_at(objective, first_step + step))
+        terms = loss_terms(model, x, objective, beta=beta_at(objective, pos.global_step + 1))
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         optimizer.step()
-        totals += torch.stack([terms.loss, terms.recon_nll, terms.reg]).detach() * len(x)
+        # Sums over images, kept as a tensor: no host synchronisation per step.
+        pos.totals += torch.stack([terms.loss, terms.recon_nll, terms.reg]).detach() * len(x)
+        pos.global_step += 1
+        pos.next_start = min(start + batch_size, len(images))
         bar.update(len(x))
-        if step % POSTFIX_EVERY == 0:
-            seen = min(start + batch_size, len(images))
-            loss, recon, reg = (totals / seen).tolist()
+        if pos.global_step % POSTFIX_EVERY == 0:
+            loss, recon, reg = (pos.totals / pos.next_start).tolist()
             bar.set_postfix(loss=f"{loss:.2f}", recon=f"{recon:.2f}", reg=f"{reg:.2f}", refresh=False)
-    loss, recon, reg = (totals / len(images)).tolist()
+        after_step()
+    loss, recon, reg = (pos.totals / len(images)).tolist()
     return {"loss": loss, "recon_nll": recon, "reg": reg}
+
+
+def save_training_state(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer, pos: Position) -> None:
+    """Everything `resume` needs to continue exactly: weights, Adam's moments and step counts, the
+    torch, numpy and Python RNG states, the epoch's data order and running sums, and the rows so far."""
+    opt = optimizer.state_dict()
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {f"optimizer.{i}.{name}": t for i, st in opt["state"].items() for name, t in st.items()}
+    tensors |= {"rng.torch": torch.get_rng_state(), "totals": pos.totals}
+    if pos.order is not None:
+        tensors["order"] = pos.order
+    np_state = np.random.get_state()
+    state = {"epoch": pos.epoch, "next_start": pos.next_start, "global_step": pos.global_step, "rows": pos.rows,
+             "param_groups": opt["param_groups"],
+             "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "rng_python": random.getstate()}
+    checkpoint.save_state(run_dir, pos.global_step, tensors, state)
+
+
+def restore_training_state(tensors: dict[str, Tensor], state: dict, model: VAE,
+                           optimizer: torch.optim.Optimizer) -> Position:
+    """The inverse of save_training_state: loads weights, optimizer and RNGs; returns the position."""
+    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state: dict[int, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[name] = t
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    name, keys, *rest = state["rng_numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["rng_python"]
+    random.setstate((version, tuple(internal), gauss))
+    return Position(epoch=state["epoch"], next_start=state["next_start"], global_step=state["global_step"],
+                    order=tensors.get("order"), totals=tensors["totals"].clone(), rows=state["rows"])
 
 
 def write_pictures(model: VAE, data: Dataset, run_dir: Path, seed: int) -> None:
@@ -116,6 +174,15 @@ def absolute_paths(config: Config) -> Config:
     return dataclasses.replace(config, data=dataclasses.replace(data, **resolved))
 
 
+def _setup(config: Config, log: Callable[[str], None]) -> tuple[Dataset, VAE]:
+    """Threads, data, and the freshly initialised model (seeded by train.seed)."""
+    if config.train.threads is not None:
+        torch.set_num_threads(config.train.threads)
+    data = load_dataset(config.data, log=log)
+    torch.manual_seed(config.train.seed)
+    return data, build_model(config.model, config.objective, data.shape)
+
+
 def train(config: Config, run_dir: Path, overwrite: bool = False, progress: bool | None = None,
           log: Callable[[str], None] = print) -> Path:
     """Train a VAE as configured and fill `run_dir`; returns `run_dir`.
@@ -125,39 +192,65 @@ def train(config: Config, run_dir: Path, overwrite: bool = False, progress: bool
     run_dir = Path(run_dir)
     checkpoint.check_run_dir(run_dir, overwrite)  # before the slow parts, and before anything is written
     config = absolute_paths(config)
-    if config.train.threads is not None:
-        torch.set_num_threads(config.train.threads)
-    data = load_dataset(config.data, log=log)
-    torch.manual_seed(config.train.seed)
-    model = build_model(config.model, config.objective, data.shape)
+    data, model = _setup(config, log)
     checkpoint.prepare_run_dir(run_dir, overwrite)  # only once data and model are known to be good
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
-    log(f"training on {len(data.train_images)} images {tuple(data.shape)} from {data.source}; "
-        f"{sum(p.numel() for p in model.parameters())} parameters; run directory {run_dir}")
+    checkpoint.write_text(run_dir / checkpoint.CONFIG_FILE, config_lib.dumps(config))  # what --resume reads
+    return _fit(config, run_dir, data, model, None, progress, log)
 
-    rows: list[dict[str, float]] = []
-    started = time.perf_counter()
+
+def resume(run_dir: Path, progress: bool | None = None, log: Callable[[str], None] = print) -> Path:
+    """Continue an interrupted run from its newest good training state (or from the start if it
+    was stopped before the first one), exactly as if it had never stopped."""
+    run_dir = Path(run_dir)
+    if not (run_dir / checkpoint.CONFIG_FILE).is_file():
+        raise BdvaeError(f"{run_dir}: nothing to resume (no {checkpoint.CONFIG_FILE})")
+    if (run_dir / checkpoint.RUN_FILE).is_file():
+        raise BdvaeError(f"{run_dir}: the run is finished already; nothing to resume")
+    config = config_lib.load(run_dir / checkpoint.CONFIG_FILE)
+    data, model = _setup(config, log)
+    state = checkpoint.latest_state(run_dir, log)
+    if state is None:
+        log(f"{run_dir}: no training state saved yet; starting from the beginning")
+    return _fit(config, run_dir, data, model, state, progress, log)
+
+
+def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[dict, dict] | None,
+         progress: bool | None, log: Callable[[str], None]) -> Path:
+    """The training loop from a fresh start (`state` None) or a saved training state."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    pos = Position() if state is None else restore_training_state(*state, model, optimizer)
+    n = len(data.train_images)
+    if state is not None:
+        log(f"resuming at epoch {pos.epoch}, image {pos.next_start} of {n}, after {pos.global_step} steps")
+    log(f"training on {n} images {tuple(data.shape)} from {data.source}; "
+        f"{sum(p.numel() for p in model.parameters())} parameters; run directory {run_dir}")
+    every = config.train.checkpoint_every
+
+    def after_step() -> None:
+        if every and pos.global_step % every == 0 and pos.next_start < n:
+            save_training_state(run_dir, model, optimizer, pos)
+
     model.train()
-    for epoch in range(1, config.train.epochs + 1):
-        t0 = time.perf_counter()
-        with tqdm(total=len(data.train_images), desc=f"epoch {epoch}/{config.train.epochs}", unit="img",
+    while pos.epoch <= config.train.epochs:
+        epoch, t0 = pos.epoch, time.perf_counter()
+        with tqdm(total=n, desc=f"epoch {epoch}/{config.train.epochs}", unit="img",
                   disable=None if progress is None else not progress, leave=False) as bar:
-            steps_per_epoch = -(-len(data.train_images) // config.train.batch_size)
-            train_means = train_epoch(model, optimizer, data.train_images, config, bar,
-                                      first_step=(epoch - 1) * steps_per_epoch + 1)
+            train_means = train_epoch(model, optimizer, data.train_images, config, bar, pos, after_step)
         test_means = evaluate_terms(model, data.test_images, config, seed=config.train.seed)
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_means.items()},
                **{f"test_{k}": v for k, v in test_means.items()}, "seconds": time.perf_counter() - t0}
-        rows.append(row)
-        checkpoint.write_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
-        pictures.save_loss_curves(rows, run_dir / "loss_curve.png")
+        pos.rows.append(row)
+        checkpoint.write_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in pos.rows))
+        pictures.save_loss_curves(pos.rows, run_dir / "loss_curve.png")
+        pos.epoch, pos.next_start, pos.order = epoch + 1, 0, None
+        save_training_state(run_dir, model, optimizer, pos)  # the epoch's end, its row included
         log(f"epoch {epoch}: train loss {row['train_loss']:.2f} (recon {row['train_recon_nll']:.2f}, "
             f"reg {row['train_reg']:.2f}); test loss {row['test_loss']:.2f} (recon {row['test_recon_nll']:.2f}, "
             f"KL {row['test_kl']:.2f}, BD {row['test_bhattacharyya']:.2f}); {row['seconds']:.1f} s")
 
     checkpoint.save_run(run_dir, model, config, {
         "image_shape": list(data.shape), "data_source": data.source, "epochs": config.train.epochs,
-        "train_images": len(data.train_images), "test_images": len(data.test_images),
-        "seconds": round(time.perf_counter() - started, 1)})
+        "train_images": n, "test_images": len(data.test_images),
+        "seconds": round(sum(r["seconds"] for r in pos.rows), 1)})
     write_pictures(model, data, run_dir, seed=config.train.seed)
     return run_dir

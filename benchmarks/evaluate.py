@@ -1,0 +1,78 @@
+"""Benchmark of `bdvae evaluate`: IWAE throughput, the gap of the default K to K = 5000, and the
+wall time and peak memory of the whole command on a trained run. Prints a table, writes JSON.
+
+    python benchmarks/evaluate.py RUN_DIR [--images 500] [--json benchmarks/evaluate.json]
+
+Not part of the test suite: on 2 CPU cores it takes about 10 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bdvae.api import load_run
+from bdvae.config import DataConfig
+from bdvae.data import load_dataset
+from bdvae.evaluate import DEFAULT_K, EvalOptions, iwae_nll
+from bdvae.train import to_float
+
+
+def iwae_on(run, x: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """-ln p(x) per image with k samples, and the seconds it took."""
+    t0 = time.perf_counter()
+    nll = iwae_nll(run, x, EvalOptions(k=k), torch.Generator().manual_seed(seed), progress=False)
+    return nll, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--images", type=int, default=500, help="test images for the K comparison")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/evaluate.json"))
+    args = parser.parse_args()
+
+    run = load_run(args.run)
+    data = load_dataset(DataConfig(**{**run.config.data.__dict__, "test_size": args.images}), log=lambda _: None)
+    x = to_float(data.test_images)
+    results: dict[str, object] = {"run": str(args.run), "images": len(x), "threads": torch.get_num_threads(),
+                                  "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"}
+    rows = []
+    for k in (DEFAULT_K, 1000, 5000):
+        nll, seconds = iwae_on(run, x, k)
+        rows.append({"k": k, "nll": nll.mean().item(), "std_error": (nll.std() / len(nll) ** 0.5).item(),
+                     "seconds": seconds, "importance_samples_per_second": len(x) * k / seconds})
+    results["iwae"] = rows
+    by_k = {r["k"]: r for r in rows}
+    results["default_k_minus_k5000_nats"] = by_k[DEFAULT_K]["nll"] - by_k[5000]["nll"]
+
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "bdvae", "evaluate", str(args.run), "--quiet"],
+                          capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"bdvae evaluate failed: {proc.stderr.strip()}")
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KiB
+    results["evaluate_command"] = {"k": DEFAULT_K, "wall_seconds": wall, "peak_rss_gib": peak_kib / 2**20}
+
+    print(f"IWAE on the first {len(x)} test images of {args.run} ({results['machine']})")
+    print(f"{'K':>6} {'-ln p(x)':>10} {'± s.e.':>8} {'seconds':>9} {'samples/s':>11}")
+    for r in rows:
+        print(f"{r['k']:>6} {r['nll']:>10.3f} {r['std_error']:>8.3f} {r['seconds']:>9.1f} {r['importance_samples_per_second']:>11.0f}")
+    print(f"K={DEFAULT_K} (the default) minus K=5000: {results['default_k_minus_k5000_nats']:+.3f} nats per image")
+    print(f"bdvae evaluate {args.run} (all test images, K={DEFAULT_K}, 10,000 samples): "
+          f"{wall:.0f} s wall, peak RSS {results['evaluate_command']['peak_rss_gib']:.2f} GiB")
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

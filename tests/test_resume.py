@@ -1,0 +1,100 @@
+"""Exact resume: a training killed with SIGKILL and resumed ends with the same weights, bit for bit,
+as one never interrupted; a damaged newest checkpoint falls back to the one before it."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import run_cli
+
+SMALL = ["--set", "data.train_size=2048", "--set", "data.test_size=256", "--set", "train.epochs=3",
+         "--set", "train.batch_size=64", "--set", "train.checkpoint_every=5", "--set", "train.threads=1", "--quiet"]
+
+
+def _train(mnist_dir, out, *extra):
+    return run_cli("train", "--data-dir", str(mnist_dir), "--out", str(out), *SMALL, *extra)
+
+
+@pytest.fixture(scope="module")
+def reference(mnist_dir, tmp_path_factory):
+    """The uninterrupted run."""
+    out = tmp_path_factory.mktemp("resume") / "reference"
+    result = _train(mnist_dir, out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(run_dir, reference):
+    ours, theirs = load_file(str(run_dir / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name].equal(theirs[name]), name  # bit for bit
+    rows, ref_rows = _rows(run_dir), _rows(reference)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # each epoch exactly once
+    for row, ref in zip(rows, ref_rows):
+        assert {k: v for k, v in row.items() if k != "seconds"} == {k: v for k, v in ref.items() if k != "seconds"}
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(mnist_dir, reference, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "bdvae", "train", "--data-dir", str(mnist_dir), "--out", str(out), *SMALL]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((out / "checkpoints").glob("*.safetensors")) and time.monotonic() < deadline:
+            time.sleep(0.02)  # wait until training is under way
+        time.sleep(random.Random(os.getpid()).uniform(0.0, 1.0))  # then a moment nobody chose
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    if (out / "run.json").exists():
+        pytest.skip("training finished before the kill landed; nothing to resume")
+    assert proc.returncode == -signal.SIGKILL
+    result = run_cli("train", "--resume", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "resuming at epoch" in result.stdout or "starting from the beginning" in result.stdout
+    _assert_same_run(out, reference)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(mnist_dir, reference, tmp_path):
+    out = tmp_path / "damaged"
+    result = _train(mnist_dir, out, "--set", "train.epochs=1")  # stops after epoch 1 of the same run
+    assert result.returncode == 0, result.stderr
+    # Make it an interrupted 3-epoch run: the config says 3 epochs, the final files are gone.
+    (out / "config.toml").write_text((reference / "config.toml").read_text().replace(
+        str(reference), str(out)))
+    (out / "run.json").unlink()
+    (out / "model.safetensors").unlink()
+    states = sorted((out / "checkpoints").glob("*.safetensors"))
+    assert len(states) == 2
+    raw = bytearray(states[-1].read_bytes())
+    raw[-10] ^= 0xFF  # one flipped bit pattern in the tensor data
+    states[-1].write_bytes(bytes(raw))
+    result = run_cli("train", "--resume", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert f"{states[-1]}: damaged checkpoint (checksum mismatch); using the one before it" in result.stdout
+    _assert_same_run(out, reference)
+
+
+def test_resume_errors_are_one_line(reference, tmp_path):
+    finished = run_cli("train", "--resume", str(reference))
+    assert finished.returncode == 2 and "the run is finished already" in finished.stderr
+    empty = run_cli("train", "--resume", str(tmp_path))
+    assert empty.returncode == 2 and "nothing to resume (no config.toml)" in empty.stderr
+    mixed = run_cli("train", "--resume", str(reference), "--set", "train.epochs=5")
+    assert mixed.returncode == 2 and "it takes no --set" in mixed.stderr
+    for r in (finished, empty, mixed):
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr

@@ -98,3 +98,18 @@ def test_resume_errors_are_one_line(reference, tmp_path):
     assert mixed.returncode == 2 and "it takes no --set" in mixed.stderr
     for r in (finished, empty, mixed):
         assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_in_one_line(reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "other"
+    shutil.copytree(reference, out)
+    (out / "run.json").unlink()
+    config = (out / "config.toml").read_text()
+    assert 'arch = "reference"' in config
+    (out / "config.toml").write_text(config.replace('arch = "reference"', 'arch = "mlp"'))
+    result = run_cli("train", "--resume", str(out), "--quiet")
+    assert result.returncode == 2, result.stderr
+    assert "the checkpoint does not fit this run's config" in result.stderr and "Traceback" not in result.stderr
+    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()

@@ -218,7 +218,11 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[
          progress: bool | None, log: Callable[[str], None]) -> Path:
     """The training loop from a fresh start (`state` None) or a saved training state."""
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
-    pos = Position() if state is None else restore_training_state(*state, model, optimizer)
+    try:
+        pos = Position() if state is None else restore_training_state(*state, model, optimizer)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:  # a state from another model or version
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BdvaeError(f"{run_dir / checkpoint.STATES_DIR}: the checkpoint does not fit this run's config ({first})") from None
     n = len(data.train_images)
     if state is not None:
         log(f"resuming at epoch {pos.epoch}, image {pos.next_start} of {n}, after {pos.global_step} steps")

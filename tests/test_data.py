@@ -230,6 +230,24 @@ def test_fetch_from_a_user_folder_of_idx_files(mnist_dir, tmp_path):
     assert (folder / "test_images.npy").is_file()
 
 
+def test_two_processes_filling_one_cache_end_with_one_verified_copy(mnist_dir, tmp_path):
+    import subprocess
+    import sys
+
+    arrays, _ = data.read_cache(KNOWN["mnist"], mnist_dir / "mnist")
+    source = tmp_path / "idx"
+    source.mkdir()
+    for split in data.SPLITS:
+        write_idx(source / data.IDX_NAMES[split], arrays[split])
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "bdvae", "data", "fetch", "mnist", "--source-dir", str(source), "--data-dir", str(cache)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outputs]
+    data.read_cache(KNOWN["mnist"], cache / "mnist")  # raises if any array is damaged
+    assert sorted(p.name for p in cache.iterdir()) == [".mnist.lock", "mnist"]  # no half-written copies left
+
+
 def test_a_folder_with_other_data_is_a_checksum_mismatch(mnist_dir, tmp_path):
     arrays, _ = data.read_cache(KNOWN["mnist"], mnist_dir / "mnist")
     arrays["test_images"] = arrays["test_images"].copy()

@@ -113,3 +113,64 @@ def test_a_checkpoint_of_another_architecture_is_refused_in_one_line(reference, 
     assert result.returncode == 2, result.stderr
     assert "the checkpoint does not fit this run's config" in result.stderr and "Traceback" not in result.stderr
     assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
+def _faulty_loss_terms(monkeypatch, bad_step: int):
+    """Make the real objective return NaN on the `bad_step`-th call, as a numerical fault would."""
+    import importlib
+
+    from bdvae.objective import LossTerms
+
+    train_module = importlib.import_module("bdvae.train")  # the module; `bdvae.train` is the API function
+
+    real = train_module.loss_terms
+    calls = {"n": 0}
+
+    def faulty(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == bad_step:
+            nan = float("nan")
+            return LossTerms(loss=terms.loss * nan, recon_nll=terms.recon_nll * nan, reg=terms.reg)
+        return terms
+
+    monkeypatch.setattr(train_module, "loss_terms", faulty)
+
+
+def _small_config(mnist_dir, **train):
+    from bdvae.config import Config, DataConfig, TrainConfig
+
+    return Config(data=DataConfig(data_dir=str(mnist_dir), train_size=512, test_size=64),
+                  train=TrainConfig(epochs=2, batch_size=64, checkpoint_every=5, threads=1, **train))
+
+
+def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(mnist_dir, tmp_path, monkeypatch):
+    import math
+
+    import bdvae
+    from bdvae.checkpoint import load_state, state_paths
+    from bdvae.errors import BdvaeError
+
+    _faulty_loss_terms(monkeypatch, bad_step=12)
+    with pytest.raises(BdvaeError) as err:
+        bdvae.train(_small_config(mnist_dir), tmp_path / "nan", progress=False)
+    message = str(err.value)
+    assert message.startswith("step 12: non-finite loss or gradient (loss=nan, recon_nll=nan, reg=")
+    kept = state_paths(tmp_path / "nan")
+    assert f"the last good checkpoint {kept[-1]} is kept" in message and kept[-1].name == "step-000000010.safetensors"
+    tensors, state = load_state(kept[-1])
+    assert state["global_step"] == 10 and all(bool(t.isfinite().all()) for k, t in tensors.items() if k.startswith("model."))
+    assert not (tmp_path / "nan" / "run.json").exists()
+    assert "\n" not in message and not math.isnan(state["rows"][0]["train_loss"])  # epoch 1 (8 steps) was fine
+
+
+def test_skip_nonfinite_skips_and_counts_the_bad_batch(mnist_dir, tmp_path, monkeypatch):
+    import bdvae
+    from safetensors.torch import load_file
+
+    _faulty_loss_terms(monkeypatch, bad_step=3)
+    run_dir = bdvae.train(_small_config(mnist_dir, skip_nonfinite=True), tmp_path / "skip", progress=False)
+    rows = _rows(run_dir)
+    assert [r["skipped_batches"] for r in rows] == [1, 0]
+    assert all(v == v for r in rows for v in r.values())  # no NaN reached the metrics
+    assert all(bool(t.isfinite().all()) for t in load_file(str(run_dir / "model.safetensors")).values())

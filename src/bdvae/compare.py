@@ -23,6 +23,7 @@ from bdvae.checkpoint import CONFIG_FILE, RUN_FILE, WEIGHTS_FILE
 from bdvae.config import Config
 from bdvae.errors import BdvaeError
 from bdvae.evaluate import METRICS_FILE, EvalOptions, evaluate_run
+from bdvae.locks import file_lock
 from bdvae.train import absolute_paths, resume, train
 
 
@@ -102,7 +103,10 @@ def compare(base: Config, regularizers: list[str], betas: list[float], seeds: in
     for i, key in enumerate(plan, 1):
         run_dir = out / "runs" / run_name(*key)
         log(f"[{i}/{len(plan)}] {run_dir.name}")
-        ensure_trained(configs[key], run_dir, progress, log)
-        entries.append(Entry(*key, run_dir=run_dir, metrics=ensure_evaluated(run_dir, options, progress, log)))
+        # Two compare jobs on one --out take turns on each run: the second finds it finished and reuses it.
+        with file_lock(out / "runs" / f".{run_dir.name}.lock"):
+            ensure_trained(configs[key], run_dir, progress, log)
+            metrics = ensure_evaluated(run_dir, options, progress, log)
+        entries.append(Entry(*key, run_dir=run_dir, metrics=metrics))
     write_report(out, entries)
     return entries

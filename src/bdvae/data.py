@@ -8,7 +8,6 @@ under ``default_data_dir()``; the cache is checked again on every load.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import io
@@ -27,7 +26,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from torch import Tensor
 
 from bdvae.config import DataConfig
 from bdvae.errors import BdvaeError
+from bdvae.locks import file_lock
 
 SPLITS = ("train_images", "train_labels", "test_images", "test_labels")
 IDX_NAMES = {
@@ -330,29 +330,12 @@ def fetch(name: str, data_dir: Path | None = None, source_dir: Path | None = Non
         raise BdvaeError(f"{source_dir}: not a folder (expected the four {name} IDX files there)")
     if (target / "source.json").is_file() and not force:
         return target
-    with cache_lock(target):  # a second process waits here, then finds the cache filled
+    # A second process filling the same cache waits here, then finds it filled. Where there is no
+    # flock (Windows), the atomic rename in write_cache still keeps readers from a half-written cache.
+    with file_lock(target.parent / f".{target.name}.lock"):
         if (target / "source.json").is_file() and not force:
             return target
         return _fetch_into(known, target, source_dir, log)
-
-
-@contextlib.contextmanager
-def cache_lock(target: Path) -> Iterator[None]:
-    """An exclusive lock on filling `target` (an flock on a file beside it), so that processes
-    filling one cache at once take turns instead of racing; where flock does not exist (Windows)
-    the atomic rename in write_cache still keeps readers from seeing a half-written cache."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _fetch_into(known: KnownDataset, target: Path, source_dir: Path | None, log: Callable[[str], None]) -> Path:

@@ -174,3 +174,23 @@ def test_skip_nonfinite_skips_and_counts_the_bad_batch(mnist_dir, tmp_path, monk
     assert [r["skipped_batches"] for r in rows] == [1, 0]
     assert all(v == v for r in rows for v in r.values())  # no NaN reached the metrics
     assert all(bool(t.isfinite().all()) for t in load_file(str(run_dir / "model.safetensors")).values())
+
+
+def test_a_checkpoint_from_another_version_is_refused_in_one_line(reference, tmp_path):
+    """A training state written by a version whose state lacks fields this one needs."""
+    import shutil
+
+    from bdvae.checkpoint import load_state, save_state, state_paths
+
+    out = tmp_path / "old"
+    shutil.copytree(reference, out)
+    (out / "run.json").unlink()
+    tensors, state = load_state(state_paths(out)[-1])
+    for path in state_paths(out):
+        path.unlink()
+    del state["rng_numpy"], state["skipped"]  # as an older layout would lack them
+    save_state(out, state["global_step"], tensors, {**state, "bdvae_version": "0.0.1"})
+    result = run_cli("train", "--resume", str(out), "--quiet")
+    assert result.returncode == 2
+    assert "the checkpoint does not fit this run's config" in result.stderr and result.stderr.count("\n") == 1
+    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()

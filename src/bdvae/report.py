@@ -31,7 +31,7 @@ COLUMNS: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("cov eig min", ("prior_match", "cov_eigenvalue_min"), 3),
     ("cov eig max", ("prior_match", "cov_eigenvalue_max"), 3),
     ("MMD² to N(0,I) ↓", ("prior_match", "mmd2"), 4),
-    ("active units", ("prior_match", "active_units"), 1),
+    ("active units", ("prior_match", "active_units"), 0),
     ("Fréchet ↓", ("sample_quality", "frechet_distance"), 1),
     ("classifier score ↑", ("sample_quality", "classifier_score"), 2),
     ("class entropy ↑", ("sample_quality", "class_entropy"), 3),
@@ -132,7 +132,9 @@ def _notes(entries: Sequence[Entry]) -> list[str]:
 
 def markdown(entries: Sequence[Entry], out: Path) -> str:
     rows = summary_rows(entries)
-    parts = ["# bdvae comparison", "", f"{len(rows)} configurations × seeds, mean ± std over seeds.", "",
+    seeds = sorted({r["seeds"] for r in rows})
+    parts = ["# bdvae comparison", "", f"{len(rows)} configurations, {'/'.join(map(str, seeds))} seeds each; "
+             "mean ± std over seeds; ↓ lower is better, ↑ higher is better.", "",
              markdown_table(rows), "", *(f"- {n}" for n in _notes(entries)), "",
              "## Rate–distortion", "", "![rate-distortion](rate_distortion.png)", "", "## Pictures", ""]
     header = ["configuration", *(name for name, _ in PICTURES)]

@@ -158,7 +158,8 @@ def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             raise ValueError("checksum mismatch")
         return tensors, json.loads(state_json)
     except (SafetensorError, OSError, KeyError, ValueError) as e:
-        raise BdvaeError(f"{path}: damaged checkpoint ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BdvaeError(f"{path}: damaged checkpoint ({first})") from None
 
 
 def latest_state(run_dir: Path, log: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:

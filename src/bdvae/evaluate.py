@@ -197,7 +197,8 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
     data_cfg = dataclasses.replace(run.config.data, test_size=options.test_size)
     data = load_dataset(data_cfg, log=log)
     if tuple(data.shape) != run.image_shape:
-        raise BdvaeError(f"{run_dir}: the data now gives images of shape {tuple(data.shape)}, the run was trained on {run.image_shape}")
+        raise BdvaeError(f"{run_dir}: the data now gives images of shape {tuple(data.shape)}, "
+                         f"the run was trained on {run.image_shape}")
     intensities = to_float(data.test_images)
     gen = torch.Generator().manual_seed(options.seed)
     x = binarized(intensities, gen) if LIKELIHOODS[objective.likelihood].binarize else intensities

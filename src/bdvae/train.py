@@ -244,7 +244,8 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[
         pos = Position() if state is None else restore_training_state(*state, model, optimizer)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:  # a state from another model or version
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BdvaeError(f"{run_dir / checkpoint.STATES_DIR}: the checkpoint does not fit this run's config or this version of bdvae ({first})") from None
+        raise BdvaeError(f"{run_dir / checkpoint.STATES_DIR}: the checkpoint does not fit this run's config "
+                         f"or this version of bdvae ({first})") from None
     n = len(data.train_images)
     if state is not None:
         log(f"resuming at epoch {pos.epoch}, image {pos.next_start} of {n}, after {pos.global_step} steps")

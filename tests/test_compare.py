@@ -67,6 +67,7 @@ def test_a_run_with_another_config_is_refused_and_left_alone(compared, mnist_dir
     (["--beta", "one"], "--beta: expected a comma-separated list"),
     (["--regularizers", "bhattacharyya,nope"], "objective.regularizer must be one of"),
     (["--seeds", "0"], "--seeds and --epochs must be positive"),
+    (["--beta", "0.1234561,0.1234564"], "would share a run directory"),
 ])
 def test_bad_arguments_are_one_line_before_any_training(args, message, tmp_path):
     result = run_cli("compare", "--out", str(tmp_path / "c"), *args)

@@ -80,7 +80,10 @@ def test_option_ranges():
 @pytest.mark.parametrize("args,message", [
     (["evaluate", "/nonexistent/run"], "not a finished run"),
     (["evaluate", "/nonexistent/run", "-k", "0"], "-k must be positive"),
-    (["evaluate", "/nonexistent/run", "--samples", "-5"], "--samples must be positive"),
+    (["evaluate", "/nonexistent/run", "--samples", "-5"], "--samples must be at least 16"),
+    (["evaluate", "/nonexistent/run", "--test-size", "3"], "--test-size must be at least 16"),
+    (["classifier", "train", "--out", "/tmp", "--seed", "1"], "--out /tmp: is a folder"),
+    (["classifier", "train", "--out", "/nonexistent/c.safetensors", "--seed", str(2**64)], "--seed must be in"),
     (["classifier", "train", "--out", "/nonexistent/dir/c.safetensors"], "folder /nonexistent/dir does not exist"),
 ])
 def test_bad_input_is_one_line(args, message):

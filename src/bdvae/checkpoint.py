@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,10 +48,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the user's usual permissions
     try:
         yield Path(tmp)
+        with open(tmp, "rb") as written:  # on disk before the rename, so a power cut leaves old or new
+            os.fsync(written.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -99,14 +117,24 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
         raise BdvaeError(f"{run_dir}: run directory exists; pass --overwrite to replace it or choose another --out")
 
 
+# What a run directory holds (besides config.toml, written first): removed by --overwrite, so that
+# nothing of the old run (its weights, its metrics, a finished marker) is mistaken for the new one's.
+RUN_OUTPUTS = (RUN_FILE, WEIGHTS_FILE, "metrics.jsonl", "metrics.json", "loss_curve.png", "originals.png",
+               "reconstructions.png", "samples.png")
+RUN_OUTPUT_DIRS = (STATES_DIR, "eval")
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Create the run directory (checked again) and make sure it can be written; with `overwrite`,
-    drop the old run's training states, which a resume would otherwise mistake for this run's."""
+    remove the old run's outputs first (files a user added are left alone)."""
     check_run_dir(run_dir, overwrite)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        for old in state_paths(run_dir):
-            old.unlink()
+        for name in RUN_OUTPUTS:
+            (run_dir / name).unlink(missing_ok=True)
+        for name in RUN_OUTPUT_DIRS:
+            if (run_dir / name).is_dir():
+                shutil.rmtree(run_dir / name)
         probe = tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-")
         probe.close()
     except OSError as e:

@@ -134,8 +134,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_classifier_train(args: argparse.Namespace) -> None:
     from bdvae.classifier import save_classifier, train_reference
 
+    if args.out.is_dir():
+        raise BdvaeError(f"--out {args.out}: is a folder; name a .safetensors file")
     if args.out.exists() and not args.overwrite:
         raise BdvaeError(f"--out {args.out}: file exists; pass --overwrite to replace it")
+    if not 0 <= args.seed < 2**63:
+        raise BdvaeError(f"--seed must be in [0, 2**63), got {args.seed}")
     if not args.out.parent.is_dir():
         raise BdvaeError(f"--out {args.out}: folder {args.out.parent} does not exist")
     if args.epochs <= 0:

@@ -38,6 +38,10 @@ class Entry:
     metrics: dict[str, Any]
 
 
+REQUIRED_KEYS = {"reconstruction", "divergences", "neg_elbo", "iwae_nll", "prior_match", "sample_quality",
+                 "likelihood_note", "test_images"}
+
+
 def run_name(regularizer: str, beta: float, seed: int) -> str:
     return f"{regularizer}-beta{beta:g}-seed{seed}"
 
@@ -77,11 +81,12 @@ def ensure_evaluated(run_dir: Path, options: EvalOptions, progress: bool | None,
     path = run_dir / METRICS_FILE
     if path.is_file():
         try:
-            metrics = json.loads(path.read_text())
-            if metrics.get("options") == dataclasses.asdict(options):
+            metrics = json.loads(path.read_text(encoding="utf-8"))
+            if (isinstance(metrics, dict) and metrics.get("options") == dataclasses.asdict(options)
+                    and REQUIRED_KEYS <= metrics.keys()):
                 return metrics
-        except json.JSONDecodeError:
-            pass  # a damaged file is simply computed again
+        except (ValueError, OSError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            pass  # a damaged or foreign file is simply computed again
     log(f"{run_dir.name}: evaluating")
     return evaluate_run(run_dir, options, progress=progress, log=log)
 
@@ -94,7 +99,12 @@ def compare(base: Config, regularizers: list[str], betas: list[float], seeds: in
 
     if not regularizers or not betas or seeds <= 0:
         raise BdvaeError("compare needs at least one regularizer, one beta and one seed")
+    regularizers, betas = list(dict.fromkeys(regularizers)), list(dict.fromkeys(betas))  # each configuration once
     plan = [(r, b, s) for r in regularizers for b in betas for s in range(seeds)]
+    names = [run_name(*key) for key in plan]
+    if len(set(names)) < len(names):
+        raise BdvaeError("--beta values that print alike would share a run directory: "
+                         + ", ".join(f"{b!r}" for b in betas))
     configs = {key: planned_config(base, *key, epochs) for key in plan}  # validates every value first
     if out.exists() and not out.is_dir():
         raise BdvaeError(f"--out {out}: exists and is not a directory")

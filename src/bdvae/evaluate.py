@@ -31,7 +31,8 @@ from bdvae.train import EVAL_BATCH, binarized, to_float
 METRICS_FILE = "metrics.json"
 PICTURES_DIR = "eval"
 DEFAULT_K = 100
-IWAE_IMAGES_PER_STEP = 100  # images per IWAE step: the progress bar's unit of work
+IWAE_IMAGES_PER_STEP = 100
+MIN_IMAGES = 16  # the pictures use 16 test images; k-NN radii and covariances need a handful  # images per IWAE step: the progress bar's unit of work
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,10 +47,14 @@ class EvalOptions:
     pictures: bool = True
 
     def __post_init__(self) -> None:
-        for name, flag in (("k", "-k"), ("samples", "--samples"), ("test_size", "--test-size"), ("max_batch", "--max-batch")):
+        for name, flag in (("k", "-k"), ("max_batch", "--max-batch")):
             value = getattr(self, name)
-            if value is not None and value <= 0:
+            if value <= 0:
                 raise BdvaeError(f"{flag} must be positive, got {value}")
+        for name, flag in (("samples", "--samples"), ("test_size", "--test-size")):
+            value = getattr(self, name)
+            if value is not None and value < MIN_IMAGES:
+                raise BdvaeError(f"{flag} must be at least {MIN_IMAGES}, got {value}")
         if not 0 <= self.seed < 2**63:
             raise BdvaeError(f"--seed must be in [0, 2**63), got {self.seed}")
 
@@ -199,6 +204,8 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
     if tuple(data.shape) != run.image_shape:
         raise BdvaeError(f"{run_dir}: the data now gives images of shape {tuple(data.shape)}, "
                          f"the run was trained on {run.image_shape}")
+    if len(data.test_images) < MIN_IMAGES:
+        raise BdvaeError(f"{run_dir}: evaluation needs at least {MIN_IMAGES} test images, the data has {len(data.test_images)}")
     intensities = to_float(data.test_images)
     gen = torch.Generator().manual_seed(options.seed)
     x = binarized(intensities, gen) if LIKELIHOODS[objective.likelihood].binarize else intensities

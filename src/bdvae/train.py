@@ -131,7 +131,8 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, co
             loss, recon, reg = (pos.totals / max(1, pos.next_start - pos.skipped_images)).tolist()
             bar.set_postfix(loss=f"{loss:.2f}", recon=f"{recon:.2f}", reg=f"{reg:.2f}", refresh=False)
         after_step()
-    loss, recon, reg = (pos.totals / max(1, len(images) - pos.skipped_images)).tolist()
+    used = len(images) - pos.skipped_images  # 0 only if every batch was skipped: the means are then NaN
+    loss, recon, reg = (pos.totals / used if used else torch.full((3,), math.nan)).tolist()
     return {"loss": loss, "recon_nll": recon, "reg": reg, "skipped_batches": pos.skipped}
 
 
@@ -247,6 +248,9 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[
         raise BdvaeError(f"{run_dir / checkpoint.STATES_DIR}: the checkpoint does not fit this run's config "
                          f"or this version of bdvae ({first})") from None
     n = len(data.train_images)
+    if pos.order is not None and (len(pos.order) != n or not 0 <= pos.next_start <= n):
+        raise BdvaeError(f"{run_dir / checkpoint.STATES_DIR}: the checkpoint was taken on {len(pos.order)} training "
+                         f"images, the data now gives {n}; was {run_dir / checkpoint.CONFIG_FILE} edited?")
     if state is not None:
         log(f"resuming at epoch {pos.epoch}, image {pos.next_start} of {n}, after {pos.global_step} steps")
     log(f"training on {n} images {tuple(data.shape)} from {data.source}; "
@@ -267,8 +271,9 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[
             except NonFiniteError as e:
                 kept = checkpoint.state_paths(run_dir)
                 where = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint was saved yet"
-                raise BdvaeError(f"{e}; training stopped and {where}; set train.skip_nonfinite=true to skip "
-                                 "such batches instead") from None
+                raise BdvaeError(f"{e}; training stopped and {where}; to skip such batches instead, set "
+                                 f"skip_nonfinite = true under [train] in {run_dir / checkpoint.CONFIG_FILE} "
+                                 "and run bdvae train --resume") from None
         skipped = train_means.pop("skipped_batches")
         if skipped:
             log(f"epoch {epoch}: skipped {skipped} batches with a non-finite loss or gradient")

@@ -1,0 +1,33 @@
+"""The run directory: --overwrite clears the old run's outputs; atomic writes leave no temporary file."""
+
+from __future__ import annotations
+
+import pytest
+
+from bdvae import checkpoint
+from bdvae.errors import BdvaeError
+
+
+def test_overwrite_removes_the_old_runs_outputs_and_keeps_other_files(tmp_path):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    for name in ("run.json", "model.safetensors", "metrics.json", "metrics.jsonl", "samples.png", "eval/traversal.png",
+                 "checkpoints/step-000000010.safetensors", "config.toml", "my-notes.txt"):
+        (run / name).write_text("old")
+    with pytest.raises(BdvaeError, match="run directory exists"):
+        checkpoint.prepare_run_dir(run, overwrite=False)
+    assert (run / "run.json").exists()  # refused: nothing touched
+    checkpoint.prepare_run_dir(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["config.toml", "my-notes.txt"]  # config.toml is rewritten next
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "f.txt"
+    checkpoint.write_text(target, "first")
+    with pytest.raises(RuntimeError):
+        with checkpoint.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed midway")
+    assert target.read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]

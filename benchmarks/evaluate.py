@@ -23,7 +23,8 @@ from bdvae.api import load_run
 from bdvae.config import DataConfig
 from bdvae.data import load_dataset
 from bdvae.evaluate import DEFAULT_K, EvalOptions, iwae_nll
-from bdvae.train import to_float
+from bdvae.likelihoods import LIKELIHOODS
+from bdvae.train import binarized, to_float
 
 
 def iwae_on(run, x: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, float]:
@@ -43,6 +44,8 @@ def main() -> None:
     run = load_run(args.run)
     data = load_dataset(DataConfig(**{**run.config.data.__dict__, "test_size": args.images}), log=lambda _: None)
     x = to_float(data.test_images)
+    if LIKELIHOODS[run.config.objective.likelihood].binarize:  # as `bdvae evaluate` scores binarized models
+        x = binarized(x, torch.Generator().manual_seed(0))
     results: dict[str, object] = {"run": str(args.run), "images": len(x), "threads": torch.get_num_threads(),
                                   "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"}
     rows = []

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from bdvae import __version__, config as config_lib
 from bdvae.config import Config
-from bdvae.errors import BdvaeError
+from bdvae.errors import BdvaeError, first_line
 from bdvae.model import VAE, build_model
 
 CONFIG_FILE = "config.toml"
@@ -103,8 +103,7 @@ def load_model(run_dir: Path) -> tuple[VAE, Config, dict[str, Any]]:
         state = load_file(str(run_dir / WEIGHTS_FILE))
         model.load_state_dict(state)
     except (SafetensorError, RuntimeError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BdvaeError(f"{run_dir / WEIGHTS_FILE}: does not fit this run's model ({first})") from None
+        raise BdvaeError(f"{run_dir / WEIGHTS_FILE}: does not fit this run's model ({first_line(e)})") from None
     model.eval()
     return model, config, facts
 
@@ -186,8 +185,7 @@ def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             raise ValueError("checksum mismatch")
         return tensors, json.loads(state_json)
     except (SafetensorError, OSError, KeyError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BdvaeError(f"{path}: damaged checkpoint ({first})") from None
+        raise BdvaeError(f"{path}: damaged checkpoint ({first_line(e)})") from None
 
 
 def latest_state(run_dir: Path, log: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:

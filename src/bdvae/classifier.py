@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from bdvae import checkpoint
-from bdvae.errors import BdvaeError
+from bdvae.errors import BdvaeError, first_line
 
 FEATURES = 128  # width of the penultimate layer
 CLASSES = 10
@@ -110,8 +110,7 @@ def load_classifier(path: Path | None = None) -> Classifier:
     try:
         model.load_state_dict(load_file(str(path)))
     except (SafetensorError, RuntimeError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BdvaeError(f"{path}: not a bdvae MNIST classifier ({first})") from None
+        raise BdvaeError(f"{path}: not a bdvae MNIST classifier ({first_line(e)})") from None
     return model.eval()
 
 

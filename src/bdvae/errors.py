@@ -3,3 +3,9 @@
 
 class BdvaeError(Exception):
     """A problem with the user's input, data or files, explained in one line."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -81,10 +81,9 @@ def reconstruction_and_divergences(run: Run, x: Tensor, intensities: Tensor, gen
     nll = LIKELIHOODS[objective.likelihood].nll
     mu, logvar = (torch.cat(t) for t in zip(*(model.encode(x[i: i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH))))
     z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen)
-    recon_nll = torch.cat([nll(model.decode(z[i: i + EVAL_BATCH]), x[i: i + EVAL_BATCH], model.log_sigma)
-                           for i in range(0, len(x), EVAL_BATCH)])
-    mse = torch.cat([(model.decode_mean(mu[i: i + EVAL_BATCH]) - intensities[i: i + EVAL_BATCH]).square().flatten(1).mean(1)
-                     for i in range(0, len(x), EVAL_BATCH)])
+    rows = torch.arange(len(x))  # batched by row index, so each term reads its own tensors
+    recon_nll = _batched(lambda i: nll(model.decode(z[i]), x[i], model.log_sigma), rows)
+    mse = _batched(lambda i: (model.decode_mean(mu[i]) - intensities[i]).square().flatten(1).mean(1), rows)
     kl, bd = regularizer(objective, "kl"), regularizer(objective, "bhattacharyya")
 
     def per_dim_mean(fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:  # (D,): both are sums over dimensions

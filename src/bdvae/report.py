@@ -83,12 +83,24 @@ def _cell(value: tuple[float, float] | None, decimals: int, seeds: int) -> str:
     return f"{mean:.{decimals}f} ± {std:.{decimals}f}" if seeds > 1 else f"{mean:.{decimals}f}"
 
 
+HEADER = ("regularizer", "β", "seeds", *(label for label, _, _ in COLUMNS))
+
+
+def row_values(r: dict[str, Any]) -> list[str]:
+    """One summary row as the texts of its table cells, in HEADER order."""
+    return [r["regularizer"], f"{r['beta']:g}", str(r["seeds"]),
+            *(_cell(r["cells"][label], d, r["seeds"]) for label, _, d in COLUMNS)]
+
+
+def summary_line(rows: list[dict[str, Any]]) -> str:
+    seeds = sorted({r["seeds"] for r in rows})
+    return (f"{len(rows)} configurations, {'/'.join(map(str, seeds))} seeds each; "
+            "mean ± std over seeds; ↓ lower is better, ↑ higher is better.")
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = ["regularizer", "β", "seeds", *(label for label, _, _ in COLUMNS)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        cells = [_cell(r["cells"][label], d, r["seeds"]) for label, _, d in COLUMNS]
-        lines.append("| " + " | ".join([r["regularizer"], f"{r['beta']:g}", str(r["seeds"]), *cells]) + " |")
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row_values(r)) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -130,11 +142,8 @@ def _notes(entries: Sequence[Entry]) -> list[str]:
     return [n for n in notes if n]
 
 
-def markdown(entries: Sequence[Entry], out: Path) -> str:
-    rows = summary_rows(entries)
-    seeds = sorted({r["seeds"] for r in rows})
-    parts = ["# bdvae comparison", "", f"{len(rows)} configurations, {'/'.join(map(str, seeds))} seeds each; "
-             "mean ± std over seeds; ↓ lower is better, ↑ higher is better.", "",
+def markdown(entries: Sequence[Entry], rows: list[dict[str, Any]], out: Path) -> str:
+    parts = ["# bdvae comparison", "", summary_line(rows), "",
              markdown_table(rows), "", *(f"- {n}" for n in _notes(entries)), "",
              "## Rate–distortion", "", "![rate-distortion](rate_distortion.png)", "", "## Pictures", ""]
     header = ["configuration", *(name for name, _ in PICTURES)]
@@ -152,14 +161,9 @@ def _img(path: Path) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
 
 
-def html_page(entries: Sequence[Entry], out: Path) -> str:
-    rows = summary_rows(entries)
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["regularizer", "β", "seeds", *(c[0] for c in COLUMNS)])
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in
-                         [r["regularizer"], f"{r['beta']:g}", str(r["seeds"]),
-                          *(_cell(r["cells"][label], d, r["seeds"]) for label, _, d in COLUMNS)]) + "</tr>"
-        for r in rows)
+def html_page(entries: Sequence[Entry], rows: list[dict[str, Any]], out: Path) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row_values(r)) + "</tr>" for r in rows)
     pics_head = "".join(f"<th>{html.escape(name)}</th>" for name in ["configuration", *(n for n, _ in PICTURES)])
     pics = "".join("<tr>" + f"<th>{html.escape(title)}</th>" + "".join(f"<td>{_img(e.run_dir / f)}</td>" for _, f in PICTURES)
                    + "</tr>" for title, e in _first_runs(entries))
@@ -174,7 +178,7 @@ th {{ background: #f3f3f3; }}
 td img {{ max-width: 360px; image-rendering: pixelated; }}
 </style></head><body>
 <h1>bdvae comparison</h1>
-<p>{len(rows)} configurations; mean ± std over seeds; ↓ lower is better, ↑ higher is better.</p>
+<p>{html.escape(summary_line(rows))}</p>
 <table><tr>{head}</tr>{body}</table>
 <ul>{notes}</ul>
 <h2>Rate–distortion</h2>{_img(out / "rate_distortion.png")}
@@ -186,9 +190,10 @@ td img {{ max-width: 360px; image-rendering: pixelated; }}
 
 def write_report(out: Path, entries: Sequence[Entry]) -> tuple[Path, Path]:
     """Write OUT/rate_distortion.png, OUT/report.md and OUT/report.html; return the two reports."""
-    save_rate_distortion(summary_rows(entries), out / "rate_distortion.png")
-    checkpoint.write_text(out / "report.md", markdown(entries, out))
-    checkpoint.write_text(out / "report.html", html_page(entries, out))
+    rows = summary_rows(entries)
+    save_rate_distortion(rows, out / "rate_distortion.png")
+    checkpoint.write_text(out / "report.md", markdown(entries, rows, out))
+    checkpoint.write_text(out / "report.html", html_page(entries, rows, out))
     return out / "report.md", out / "report.html"
 
 

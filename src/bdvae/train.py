@@ -25,7 +25,7 @@ from bdvae import checkpoint, pictures
 from bdvae import config as config_lib
 from bdvae.config import Config
 from bdvae.data import Dataset, load_dataset
-from bdvae.errors import BdvaeError
+from bdvae.errors import BdvaeError, first_line
 from bdvae.likelihoods import LIKELIHOODS
 from bdvae.model import VAE, build_model
 from bdvae.objective import beta_at, loss_terms, regularizer
@@ -244,9 +244,8 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[
     try:
         pos = Position() if state is None else restore_training_state(*state, model, optimizer)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:  # a state from another model or version
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BdvaeError(f"{run_dir / checkpoint.STATES_DIR}: the checkpoint does not fit this run's config "
-                         f"or this version of bdvae ({first})") from None
+                         f"or this version of bdvae ({first_line(e)})") from None
     n = len(data.train_images)
     if pos.order is not None and (len(pos.order) != n or not 0 <= pos.next_start <= n):
         raise BdvaeError(f"{run_dir / checkpoint.STATES_DIR}: the checkpoint was taken on {len(pos.order)} training "

@@ -42,6 +42,24 @@ def test_every_configuration_and_seed_is_trained_evaluated_and_reported(compared
     assert (compared / "rate_distortion.png").stat().st_size > 1000
 
 
+def test_jobs_train_configurations_in_parallel_processes_with_the_same_results(compared, mnist_dir, tmp_path):
+    out = tmp_path / "parallel"
+    result = _compare(mnist_dir, out, "--jobs", "2")
+    assert result.returncode == 0, result.stderr
+    assert "4 runs, 2 at a time" in result.stdout
+    lines = result.stdout.splitlines()
+    first_done = next(i for i, line in enumerate(lines) if line.endswith(" done"))
+    started = [line for line in lines[:first_done] if line.endswith(": training")]
+    assert len(started) == 2, result.stdout  # two runs under way before the first one finished
+    for name in ("bhattacharyya-beta1-seed0", "kl-beta1-seed1"):
+        ours = json.loads((out / "runs" / name / "metrics.json").read_text())
+        theirs = json.loads((compared / "runs" / name / "metrics.json").read_text())
+        # Another thread count may round sums differently; the runs are the same runs.
+        assert ours["iwae_nll"]["mean"] == pytest.approx(theirs["iwae_nll"]["mean"], rel=1e-3)
+        assert ours["divergences"]["kl"]["mean"] == pytest.approx(theirs["divergences"]["kl"]["mean"], rel=1e-3)
+    assert (out / "report.md").read_text().count(" ± ") == (compared / "report.md").read_text().count(" ± ")
+
+
 def test_finished_runs_are_reused_and_unfinished_ones_resumed(compared, mnist_dir):
     weights = compared / "runs" / "kl-beta1-seed0" / "model.safetensors"
     before = weights.read_bytes(), weights.stat().st_mtime_ns

@@ -78,7 +78,7 @@ def write_text(path: Path, text: str) -> None:
 
 def save_run(run_dir: Path, model: VAE, config: Config, facts: dict[str, Any]) -> None:
     with atomic_path(run_dir / WEIGHTS_FILE) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp),
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp),
                   metadata={"bdvae_version": __version__})
     write_text(run_dir / CONFIG_FILE, config_lib.dumps(config))
     write_text(run_dir / RUN_FILE, json.dumps({"bdvae_version": __version__, **facts}, indent=2) + "\n")
@@ -161,7 +161,7 @@ def save_state(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], state
     """Write a training state as RUN/checkpoints/step-STEP.safetensors; keep only the newest KEEP_STATES."""
     folder = run_dir / STATES_DIR
     folder.mkdir(exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     state_json = json.dumps(state)
     path = folder / f"step-{step:09d}.safetensors"
     with atomic_path(path) as tmp:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bdvae.errors import BdvaeError
+from bdvae.errors import BdvaeError, ReportedError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,19 +34,41 @@ def _config(args: argparse.Namespace):  # -> Config; imported lazily like everyt
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from bdvae.checkpoint import check_run_dir
+    from bdvae.distributed import is_main_process, launch, launched_by_torchrun, resolve_device
     from bdvae.train import resume, train
 
+    if args.nproc is not None and not 1 <= args.nproc <= 1024:
+        raise BdvaeError(f"--nproc must be between 1 and 1024, got {args.nproc}")
+    if args.nproc is not None and launched_by_torchrun():
+        raise BdvaeError("--nproc: this process was started by torchrun already; use one or the other")
+    resolve_device(args.device)  # a bad --device fails here, before any process starts
+    shared = ["--device", args.device] + (["--quiet"] if args.quiet else [])
+    progress = None if not args.quiet else False
     if args.resume is not None:
         given = [flag for flag, value in (("--config", args.config), ("--set", args.set), ("--out", args.out),
                                           ("--data-dir", args.data_dir), ("--overwrite", args.overwrite)) if value]
         if given:
             raise BdvaeError(f"--resume continues a run with its own config; it takes no {', '.join(given)}")
-        print(f"run directory: {resume(args.resume, progress=None if not args.quiet else False)}")
+        if (args.nproc or 1) > 1:  # rank 0 of the launched processes prints the run directory
+            launch(args.nproc, ["train", "--resume", str(args.resume), *shared])
+            return
+        resume(args.resume, progress=progress, device=args.device)
+        if is_main_process():
+            print(f"run directory: {args.resume}")
         return
     config = _config(args)
     out = args.out or Path("runs") / f"{config.objective.regularizer}-beta{config.objective.beta:g}-seed{config.train.seed}"
-    run_dir = train(config, Path(out), overwrite=args.overwrite, progress=None if not args.quiet else False)
-    print(f"run directory: {run_dir}")
+    if (args.nproc or 1) > 1:
+        check_run_dir(Path(out), args.overwrite)  # fail before starting the processes
+        given = ([f"--config={args.config}"] if args.config else []) + [f"--set={s}" for s in args.set or []]
+        given += [f"--data-dir={args.data_dir}"] if args.data_dir is not None else []
+        given += ["--overwrite"] if args.overwrite else []
+        launch(args.nproc, ["train", f"--out={out}", *given, *shared])
+        return
+    train(config, Path(out), overwrite=args.overwrite, progress=progress, device=args.device)
+    if is_main_process():
+        print(f"run directory: {out}")
 
 
 def _check_out(path: Path, overwrite: bool, suffix: str | None = ".png") -> None:
@@ -122,7 +144,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         raise BdvaeError(f"--seeds and --epochs must be positive, got {args.seeds} and {args.epochs}")
     options = EvalOptions(k=args.k, samples=args.samples, test_size=args.test_size)
     compare(base, regularizers, betas, args.seeds, args.out, epochs=args.epochs, options=options,
-            progress=None if not args.quiet else False)
+            progress=None if not args.quiet else False, jobs=args.jobs)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'report.html'}")
 
 
@@ -184,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="dataset cache folder (same as --set data.data_dir=...)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an existing run directory")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run from its newest good checkpoint")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu or cuda")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N data-parallel processes on this machine (launches torchrun)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -226,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=100, help="IWAE importance samples per image (default 100)")
     p.add_argument("--samples", type=int, default=10000, help="samples for the sample-quality scores (default 10000)")
     p.add_argument("--test-size", type=int, help="evaluate on the first N test images only (default: all)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train and evaluate N configurations at once, in separate processes (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
 
@@ -260,7 +287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         func: Callable[[argparse.Namespace], None] = args.func
         func(args)
     except BdvaeError as e:
-        print(f"bdvae: error: {e}", file=sys.stderr)
+        from bdvae.distributed import is_main_process
+
+        # Under torchrun every rank meets the same bad input: rank 0 says it, and the launcher
+        # (ReportedError) does not say it again.
+        if is_main_process() and not isinstance(e, ReportedError):
+            print(f"bdvae: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a folder that became unwritable: say which file, no traceback
         where = f"{e.filename}: " if e.filename else ""

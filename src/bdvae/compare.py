@@ -91,14 +91,34 @@ def ensure_evaluated(run_dir: Path, options: EvalOptions, progress: bool | None,
     return evaluate_run(run_dir, options, progress=progress, log=log)
 
 
+def _train_and_evaluate(config: Config, run_dir: Path, options: EvalOptions, progress: bool | None,
+                        log: Callable[[str], None]) -> dict[str, Any]:
+    # Two compare jobs on one --out take turns on each run: the second finds it finished and reuses it.
+    with file_lock(run_dir.parent / f".{run_dir.name}.lock"):
+        ensure_trained(config, run_dir, progress, log)
+        return ensure_evaluated(run_dir, options, progress, log)
+
+
+def _job(config: Config, run_dir: Path, options: EvalOptions, threads: int) -> dict[str, Any]:
+    """One configuration in a worker process of `compare --jobs`: its share of the cores, no
+    progress bars (they would interleave), log lines prefixed with the run's name."""
+    import torch
+
+    torch.set_num_threads(threads)  # train.threads, when set, still rules the training
+    return _train_and_evaluate(config, run_dir, options, False, lambda m: print(f"[{run_dir.name}] {m}", flush=True))
+
+
 def compare(base: Config, regularizers: list[str], betas: list[float], seeds: int, out: Path,
             epochs: int | None = None, options: EvalOptions = EvalOptions(), progress: bool | None = None,
-            log: Callable[[str], None] = print) -> list[Entry]:
-    """Train and evaluate every configuration for seeds 0 .. seeds-1; write the report into `out`."""
+            log: Callable[[str], None] = print, jobs: int = 1) -> list[Entry]:
+    """Train and evaluate every configuration for seeds 0 .. seeds-1 (`jobs` of them at once, in
+    separate processes that share the CPU cores); write the report into `out`."""
     from bdvae.report import write_report
 
     if not regularizers or not betas or seeds <= 0:
         raise BdvaeError("compare needs at least one regularizer, one beta and one seed")
+    if jobs <= 0:
+        raise BdvaeError(f"--jobs must be positive, got {jobs}")
     regularizers, betas = list(dict.fromkeys(regularizers)), list(dict.fromkeys(betas))  # each configuration once
     plan = [(r, b, s) for r in regularizers for b in betas for s in range(seeds)]
     names = [run_name(*key) for key in plan]
@@ -109,14 +129,40 @@ def compare(base: Config, regularizers: list[str], betas: list[float], seeds: in
     if out.exists() and not out.is_dir():
         raise BdvaeError(f"--out {out}: exists and is not a directory")
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    entries = []
-    for i, key in enumerate(plan, 1):
-        run_dir = out / "runs" / run_name(*key)
-        log(f"[{i}/{len(plan)}] {run_dir.name}")
-        # Two compare jobs on one --out take turns on each run: the second finds it finished and reuses it.
-        with file_lock(out / "runs" / f".{run_dir.name}.lock"):
-            ensure_trained(configs[key], run_dir, progress, log)
-            metrics = ensure_evaluated(run_dir, options, progress, log)
-        entries.append(Entry(*key, run_dir=run_dir, metrics=metrics))
+    run_dirs = {key: out / "runs" / run_name(*key) for key in plan}
+    jobs = min(jobs, len(plan))
+    if jobs == 1:
+        metrics = {}
+        for i, key in enumerate(plan, 1):
+            log(f"[{i}/{len(plan)}] {run_dirs[key].name}")
+            metrics[key] = _train_and_evaluate(configs[key], run_dirs[key], options, progress, log)
+    else:
+        metrics = _in_parallel(plan, configs, run_dirs, options, jobs, log)
+    entries = [Entry(*key, run_dir=run_dirs[key], metrics=metrics[key]) for key in plan]
     write_report(out, entries)
     return entries
+
+
+def _in_parallel(plan: list[tuple[str, float, int]], configs: dict, run_dirs: dict, options: EvalOptions, jobs: int,
+                 log: Callable[[str], None]) -> dict[tuple[str, float, int], dict[str, Any]]:
+    """Every configuration as a job in a pool of `jobs` processes (spawned: a fresh interpreter, no
+    forked torch thread pools). The first failure cancels the jobs not yet started and is raised;
+    runs finished by then stay on disk, to be reused by the next compare."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log(f"{len(plan)} runs, {jobs} at a time, {threads} threads each")
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_job, configs[key], run_dirs[key], options, threads): key for key in plan}
+        metrics = {}
+        try:
+            for done, future in enumerate(as_completed(futures), 1):
+                key = futures[future]
+                metrics[key] = future.result()
+                log(f"[{done}/{len(plan)}] {run_dirs[key].name} done")
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return metrics

@@ -9,3 +9,7 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none), for one-line errors."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+class ReportedError(BdvaeError):
+    """An error that a child process (a torchrun worker) has printed already: exit 2, say nothing more."""

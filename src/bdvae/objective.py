@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from bdvae.config import ObjectiveConfig
 from bdvae.likelihoods import LIKELIHOODS
@@ -39,13 +40,40 @@ def beta_at(objective: ObjectiveConfig, step: int) -> float:
     return objective.beta * min(1.0, step / objective.warmup_steps)
 
 
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """bf16/fp16 outputs of an autocast forward as fp32 (fp32 and fp64 stay as they are)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def loss_sums(model: VAE, x: Tensor, objective: ObjectiveConfig, eps: Tensor | None = None,
+              beta: float | None = None) -> Tensor:
+    """The objective summed over one batch x (B, C, H, W) with values in [0, 1] (already binarized
+    if need be): (3,) = [loss, recon_nll, reg] sums over the images. `beta` (default: objective.beta)
+    is the regularizer's weight, as beta_at gives it during warm-up. The terms are computed in fp32
+    also when the model runs under autocast."""
+    x_logits, mu, logvar, _ = (_at_least_fp32(t) for t in model(x, eps))
+    recon_nll = LIKELIHOODS[objective.likelihood].nll(x_logits, x, model.log_sigma).sum()
+    reg = regularizer(objective)(mu, logvar).sum()
+    beta = objective.beta if beta is None else beta
+    return torch.stack([recon_nll + beta * reg, recon_nll, reg])
+
+
 def loss_terms(model: VAE, x: Tensor, objective: ObjectiveConfig, eps: Tensor | None = None,
                beta: float | None = None) -> LossTerms:
-    """The objective on one batch x (B, C, H, W) with values in [0, 1] (already binarized if need be);
-    `beta` (default: objective.beta) is the regularizer's weight, as beta_at gives it during warm-up."""
-    x_logits, mu, logvar, _ = model(x, eps)
-    recon_nll = LIKELIHOODS[objective.likelihood].nll(x_logits, x, model.log_sigma)  # (B,)
-    reg = regularizer(objective)(mu, logvar)  # (B,)
-    recon_nll, reg = recon_nll.mean(), reg.mean()
-    beta = objective.beta if beta is None else beta
-    return LossTerms(loss=recon_nll + beta * reg, recon_nll=recon_nll, reg=reg)
+    """The batch means of loss_sums: the objective as the module docstring reduces it."""
+    loss, recon_nll, reg = loss_sums(model, x, objective, eps, beta) / len(x)
+    return LossTerms(loss=loss, recon_nll=recon_nll, reg=reg)
+
+
+class Objective(nn.Module):
+    """loss_sums as a module around the VAE, so that DistributedDataParallel can wrap the whole
+    objective: every parameter it touches (the learned sigma of a Gaussian likelihood too) is then
+    used inside the wrapped forward, as DDP requires."""
+
+    def __init__(self, model: VAE, objective: ObjectiveConfig):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, x: Tensor, eps: Tensor, beta: float) -> Tensor:
+        return loss_sums(self.model, x, self.objective, eps, beta)

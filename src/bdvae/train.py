@@ -18,17 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bdvae import checkpoint, pictures
+from bdvae import checkpoint, distributed, pictures
 from bdvae import config as config_lib
 from bdvae.config import Config
 from bdvae.data import Dataset, load_dataset
+from bdvae.distributed import Context, shard
 from bdvae.errors import BdvaeError, first_line
 from bdvae.likelihoods import LIKELIHOODS
 from bdvae.model import VAE, build_model
-from bdvae.objective import beta_at, loss_terms, regularizer
+from bdvae.objective import Objective, beta_at, regularizer
 from bdvae.regularizers import REGULARIZERS
 
 METRICS_FILE = "metrics.jsonl"
@@ -48,28 +49,33 @@ def binarized(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
 
 
 @torch.inference_mode()
-def evaluate_terms(model: VAE, images: Tensor, config: Config, seed: int) -> dict[str, float]:
+def evaluate_terms(model: VAE, images: Tensor, config: Config, seed: int, ctx: Context = Context()) -> dict[str, float]:
     """Mean loss terms over `images` (uint8), with fixed noise so that epochs are comparable;
-    both KL and BD of the same posteriors are reported whatever the model is trained with."""
+    both KL and BD of the same posteriors are reported whatever the model is trained with. With
+    several ranks each computes every world_size-th chunk and the sums are all-reduced; every
+    rank draws every chunk's noise, so the result does not depend on the world size."""
     model.eval()
     objective = config.objective
     likelihood = LIKELIHOODS[objective.likelihood]
     gen = torch.Generator().manual_seed(seed)
-    sums = {"recon_nll": 0.0, "reg": 0.0, "kl": 0.0, "bhattacharyya": 0.0}
-    for start in range(0, len(images), EVAL_BATCH):
+    sums = torch.zeros(4, dtype=torch.float64)  # recon_nll, reg, kl, bhattacharyya
+    for i, start in enumerate(range(0, len(images), EVAL_BATCH)):
         x = to_float(images[start: start + EVAL_BATCH])
         if likelihood.binarize:
             x = binarized(x, gen)
+        eps = torch.randn(len(x), config.model.latent_dim, generator=gen)
+        if i % ctx.world_size != ctx.rank:
+            continue
+        x = x.to(ctx.device)
         mu, logvar = model.encode(x)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen)
-        sums["recon_nll"] += likelihood.nll(model.decode(z), x, model.log_sigma).sum().item()
-        sums["reg"] += regularizer(objective)(mu, logvar).sum().item()
-        sums["kl"] += REGULARIZERS["kl"](mu, logvar).sum().item()
-        sums["bhattacharyya"] += REGULARIZERS["bhattacharyya"](mu, logvar).sum().item()
-    means = {k: v / len(images) for k, v in sums.items()}
-    means["loss"] = means["recon_nll"] + objective.beta * means["reg"]
+        z = mu + torch.exp(0.5 * logvar) * eps.to(ctx.device)
+        sums += torch.stack([likelihood.nll(model.decode(z), x, model.log_sigma).sum(),
+                             regularizer(objective)(mu, logvar).sum(), REGULARIZERS["kl"](mu, logvar).sum(),
+                             REGULARIZERS["bhattacharyya"](mu, logvar).sum()]).cpu().double()
+    recon_nll, reg, kl, bd = (ctx.all_reduce_sum(sums) / len(images)).tolist()
     model.train()
-    return means
+    return {"recon_nll": recon_nll, "reg": reg, "kl": kl, "bhattacharyya": bd,
+            "loss": recon_nll + objective.beta * reg}
 
 
 @dataclass
@@ -91,33 +97,57 @@ class NonFiniteError(BdvaeError):
     """A non-finite loss or gradient, with train.skip_nonfinite off."""
 
 
+def backward_global_batch(loss: nn.Module, x: Tensor, eps: Tensor, beta: float, ctx: Context = Context(),
+                          mixed_precision: bool = False) -> Tensor:
+    """One step's loss and gradient on the global batch x (G, C, H, W) with noise eps (G, D), of
+    which this rank takes its shard. `loss` is an Objective, under DistributedDataParallel when
+    there are several ranks. Leaves in each parameter's .grad the gradient of the mean loss over
+    the G images; returns the loss sums over the G images (3,), the same on every rank.
+    `mixed_precision`: the forward under bf16 autocast (the loss terms are summed in fp32)."""
+    part = shard(len(x), ctx.rank, ctx.world_size)
+    with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=mixed_precision):
+        sums = loss(x[part].to(ctx.device), eps[part].to(ctx.device), beta)  # this rank's sums
+    # DDP averages the ranks' gradients; scaling each rank's sum by world_size / G makes that
+    # average the gradient of the sum over all G images divided by G, whatever the shard sizes.
+    (sums[0] * (ctx.world_size / len(x))).backward()
+    return ctx.all_reduce_sum(sums.detach().clone())
+
+
 def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, config: Config, bar: tqdm,
-                pos: Position, after_step: Callable[[], None] = lambda: None) -> dict[str, float]:
+                pos: Position, after_step: Callable[[], None] = lambda: None, ctx: Context = Context(),
+                loss: nn.Module | None = None) -> dict[str, float]:
     """Continue the epoch at `pos` to its end, updating `pos` after every step (then `after_step`
-    may save it); returns the running means of the terms over the epoch."""
-    objective, batch_size = config.objective, config.train.batch_size
+    may save it); returns the running means of the terms over the epoch. `loss` is the Objective
+    to differentiate (wrapped for several ranks; default: Objective(model)). Each step takes a
+    global batch of batch_size images per rank."""
+    objective, batch_size = config.objective, config.train.batch_size * ctx.world_size
     binarize = LIKELIHOODS[objective.likelihood].binarize
+    loss = Objective(model, objective) if loss is None else loss
+    mixed_precision = config.train.mixed_precision and ctx.bf16_autocast
     if pos.order is None:  # a new epoch: drawn from the global RNG, which a checkpoint restores
         pos.order, pos.totals, pos.next_start = torch.randperm(len(images)), torch.zeros(3), 0
         pos.skipped = pos.skipped_images = 0
     bar.update(pos.next_start)
     while pos.next_start < len(images):
         start = pos.next_start
-        x = to_float(images[pos.order[start: start + batch_size]])
+        # Every rank draws the whole global batch's noise, so the ranks' RNGs stay in lockstep and
+        # the noise does not depend on how the batch is split.
+        x = to_float(images[pos.order[start: start + batch_size]])  # (G, C, H, W)
         if binarize:
             x = binarized(x)
-        terms = loss_terms(model, x, objective, beta=beta_at(objective, pos.global_step + 1))
+        eps = torch.randn(len(x), config.model.latent_dim)  # (G, D)
         optimizer.zero_grad(set_to_none=True)
-        terms.loss.backward()
+        beta = beta_at(objective, pos.global_step + 1)
+        stacked = backward_global_batch(loss, x, eps, beta, ctx, mixed_precision).cpu()
         # The total gradient norm is NaN or inf if any gradient is; checking it with the loss costs
         # one host synchronisation per step, which on a CPU (where ops run eagerly) is nearly free.
+        # After DDP's all-reduce every rank holds the same gradients and sums: all decide alike.
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
-        stacked = torch.stack([terms.loss, terms.recon_nll, terms.reg]).detach()
         pos.global_step += 1
         pos.next_start = min(start + batch_size, len(images))
         if not bool(torch.isfinite(stacked).all() & torch.isfinite(grad_norm)):
-            loss, recon, reg = stacked.tolist()
-            values = f"loss={loss}, recon_nll={recon}, reg={reg}, gradient norm={grad_norm.item()}"
+            loss_sum, recon, reg = (stacked / len(x)).tolist()
+            values = f"loss={loss_sum}, recon_nll={recon}, reg={reg}, gradient norm={grad_norm.item()}"
             if not config.train.skip_nonfinite:
                 raise NonFiniteError(f"step {pos.global_step}: non-finite loss or gradient ({values})")
             optimizer.zero_grad(set_to_none=True)  # the batch is skipped: no update, not in the sums
@@ -125,15 +155,15 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, co
             pos.skipped_images += len(x)
         else:
             optimizer.step()
-            pos.totals += stacked * len(x)  # sums over images, kept as a tensor
+            pos.totals += stacked  # sums over images, kept as a tensor
         bar.update(len(x))
         if pos.global_step % POSTFIX_EVERY == 0:
-            loss, recon, reg = (pos.totals / max(1, pos.next_start - pos.skipped_images)).tolist()
-            bar.set_postfix(loss=f"{loss:.2f}", recon=f"{recon:.2f}", reg=f"{reg:.2f}", refresh=False)
+            loss_sum, recon, reg = (pos.totals / max(1, pos.next_start - pos.skipped_images)).tolist()
+            bar.set_postfix(loss=f"{loss_sum:.2f}", recon=f"{recon:.2f}", reg=f"{reg:.2f}", refresh=False)
         after_step()
     used = len(images) - pos.skipped_images  # 0 only if every batch was skipped: the means are then NaN
-    loss, recon, reg = (pos.totals / used if used else torch.full((3,), math.nan)).tolist()
-    return {"loss": loss, "recon_nll": recon, "reg": reg, "skipped_batches": pos.skipped}
+    loss_sum, recon, reg = (pos.totals / used if used else torch.full((3,), math.nan)).tolist()
+    return {"loss": loss_sum, "recon_nll": recon, "reg": reg, "skipped_batches": pos.skipped}
 
 
 def save_training_state(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer, pos: Position) -> None:
@@ -197,47 +227,65 @@ def absolute_paths(config: Config) -> Config:
     return dataclasses.replace(config, data=dataclasses.replace(data, **resolved))
 
 
-def _setup(config: Config, log: Callable[[str], None]) -> tuple[Dataset, VAE]:
-    """Threads, data, and the freshly initialised model (seeded by train.seed)."""
+def _setup(config: Config, ctx: Context, log: Callable[[str], None]) -> tuple[Dataset, VAE]:
+    """Threads, data, and the freshly initialised model (seeded by train.seed, alike on every rank)."""
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
     data = load_dataset(config.data, log=log)
     torch.manual_seed(config.train.seed)
-    return data, build_model(config.model, config.objective, data.shape)
+    return data, build_model(config.model, config.objective, data.shape).to(ctx.device)
+
+
+def _quiet(_: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def train(config: Config, run_dir: Path, overwrite: bool = False, progress: bool | None = None,
-          log: Callable[[str], None] = print) -> Path:
+          log: Callable[[str], None] = print, device: str = "auto") -> Path:
     """Train a VAE as configured and fill `run_dir`; returns `run_dir`.
 
-    `progress=None` shows the progress bar only on a terminal.
+    `progress=None` shows the progress bar only on a terminal. `device` is "auto", "cpu" or "cuda".
+    Launched by torchrun, the processes train together (see distributed.py) and rank 0 writes.
     """
     run_dir = Path(run_dir)
-    checkpoint.check_run_dir(run_dir, overwrite)  # before the slow parts, and before anything is written
-    config = absolute_paths(config)
-    data, model = _setup(config, log)
-    checkpoint.prepare_run_dir(run_dir, overwrite)  # only once data and model are known to be good
-    checkpoint.write_text(run_dir / checkpoint.CONFIG_FILE, config_lib.dumps(config))  # what --resume reads
-    return _fit(config, run_dir, data, model, None, progress, log)
+    ctx = distributed.setup(device)
+    try:
+        if ctx.is_main:
+            checkpoint.check_run_dir(run_dir, overwrite)  # before the slow parts, and before anything is written
+        config = absolute_paths(config)
+        data, model = _setup(config, ctx, log if ctx.is_main else _quiet)
+        if ctx.is_main:
+            checkpoint.prepare_run_dir(run_dir, overwrite)  # only once data and model are known to be good
+            checkpoint.write_text(run_dir / checkpoint.CONFIG_FILE, config_lib.dumps(config))  # what --resume reads
+        return _fit(config, run_dir, data, model, None, ctx, progress, log)
+    finally:
+        distributed.teardown()
 
 
-def resume(run_dir: Path, progress: bool | None = None, log: Callable[[str], None] = print) -> Path:
+def resume(run_dir: Path, progress: bool | None = None, log: Callable[[str], None] = print,
+           device: str = "auto") -> Path:
     """Continue an interrupted run from its newest good training state (or from the start if it
-    was stopped before the first one), exactly as if it had never stopped."""
+    was stopped before the first one), exactly as if it had never stopped. The state does not
+    depend on the number of processes: a run started with 2 may resume with 1, or the other way."""
     run_dir = Path(run_dir)
     if not (run_dir / checkpoint.CONFIG_FILE).is_file():
         raise BdvaeError(f"{run_dir}: nothing to resume (no {checkpoint.CONFIG_FILE})")
     if (run_dir / checkpoint.RUN_FILE).is_file():
         raise BdvaeError(f"{run_dir}: the run is finished already; nothing to resume")
-    config = config_lib.load(run_dir / checkpoint.CONFIG_FILE)
-    data, model = _setup(config, log)
-    state = checkpoint.latest_state(run_dir, log)
-    if state is None:
-        log(f"{run_dir}: no training state saved yet; starting from the beginning")
-    return _fit(config, run_dir, data, model, state, progress, log)
+    ctx = distributed.setup(device)
+    try:
+        log = log if ctx.is_main else _quiet
+        config = config_lib.load(run_dir / checkpoint.CONFIG_FILE)
+        data, model = _setup(config, ctx, log)
+        state = checkpoint.latest_state(run_dir, log)
+        if state is None:
+            log(f"{run_dir}: no training state saved yet; starting from the beginning")
+        return _fit(config, run_dir, data, model, state, ctx, progress, log)
+    finally:
+        distributed.teardown()
 
 
-def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[dict, dict] | None,
+def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[dict, dict] | None, ctx: Context,
          progress: bool | None, log: Callable[[str], None]) -> Path:
     """The training loop from a fresh start (`state` None) or a saved training state."""
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
@@ -250,14 +298,20 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[
     if pos.order is not None and (len(pos.order) != n or not 0 <= pos.next_start <= n):
         raise BdvaeError(f"{run_dir / checkpoint.STATES_DIR}: the checkpoint was taken on {len(pos.order)} training "
                          f"images, the data now gives {n}; was {run_dir / checkpoint.CONFIG_FILE} edited?")
+    if not ctx.is_main:
+        log, progress = _quiet, False
     if state is not None:
         log(f"resuming at epoch {pos.epoch}, image {pos.next_start} of {n}, after {pos.global_step} steps")
+    processes = f"; {ctx.world_size} processes, global batch {config.train.batch_size * ctx.world_size}" \
+        if ctx.world_size > 1 else ""
+    precision = ", bf16 autocast" if config.train.mixed_precision and ctx.bf16_autocast else ""
     log(f"training on {n} images {tuple(data.shape)} from {data.source}; "
-        f"{sum(p.numel() for p in model.parameters())} parameters; run directory {run_dir}")
+        f"{sum(p.numel() for p in model.parameters())} parameters; {ctx.device}{precision}{processes}; run directory {run_dir}")
+    loss = distributed.wrap(Objective(model, config.objective), ctx)
     every = config.train.checkpoint_every
 
     def after_step() -> None:
-        if every and pos.global_step % every == 0 and pos.next_start < n:
+        if ctx.is_main and every and pos.global_step % every == 0 and pos.next_start < n:
             save_training_state(run_dir, model, optimizer, pos)
 
     model.train()
@@ -266,7 +320,7 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[
         with tqdm(total=n, desc=f"epoch {epoch}/{config.train.epochs}", unit="img",
                   disable=None if progress is None else not progress, leave=False) as bar:
             try:
-                train_means = train_epoch(model, optimizer, data.train_images, config, bar, pos, after_step)
+                train_means = train_epoch(model, optimizer, data.train_images, config, bar, pos, after_step, ctx, loss)
             except NonFiniteError as e:
                 kept = checkpoint.state_paths(run_dir)
                 where = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint was saved yet"
@@ -276,21 +330,24 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[
         skipped = train_means.pop("skipped_batches")
         if skipped:
             log(f"epoch {epoch}: skipped {skipped} batches with a non-finite loss or gradient")
-        test_means = evaluate_terms(model, data.test_images, config, seed=config.train.seed)
+        test_means = evaluate_terms(model, data.test_images, config, seed=config.train.seed, ctx=ctx)
         row = {"epoch": epoch, "skipped_batches": skipped, **{f"train_{k}": v for k, v in train_means.items()},
                **{f"test_{k}": v for k, v in test_means.items()}, "seconds": time.perf_counter() - t0}
         pos.rows.append(row)
-        checkpoint.write_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in pos.rows))
-        pictures.save_loss_curves(pos.rows, run_dir / "loss_curve.png")
         pos.epoch, pos.next_start, pos.order = epoch + 1, 0, None
-        save_training_state(run_dir, model, optimizer, pos)  # the epoch's end, its row included
+        if ctx.is_main:
+            checkpoint.write_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in pos.rows))
+            pictures.save_loss_curves(pos.rows, run_dir / "loss_curve.png")
+            save_training_state(run_dir, model, optimizer, pos)  # the epoch's end, its row included
         log(f"epoch {epoch}: train loss {row['train_loss']:.2f} (recon {row['train_recon_nll']:.2f}, "
             f"reg {row['train_reg']:.2f}); test loss {row['test_loss']:.2f} (recon {row['test_recon_nll']:.2f}, "
             f"KL {row['test_kl']:.2f}, BD {row['test_bhattacharyya']:.2f}); {row['seconds']:.1f} s")
 
-    checkpoint.save_run(run_dir, model, config, {
-        "image_shape": list(data.shape), "data_source": data.source, "epochs": config.train.epochs,
-        "train_images": n, "test_images": len(data.test_images),
-        "seconds": round(sum(r["seconds"] for r in pos.rows), 1)})
-    write_pictures(model, data, run_dir, seed=config.train.seed)
+    if ctx.is_main:
+        model.cpu()
+        checkpoint.save_run(run_dir, model, config, {
+            "image_shape": list(data.shape), "data_source": data.source, "epochs": config.train.epochs,
+            "train_images": n, "test_images": len(data.test_images), "processes": ctx.world_size,
+            "seconds": round(sum(r["seconds"] for r in pos.rows), 1)})
+        write_pictures(model, data, run_dir, seed=config.train.seed)
     return run_dir

@@ -1,0 +1,142 @@
+"""Data-parallel training on torch.distributed: one process per rank, launched by torchrun.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and the rendezvous) in each process's environment;
+`setup` reads them and joins the process group (gloo on CPU, NCCL on CUDA). Without them the
+context is a single process and every collective below is a no-op, so one code path trains both.
+
+How a step is shared (train.train_epoch): every rank draws the same epoch permutation and the same
+noise for the whole global batch (its RNGs stay in lockstep, seeded alike), then computes the
+loss on its own contiguous part of that batch (`shard`). DistributedDataParallel averages the
+gradients over the ranks, and each rank's loss is scaled so that this average is the gradient of
+the mean over the global batch, even when the parts differ in size. The loss sums are all-reduced
+every step, so every rank holds the epoch's metrics. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from bdvae.errors import BdvaeError, ReportedError
+
+DEVICES = ("auto", "cpu", "cuda")
+ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")  # set by torchrun in every process it starts
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process's place in the job: its rank among `world_size` and the device it computes on."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def bf16_autocast(self) -> bool:
+        """Whether train.mixed_precision takes effect: on CUDA GPUs with bf16 (fp32 master weights,
+        loss sums in fp32); never on CPU."""
+        return self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """The sum of `t` over the ranks, on t's device (NCCL reduces on the GPU, so a CPU tensor
+        goes there and back); `t` itself in a single process."""
+        if self.world_size == 1:
+            return t
+        buffer = t.to(self.device)
+        torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+        return buffer.to(t.device)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """--device: "cpu", "cuda" (an error without a GPU) or "auto" (cuda when there is one)."""
+    if name not in DEVICES:
+        raise BdvaeError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BdvaeError("--device cuda: torch sees no CUDA GPU here (use --device cpu or auto)")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def launched_by_torchrun() -> bool:
+    return all(v in os.environ for v in ENV_VARS)
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (or alone): the one that prints results."""
+    return os.environ.get("RANK", "0") == "0" or not launched_by_torchrun()
+
+
+def setup(device: str = "auto") -> Context:
+    """The context of this process; joins torchrun's process group when launched by it."""
+    if not launched_by_torchrun():
+        return Context(device=resolve_device(device))
+    try:
+        rank, local_rank, world_size = (int(os.environ[v]) for v in ENV_VARS)
+    except ValueError:
+        raise BdvaeError(f"{', '.join(ENV_VARS)} must be integers (torchrun sets them)") from None
+    ctx = Context(rank=rank, world_size=world_size, device=resolve_device(device, local_rank))
+    if world_size > 1 and not torch.distributed.is_initialized():
+        if ctx.device.type == "cuda":
+            torch.cuda.set_device(ctx.device)
+        backend = "nccl" if ctx.device.type == "cuda" else "gloo"
+        # A long timeout: rank 0 alone writes pictures and checkpoints while the others wait.
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return ctx
+
+
+def teardown() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def shard(n: int, rank: int, world_size: int) -> slice:
+    """This rank's contiguous part of a global batch of n items: sizes differ by at most one,
+    the larger parts first, and the parts of ranks 0 .. world_size-1 tile range(n) in order."""
+    size, extra = divmod(n, world_size)
+    start = rank * size + min(rank, extra)
+    return slice(start, start + size + (rank < extra))
+
+
+def wrap(module: nn.Module, ctx: Context) -> nn.Module:
+    """`module` under DistributedDataParallel when there are several ranks, else itself."""
+    if ctx.world_size == 1:
+        return module
+    ddp = nn.parallel.DistributedDataParallel
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    # The only buffer (a fixed log sigma) never changes: no need to send it before each forward.
+    # torch 2.13 renamed the switch; older versions know only broadcast_buffers.
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+               else {"broadcast_buffers": False})
+    return ddp(module, device_ids=device_ids, **no_sync)
+
+
+def launch(nproc: int, args: list[str]) -> None:
+    """Run `bdvae ARGS` in `nproc` processes on this machine, through torchrun's own launcher
+    (`torchrun --standalone --nproc-per-node NPROC -m bdvae ARGS`). Each process gets an equal share
+    of the CPU cores as its threads unless OMP_NUM_THREADS says otherwise. A failed process becomes
+    one line (its own message is printed above it), not torchrun's report."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # failures are reported below
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "bdvae", *args]))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode == 2:  # a worker's one-line error (bad input): printed by rank 0 already
+            raise ReportedError() from None
+        raise BdvaeError(f"training with {nproc} processes stopped: rank {rank} exited with status "
+                         f"{failure.exitcode}") from None

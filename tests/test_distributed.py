@@ -1,0 +1,184 @@
+"""Data-parallel training: real torch.distributed (gloo) processes on 127.0.0.1, launched by
+torch.multiprocessing and by torchrun, against single-process training."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from conftest import run_cli
+
+
+@given(n=st.integers(0, 300), world_size=st.integers(1, 9))
+def test_shards_tile_the_global_batch_in_rank_order_and_differ_by_at_most_one(n, world_size):
+    from bdvae.distributed import shard
+
+    parts = [shard(n, r, world_size) for r in range(world_size)]
+    assert [i for p in parts for i in range(n)[p]] == list(range(n))
+    sizes = [p.stop - p.start for p in parts]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _batch(g: int):
+    """A global batch of g images in [0, 1] and its noise, the same in every process (float64)."""
+    gen = torch.Generator().manual_seed(1234)
+    return torch.rand(g, 1, 32, 32, generator=gen).double(), torch.randn(g, 16, generator=gen).double()
+
+
+def _gradients(ctx, g: int, beta: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The reference model's parameter gradients and loss sums after one backward_global_batch.
+    In float64, so that what is compared is the sharding, scaling and averaging, not the order
+    of float32 sums."""
+    from bdvae import distributed
+    from bdvae.config import Config
+    from bdvae.model import build_model
+    from bdvae.objective import Objective
+    from bdvae.train import backward_global_batch
+
+    config = Config()
+    torch.manual_seed(0)
+    model = build_model(config.model, config.objective, (1, 32, 32)).double()
+    loss = distributed.wrap(Objective(model, config.objective), ctx)
+    x, eps = _batch(g)
+    sums = backward_global_batch(loss, x, eps, beta, ctx)
+    return {name: p.grad.clone() for name, p in model.named_parameters()}, sums
+
+
+def _rank_main(rank: int, world_size: int, port: int, g: int, out: str) -> None:
+    from bdvae.distributed import Context
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size)
+    try:
+        grads, sums = _gradients(Context(rank=rank, world_size=world_size), g, beta=2.0)
+        torch.save({"grads": grads, "sums": sums}, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("g", [64, 7], ids=["even-shards", "uneven-shards"])
+def test_gradient_averaged_over_two_ranks_equals_the_single_process_gradient(g, tmp_path):
+    from bdvae.distributed import Context
+
+    torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), g, str(tmp_path)), nprocs=2, join=True)
+    single, single_sums = _gradients(Context(), g, beta=2.0)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for rank in ranks:
+        torch.testing.assert_close(rank["sums"], single_sums, rtol=1e-6, atol=1e-6)  # all-reduced sums
+        assert rank["grads"].keys() == single.keys()
+        for name, grad in single.items():
+            torch.testing.assert_close(rank["grads"][name], grad, rtol=0, atol=1e-6, msg=name)
+    for name in single:  # DDP leaves the same averaged gradient on both ranks
+        assert ranks[0]["grads"][name].equal(ranks[1]["grads"][name])
+
+
+SMALL = ["--set", "data.train_size=512", "--set", "data.test_size=256", "--set", "train.epochs=2",
+         "--set", "train.checkpoint_every=3", "--quiet"]
+
+
+def _files(run_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_rows_close(rows, ref_rows, rel=1e-4):
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref_rows]
+    for row, ref in zip(rows, ref_rows):
+        for key, value in ref.items():
+            if key != "seconds":
+                assert row[key] == pytest.approx(value, rel=rel), key
+
+
+@pytest.fixture(scope="module")
+def single(mnist_dir, tmp_path_factory) -> Path:
+    """One process with batch 64: the same global batch as 2 processes of 32."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    result = run_cli("train", "--data-dir", str(mnist_dir), "--out", str(out), *SMALL,
+                     "--set", "train.batch_size=64", "--set", "train.threads=1")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_processes(mnist_dir, tmp_path_factory) -> Path:
+    """torchrun with 2 gloo processes and a c10d rendezvous on 127.0.0.1, as the README runs it."""
+    out = tmp_path_factory.mktemp("torchrun") / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+           "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "-m", "bdvae", "train",
+           "--data-dir", str(mnist_dir), "--out", str(out), *SMALL, "--set", "train.batch_size=32"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("run directory: ") == 1  # rank 0 alone reports (and writes)
+    assert "2 processes, global batch 64" in result.stdout
+    return out
+
+
+def test_two_processes_write_the_same_files_and_metrics_as_one_with_the_same_global_batch(single, two_processes):
+    assert _files(two_processes) == _files(single)  # the same outputs and checkpoints (same steps)
+    _assert_rows_close(_rows(two_processes), _rows(single))
+    assert json.loads((two_processes / "run.json").read_text())["processes"] == 2
+    ours, theirs = load_file(str(two_processes / "model.safetensors")), load_file(str(single / "model.safetensors"))
+    for name in theirs:  # 16 Adam steps apart only by the order of float sums
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-2)
+
+
+def _interrupted_copy(run_dir: Path, dest: Path) -> Path:
+    """A copy of a finished run as it was at its second-newest training state (mid epoch 2)."""
+    import shutil
+
+    from bdvae.checkpoint import RUN_FILE, WEIGHTS_FILE, state_paths
+
+    shutil.copytree(run_dir, dest)
+    for name in (RUN_FILE, WEIGHTS_FILE):
+        (dest / name).unlink()
+    *_, kept, newest = state_paths(dest)
+    newest.unlink()
+    assert kept.name == "step-000000015.safetensors"  # 8 steps an epoch: 7 steps into epoch 2
+    return dest
+
+
+@pytest.mark.parametrize("resume_with", [1, 2])
+def test_a_checkpoint_resumes_with_another_number_of_processes(resume_with, single, two_processes, tmp_path):
+    started = two_processes if resume_with == 1 else single
+    run_dir = _interrupted_copy(started, tmp_path / "run")
+    result = run_cli("train", "--resume", str(run_dir), "--nproc", str(resume_with), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("run directory: ") == 1 and "resuming at epoch 2" in result.stdout
+    rows, ref_rows = _rows(run_dir), _rows(started)
+    assert rows[0] == ref_rows[0]  # epoch 1 comes from the checkpoint
+    assert json.loads((run_dir / "run.json").read_text())["processes"] == resume_with
+    # The rest of epoch 2 ran with another global batch: close, but not the same run.
+    assert rows[1]["test_loss"] == pytest.approx(ref_rows[1]["test_loss"], rel=0.05)
+    outputs = [name for name in _files(run_dir) if not name.startswith("checkpoints/")]
+    assert outputs == [name for name in _files(started) if not name.startswith("checkpoints/")]
+
+
+def test_nproc_errors_are_one_line_and_start_nothing(tmp_path):
+    result = run_cli("train", "--nproc", "0", "--out", str(tmp_path / "a"))
+    assert result.returncode == 2 and result.stderr == "bdvae: error: --nproc must be between 1 and 1024, got 0\n"
+    result = run_cli("train", "--nproc", "2", "--set", "data.name=npz", "--set", f"data.path={tmp_path}/missing.npz",
+                     "--out", str(tmp_path / "b"), "--quiet")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "missing.npz: not a readable" in result.stderr, result.stderr
+    assert not (tmp_path / "b").exists()
+    result = run_cli("train", "--device", "tpu", "--out", str(tmp_path / "c"))
+    assert result.returncode == 2 and "--device must be one of auto, cpu, cuda" in result.stderr

@@ -141,6 +141,21 @@ def test_two_processes_write_the_same_files_and_metrics_as_one_with_the_same_glo
         torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-2)
 
 
+def test_two_torchrun_agents_as_two_machines_meet_over_loopback(single, mnist_dir, tmp_path):
+    """The README's several-machines command, with both "machines" on 127.0.0.1: a real c10d
+    rendezvous of 2 agents, one process each."""
+    out, port = tmp_path / "run", _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test", "-m", "bdvae", "train",
+           "--data-dir", str(mnist_dir), "--out", str(out), *SMALL, "--set", "train.batch_size=32"]
+    agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [a.communicate(timeout=600) for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert sum(stdout.count("run directory: ") for stdout, _ in outputs) == 1
+    assert _files(out) == _files(single)
+    _assert_rows_close(_rows(out), _rows(single))
+
+
 def _interrupted_copy(run_dir: Path, dest: Path) -> Path:
     """A copy of a finished run as it was at its second-newest training state (mid epoch 2)."""
     import shutil

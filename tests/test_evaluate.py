@@ -9,8 +9,14 @@ import shutil
 import pytest
 import torch
 
-from bdvae.evaluate import EvalOptions, evaluate_run, likelihood_note
+from bdvae.api import Run, load_run
+from bdvae.config import Config, ModelConfig
+from bdvae.data import load_dataset
+from bdvae.evaluate import (EvalOptions, evaluate_run, iwae_decoder, iwae_nll, likelihood_note,
+                            subpixel_convolution)
 from bdvae.errors import BdvaeError
+from bdvae.model import build_model
+from bdvae.train import to_float
 from conftest import run_cli
 
 
@@ -75,6 +81,61 @@ def test_option_ranges():
         EvalOptions(k=0)
     with pytest.raises(BdvaeError, match="--seed must be in"):
         EvalOptions(seed=-1)
+    with pytest.raises(BdvaeError, match="--precision must be one of auto, fp32, bf16, got 'fp16'"):
+        EvalOptions(precision="fp16")
+
+
+def test_subpixel_convolution_is_the_transposed_convolution():
+    gen = torch.Generator().manual_seed(0)
+    deconv = torch.nn.ConvTranspose2d(5, 3, 4, 2, 1, dtype=torch.float64)
+    with torch.no_grad():  # float64 weights that float32 cannot hold, so any rounding would show
+        for p in deconv.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        h = torch.randn(2, 5, 6, 7, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(subpixel_convolution(deconv)(h), deconv(h), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="k=4, s=2, p=1"):
+        subpixel_convolution(torch.nn.ConvTranspose2d(5, 3, 3, 2, 1))
+
+
+@pytest.mark.parametrize("arch,shape", [("reference", (1, 32, 32)), ("conv", (3, 32, 32)), ("mlp", (1, 28, 28))],
+                         ids=["reference", "conv-rgb", "mlp"])
+def test_the_iwae_decoder_computes_the_models_decoder_and_leaves_the_model_alone(arch, shape):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch), Config().objective, shape).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    z = 3 * torch.randn(50, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(iwae_decoder(model)(z), model.decode(z), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert not any(m.inplace for m in model.modules() if isinstance(m, torch.nn.ReLU))
+
+
+def _untrained_run(tmp_path) -> Run:
+    torch.manual_seed(0)
+    config = Config()
+    model = build_model(config.model, config.objective, (1, 32, 32)).eval()
+    return Run(path=tmp_path, config=config, facts={"image_shape": [1, 32, 32]}, model=model)
+
+
+def test_the_iwae_estimate_does_not_depend_on_the_decode_batch(tmp_path):
+    """The draws come in the same order however they are chunked, so only rounding may differ."""
+    run = _untrained_run(tmp_path)
+    x = torch.bernoulli(torch.full((30, 1, 32, 32), 0.3), generator=torch.Generator().manual_seed(1))
+    a, b = (iwae_nll(run, x, EvalOptions(k=20, max_batch=m), torch.Generator().manual_seed(2), progress=False)
+            for m in (30, 1000))  # 1 sample of each image per decode, then 8
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
+
+
+def test_bf16_iwae_is_within_a_tenth_of_a_nat_of_fp32(trained_run):
+    """bf16 rounds the decoder's arithmetic only: with the same draws the estimate moves by
+    hundredths of a nat (benchmarks/performance.py measures it on 100 images at K = 1000)."""
+    run = load_run(trained_run)
+    x = to_float(load_dataset(run.config.data, log=lambda _: None).test_images[:40])
+    fp32, bf16 = (iwae_nll(run, x, EvalOptions(k=100, precision=p), torch.Generator().manual_seed(0), progress=False)
+                  for p in ("fp32", "bf16"))
+    assert abs((bf16 - fp32).mean().item()) < 0.1
+    assert (bf16 - fp32).abs().max().item() < 0.5
 
 
 @pytest.mark.parametrize("args,message", [

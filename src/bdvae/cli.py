@@ -142,7 +142,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     betas = _csv(args.beta, float, "--beta")
     if args.seeds <= 0 or (args.epochs is not None and args.epochs <= 0):
         raise BdvaeError(f"--seeds and --epochs must be positive, got {args.seeds} and {args.epochs}")
-    options = EvalOptions(k=args.k, samples=args.samples, test_size=args.test_size)
+    options = EvalOptions(k=args.k, samples=args.samples, test_size=args.test_size, precision=args.precision)
     compare(base, regularizers, betas, args.seeds, args.out, epochs=args.epochs, options=options,
             progress=None if not args.quiet else False, jobs=args.jobs)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'report.html'}")
@@ -152,7 +152,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from bdvae.evaluate import EvalOptions, evaluate_run, format_table
 
     options = EvalOptions(k=args.k, samples=args.samples, test_size=args.test_size, seed=args.seed,
-                          max_batch=args.max_batch, pictures=not args.no_pictures)
+                          max_batch=args.max_batch, pictures=not args.no_pictures, precision=args.precision)
     result = evaluate_run(args.run, options, progress=None if not args.quiet else False)
     print(format_table(result))
     print(f"wrote {args.run / 'metrics.json'} ({result['seconds']:.0f} s)")
@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation's random draws (default 0)")
     p.add_argument("--max-batch", type=int, default=1000, help="most latents decoded at once (default 1000)")
     p.add_argument("--no-pictures", action="store_true", help="skip the pictures in RUN/eval/")
+    p.add_argument("--precision", default="auto", help="IWAE decoder arithmetic: auto (bf16 where the CPU computes "
+                   "it natively, else fp32), fp32 or bf16 (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
@@ -251,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=100, help="IWAE importance samples per image (default 100)")
     p.add_argument("--samples", type=int, default=10000, help="samples for the sample-quality scores (default 10000)")
     p.add_argument("--test-size", type=int, help="evaluate on the first N test images only (default: all)")
+    p.add_argument("--precision", default="auto", help="IWAE decoder arithmetic: auto (bf16 where the CPU computes "
+                   "it natively, else fp32), fp32 or bf16 (default auto)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train and evaluate N configurations at once, in separate processes (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

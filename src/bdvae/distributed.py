@@ -44,9 +44,9 @@ class Context:
 
     @property
     def bf16_autocast(self) -> bool:
-        """Whether train.mixed_precision takes effect: on CUDA GPUs with bf16 (fp32 master weights,
-        loss sums in fp32); never on CPU."""
-        return self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        """Whether train.mixed_precision takes effect here: where the hardware computes bf16 natively,
+        CUDA GPUs with bf16 and CPUs with AVX512-BF16 (elsewhere bf16 is emulated, slower than fp32)."""
+        return native_bf16(self.device)
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         """The sum of `t` over the ranks, on t's device (NCCL reduces on the GPU, so a CPU tensor
@@ -56,6 +56,14 @@ class Context:
         buffer = t.to(self.device)
         torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
         return buffer.to(t.device)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16
+    (AMX too); elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

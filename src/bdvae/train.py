@@ -106,7 +106,7 @@ def backward_global_batch(loss: nn.Module, x: Tensor, eps: Tensor, beta: float, 
     `mixed_precision`: the forward under bf16 autocast (the loss terms are summed in fp32)."""
     part = shard(len(x), ctx.rank, ctx.world_size)
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=mixed_precision):
-        sums = loss(x[part].to(ctx.device), eps[part].to(ctx.device), beta)  # this rank's sums
+        sums = loss(x[part].to(ctx.device, memory_format=torch.channels_last), eps[part].to(ctx.device), beta)
     # DDP averages the ranks' gradients; scaling each rank's sum by world_size / G makes that
     # average the gradient of the sum over all G images divided by G, whatever the shard sizes.
     (sums[0] * (ctx.world_size / len(x))).backward()
@@ -288,6 +288,9 @@ def resume(run_dir: Path, progress: bool | None = None, log: Callable[[str], Non
 def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[dict, dict] | None, ctx: Context,
          progress: bool | None, log: Callable[[str], None]) -> Path:
     """The training loop from a fresh start (`state` None) or a saved training state."""
+    # Channels-last: oneDNN's convolutions then need no layout reorders (1.1x in fp32, 1.17x in
+    # bf16 on the reference model; README, Performance). Weights on disk stay in the usual layout.
+    model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     try:
         pos = Position() if state is None else restore_training_state(*state, model, optimizer)

@@ -1,0 +1,633 @@
+"""Issue 4's figures in one table: bdvae against pythae 0.1.2 and against the arithmetic.
+
+Measured in one run, the contenders taking turns window by window so that their ratios hold on a
+noisy machine:
+- training images/s (median over the timed windows, after a warm-up window) of the reference
+  model, batch 128, Adam, Bernoulli likelihood, 32x32 MNIST, each contender from the same initial
+  weights: bdvae's real path (`train_epoch` with its progress bar, running sums, non-finite check
+  and a training state every `checkpoint_every` steps, BD regularizer) with its default config
+  ("bdvae": bf16 autocast where train.mixed_precision takes effect on this machine) and in given
+  settings ("bdvae:fp32", "bdvae:bf16"); pythae 0.1.2's real path
+  (`BaseTrainer.train_step`: its DataLoader over a `BaseDataset`, `VAE.forward` with its BCE + KL
+  loss, Adam, `loss.item()` and its progress-bar callback); a minimal hand-written fp32 loop over
+  in-memory tensors (bdvae's loss, Adam, nothing else);
+- FLOPs per training image (torch.utils.flop_counter over one forward + backward of a batch) and the
+  utilisation: achieved FLOP/s over the fp32 and the bf16 matmul rates measured in the same run;
+- importance samples/s of bdvae's IWAE (fp32, and bf16 autocast) against pythae's `VAE.get_nll` on
+  the same trained weights with the same K, and how far the bf16 estimate is from the fp32 one;
+- the wall time and peak resident memory of `bdvae evaluate` on a trained run (a copy of it), and
+  the peak resident memory of each contender's training, each in a fresh process.
+
+pythae trains with KL where bdvae uses BD: both closed forms cost a few element-wise operations on
+(128, 16) tensors against ~52 MFLOP of convolutions per image, nothing measurable. pythae's decoder
+ends in a sigmoid and its loss is `F.binary_cross_entropy` on probabilities, bdvae's is the
+BCE-with-logits of the same logits: the same function, one element-wise pass apart. Both wrap the
+very modules `bdvae.model.build_model` makes, with the same initial (or trained) weights.
+
+The benchmark has its own environment, so that pythae never becomes a dependency of bdvae:
+
+    python3 -m venv benchmarks/.venv
+    benchmarks/.venv/bin/pip install -r benchmarks/requirements.txt -e .
+    benchmarks/.venv/bin/python benchmarks/performance.py          # ~15 min on 2 cores; benchmarks/performance.json
+    benchmarks/.venv/bin/python benchmarks/performance.py --smoke  # ~30 s: every part runs, numbers meaningless
+
+Test-loss parity of a reduced-precision (or other) training setting against fp32, both trained
+the same number of epochs from the same seed through bdvae's train_epoch (~3 min for bf16):
+
+    benchmarks/.venv/bin/python benchmarks/performance.py parity --setting bf16 [--epochs 5]
+
+Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import math
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from bdvae import checkpoint
+from bdvae.api import Run, load_run
+from bdvae.config import Config, DataConfig
+from bdvae.data import Dataset, load_dataset
+from bdvae.distributed import Context
+from bdvae.evaluate import EvalOptions, iwae_nll
+from bdvae.likelihoods import LIKELIHOODS
+from bdvae.model import VAE, build_model
+from bdvae.objective import loss_terms
+from bdvae.train import Position, binarized, evaluate_terms, save_training_state, to_float, train_epoch
+
+DEFAULT_RUN = Path("runs/compare-bd-kl/runs/bhattacharyya-beta1-seed0")  # the default config, 10 epochs
+# Training contenders: bdvae's train_epoch with its default config ("bdvae") or in a setting
+# ("bdvae:SETTING"), pythae, a minimal loop.
+DEFAULT_CONTENDERS = ("bdvae", "bdvae:fp32", "pythae", "minimal")
+PARITY_TOLERANCE = 0.01  # the issue's bar: test loss within 1% of the fp32 result
+
+
+# ----------------------------------------------------------------------------- training settings
+
+# bdvae's training settings: train.mixed_precision off or on (bf16 autocast, where the hardware has
+# bf16; see distributed.Context.bf16_autocast). Both train in channels-last layout, as bdvae does.
+SETTINGS = {"fp32": False, "bf16": True}
+
+
+def with_setting(config: Config, setting: str) -> Config:
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, mixed_precision=SETTINGS[setting]))
+
+
+def bdvae_default_precision(config: Config = Config()) -> str:
+    """What bdvae's default config trains in on this machine: "bf16" where train.mixed_precision
+    takes effect (distributed.Context decides), else "fp32"."""
+    on = config.train.mixed_precision and getattr(Context(), "bf16_autocast", False)
+    return "bf16" if on else "fp32"
+
+
+# ----------------------------------------------------------------------------- the contenders
+
+class BdvaeContender:
+    """bdvae's own training path: train_epoch over the window's images with a progress bar, the
+    per-step checks and running sums, and a training state every checkpoint_every steps."""
+
+    def __init__(self, base: VAE, config: Config, images: Tensor, run_dir: Path, setting: str | None = None):
+        """`setting` None: `config` as it is, bdvae's default path; else with that setting."""
+        self.model = copy.deepcopy(base).to(memory_format=torch.channels_last)  # as train._fit does
+        config = config if setting is None else with_setting(config, setting)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.train.lr)
+        self.config, self.images, self.run_dir = config, images, run_dir
+        self.pos = Position()  # global_step carries over windows, so states are saved at the real rate
+        self.model.train()
+
+    def window(self, batches: int) -> float:
+        """Train on the first `batches` batches of the images as one epoch; images per second."""
+        images = self.images[: batches * self.config.train.batch_size]
+        pos, every = self.pos, self.config.train.checkpoint_every
+        pos.order, pos.next_start = None, 0  # a new epoch over the window's images
+
+        def after_step() -> None:
+            if every and pos.global_step % every == 0:
+                save_training_state(self.run_dir, self.model, self.optimizer, pos)
+
+        t0 = time.perf_counter()
+        with tqdm(total=len(images), desc="bdvae", unit="img", leave=False, disable=False) as bar:
+            train_epoch(self.model, self.optimizer, images, self.config, bar, pos, after_step, Context())
+        return len(images) / (time.perf_counter() - t0)
+
+
+class MinimalContender:
+    """The arithmetic alone: bdvae's loss, backward and an Adam step on consecutive batches."""
+
+    def __init__(self, base: VAE, config: Config, images: Tensor):
+        self.model = copy.deepcopy(base)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.train.lr)
+        self.config, self.images = config, images
+        self.model.train()
+
+    def window(self, batches: int) -> float:
+        batch = self.config.train.batch_size
+        t0 = time.perf_counter()
+        for i in range(batches):
+            x = to_float(self.images[i * batch: (i + 1) * batch])
+            loss = loss_terms(self.model, x, self.config.objective).loss
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return batches * batch / (time.perf_counter() - t0)
+
+
+def import_pythae():
+    """pythae's modules, or a clear exit where the benchmark's environment is missing."""
+    try:
+        import pythae  # noqa: F401
+    except ImportError:
+        sys.exit("pythae is not installed here: run this in the benchmark's environment (see the docstring: "
+                 "python3 -m venv benchmarks/.venv && benchmarks/.venv/bin/pip install -r benchmarks/requirements.txt -e .)")
+    for name in ("pythae", "pythae.models.base.base_model", "pythae.trainers.base_trainer.base_trainer"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # its INFO lines would break up the table
+    from pythae.data.datasets import BaseDataset
+    from pythae.models import VAE as PythaeVAE, VAEConfig
+    from pythae.models.base.base_utils import ModelOutput
+    from pythae.models.nn import BaseDecoder, BaseEncoder
+    from pythae.trainers import BaseTrainer, BaseTrainerConfig
+    return BaseDataset, PythaeVAE, VAEConfig, ModelOutput, BaseDecoder, BaseEncoder, BaseTrainer, BaseTrainerConfig
+
+
+def pythae_vae(model: VAE):
+    """pythae's VAE around bdvae's own encoder and decoder modules (shared, not copied): the same
+    architecture and weights. Its loss wants probabilities, so the decoder ends in a sigmoid."""
+    _, PythaeVAE, VAEConfig, ModelOutput, BaseDecoder, BaseEncoder, _, _ = import_pythae()
+
+    class Encoder(BaseEncoder):
+        def __init__(self, net: nn.Module):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: Tensor):
+            mu, logvar = self.net(x).chunk(2, dim=1)  # as bdvae's VAE.encode
+            return ModelOutput(embedding=mu, log_covariance=logvar)
+
+    class Decoder(BaseDecoder):
+        def __init__(self, net: nn.Module):
+            super().__init__()
+            self.net = net
+
+        def forward(self, z: Tensor):
+            return ModelOutput(reconstruction=torch.sigmoid(self.net(z)))
+
+    latent_dim = model.encoder[-1].out_features // 2
+    shape = tuple(model.decoder(torch.zeros(1, latent_dim)).shape[1:])
+    config = VAEConfig(input_dim=shape, latent_dim=latent_dim, reconstruction_loss="bce")
+    return PythaeVAE(config, encoder=Encoder(model.encoder), decoder=Decoder(model.decoder))
+
+
+class PythaeContender:
+    """pythae's own training path: BaseTrainer.train_step, i.e. its DataLoader over a BaseDataset
+    (one item at a time, collated), VAE.forward (BCE + KL), zero_grad/backward/Adam step,
+    loss.item() and its progress-bar callback. The BaseDataset holds the whole training set as
+    floats, as pythae's users give it; each window's loader covers its first batches."""
+
+    def __init__(self, base: VAE, config: Config, data: Dataset, out_dir: Path):
+        BaseDataset, _, _, _, _, _, BaseTrainer, BaseTrainerConfig = import_pythae()
+        self.dataset = BaseDataset(to_float(data.train_images), data.train_labels)
+        self.model = pythae_vae(copy.deepcopy(base))
+        training = BaseTrainerConfig(output_dir=str(out_dir), per_device_train_batch_size=config.train.batch_size,
+                                     num_epochs=1, learning_rate=config.train.lr, optimizer_cls="Adam", no_cuda=True)
+        self.trainer = BaseTrainer(self.model, self.dataset, training_config=training)
+        self.trainer.prepare_training()  # seed, Adam, output folder, callbacks (as BaseTrainer.train does)
+        self.batch, self.epoch, self.loaders = config.train.batch_size, 0, {}
+
+    def window(self, batches: int) -> float:
+        if batches not in self.loaders:
+            subset = torch.utils.data.Subset(self.dataset, range(batches * self.batch))
+            self.loaders[batches] = self.trainer.get_train_dataloader(subset)  # pythae's own loader settings
+        self.trainer.train_loader = self.loaders[batches]
+        self.epoch += 1
+        t0 = time.perf_counter()
+        self.trainer.train_step(self.epoch)
+        self.trainer.callback_handler.on_epoch_end(training_config=self.trainer.training_config)  # closes its bar
+        return batches * self.batch / (time.perf_counter() - t0)
+
+
+def training_setup(seed: int = 0) -> tuple[Config, Dataset, VAE]:
+    """The default config (reference model, batch 128, Adam 1e-3, Bernoulli, BD), the full MNIST
+    and the freshly initialised model every contender copies."""
+    config = Config()
+    data = load_dataset(config.data, log=lambda _: None)
+    torch.manual_seed(seed)
+    return config, data, build_model(config.model, config.objective, data.shape)
+
+
+def check_contender(name: str) -> str:
+    """`name` if it is a contender: pythae, minimal, bdvae or bdvae:SETTING."""
+    kind, _, setting = name.partition(":")
+    if not (name in ("pythae", "minimal", "bdvae") or (kind == "bdvae" and setting in SETTINGS)):
+        raise argparse.ArgumentTypeError(f"unknown contender {name!r}; valid: pythae, minimal, bdvae, "
+                                         + ", ".join(f"bdvae:{s}" for s in SETTINGS))
+    return name
+
+
+def label(name: str) -> str:
+    setting = name.partition(":")[2] or f"default config: {bdvae_default_precision()}"
+    return {"pythae": "pythae BaseTrainer.train_step, fp32", "minimal": "minimal loop, fp32"}.get(
+        name, f"bdvae train_epoch, {setting}")
+
+
+def make_contender(name: str, config: Config, data: Dataset, base: VAE, tmp: Path):
+    folder = tmp / name.replace(":", "-")
+    folder.mkdir(parents=True, exist_ok=True)
+    if name == "pythae":
+        return PythaeContender(base, config, data, folder)
+    if name == "minimal":
+        return MinimalContender(base, config, data.train_images)
+    setting = name.partition(":")[2]
+    return BdvaeContender(base, config, data.train_images, folder, setting or None)
+
+
+def training_rates(names: list[str], windows: int, batches: int, warmup: int) -> dict[str, list[float]]:
+    """Images/s of each contender in `windows` timed windows of `batches` steps, taking turns (the
+    order rotates each window), after one warm-up window each."""
+    config, data, base = training_setup()
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        contenders = {name: make_contender(name, config, data, base, Path(tmp)) for name in names}
+        for contender in contenders.values():
+            contender.window(warmup)
+        for w in range(windows):
+            for name in names[w % len(names):] + names[: w % len(names)]:
+                rates[name].append(contenders[name].window(batches))
+    return rates
+
+
+def flops_per_image(batch: int = 128) -> float:
+    """FLOPs of one training step (forward + backward) of the reference model per image, counted
+    by torch.utils.flop_counter on a batch of real images (matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config, data, base = training_setup()
+    x = to_float(data.train_images[:batch])
+    with FlopCounterMode(display=False) as counter:
+        loss_terms(base, x, config.objective).loss.backward()
+    return counter.get_total_flops() / batch
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 7) -> list[float]:
+    """GFLOP/s of n x n matmuls in `dtype`, each timed alone after a warm-up."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return rates
+
+
+# ----------------------------------------------------------------------------- likelihood
+
+def test_images(run: Run, n: int) -> Tensor:
+    """The first n test images as `bdvae evaluate` scores them (binarized once for binarized models)."""
+    data = load_dataset(DataConfig(**{**run.config.data.__dict__, "test_size": max(n, 16)}), log=lambda _: None)
+    x = to_float(data.test_images)
+    if LIKELIHOODS[run.config.objective.likelihood].binarize:
+        x = binarized(x, torch.Generator().manual_seed(0))
+    return x[:n]
+
+
+def bdvae_iwae(run: Run, x: Tensor, k: int, precision: str, seed: int) -> tuple[Tensor, float]:
+    """-ln p(x) per image by bdvae's IWAE (as `bdvae evaluate` calls it), and samples per second."""
+    t0 = time.perf_counter()
+    nll = iwae_nll(run, x, EvalOptions(k=k, precision=precision), torch.Generator().manual_seed(seed), progress=False)
+    return nll, len(x) * k / (time.perf_counter() - t0)
+
+
+def pythae_nll(model, x: Tensor, k: int, batch: int, seed: int, no_grad: bool = False) -> tuple[float, float]:
+    """pythae's estimate -ln p(x), averaged over the images, and samples per second. get_nll sets
+    no gradient mode of its own, so a plain call records the autograd graph; `no_grad` calls it
+    under torch.no_grad() instead. (Despite its name get_nll returns the mean of ln p(x).)"""
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    with torch.no_grad() if no_grad else contextlib.nullcontext():
+        log_p = model.get_nll(x, n_samples=k, batch_size=batch)
+    return -float(log_p), len(x) * k / (time.perf_counter() - t0)
+
+
+def likelihood_figures(run_dir: Path, k: int, images: int, pythae_images: int, rounds: int,
+                       pythae_batch: int, accuracy_images: int) -> dict:
+    """IWAE throughput of bdvae (fp32, bf16) and pythae's get_nll on the same weights, alternating
+    round by round; and the bf16 estimate against the fp32 one with the same draws."""
+    run = load_run(run_dir)
+    x = test_images(run, max(images, pythae_images, accuracy_images))
+    model = pythae_vae(run.model)  # shares the trained modules
+    model.eval()
+    rates: dict[str, list[float]] = {"bdvae fp32": [], "bdvae bf16": [], "pythae get_nll": [],
+                                     "pythae get_nll, no_grad": []}
+    bdvae_iwae(run, x[:2], k, "fp32", 0)  # warm-ups
+    bdvae_iwae(run, x[:2], k, "bf16", 0)
+    pythae_nll(model, x[:1], k, pythae_batch, 0)
+    for r in range(rounds):
+        rates["bdvae fp32"].append(bdvae_iwae(run, x[:images], k, "fp32", r)[1])
+        rates["bdvae bf16"].append(bdvae_iwae(run, x[:images], k, "bf16", r)[1])
+        rates["pythae get_nll"].append(pythae_nll(model, x[:pythae_images], k, pythae_batch, r)[1])
+        rates["pythae get_nll, no_grad"].append(pythae_nll(model, x[:pythae_images], k, pythae_batch, r, no_grad=True)[1])
+    # The same estimate by both on pythae's images: they should differ as two seeds of one do.
+    pythae_value, _ = pythae_nll(model, x[:pythae_images], k, pythae_batch, 1000)
+    bdvae_value, bdvae_other_seed = (bdvae_iwae(run, x[:pythae_images], k, "fp32", seed)[0].mean().item()
+                                     for seed in (1000, 1001))
+    # bf16 against fp32 with the same seed, hence the same draws: only the arithmetic differs.
+    fp32 = bdvae_iwae(run, x[:accuracy_images], k, "fp32", 2000)[0].double()
+    bf16 = bdvae_iwae(run, x[:accuracy_images], k, "bf16", 2000)[0].double()
+    return {
+        "run": str(run_dir), "k": k, "images": images, "pythae_images": pythae_images, "pythae_batch_size": pythae_batch,
+        "importance_samples_per_second": rates,
+        "medians": {name: statistics.median(v) for name, v in rates.items()},
+        "nll_on_pythae_images": {"bdvae fp32": bdvae_value, "bdvae fp32, another seed": bdvae_other_seed,
+                                 "pythae get_nll": pythae_value},
+        "bf16_vs_fp32": {"images": accuracy_images, "nll_fp32": fp32.mean().item(), "nll_bf16": bf16.mean().item(),
+                         "mean_difference": (bf16 - fp32).mean().item(),
+                         "max_abs_difference": (bf16 - fp32).abs().max().item()},
+    }
+
+
+# ----------------------------------------------------------------------------- processes
+
+PEAK_MARKER = "peak resident memory (VmHWM), KiB:"
+
+
+def report_peak_at_exit() -> None:
+    """Make this process print its peak resident memory as the last line of stderr when it exits.
+    VmHWM of /proc/self/status, not ru_maxrss: Linux starts a child's ru_maxrss at its parent's
+    RSS at the fork, which would give every child at least the size of this benchmark's process."""
+    def report() -> None:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                print(f"{PEAK_MARKER} {line.split()[1]}", file=sys.stderr, flush=True)
+
+    atexit.register(report)
+
+
+def measured(args: list[str]) -> dict:
+    """Run this script with `args` (a child mode that reports its peak) to the end: wall seconds,
+    peak resident memory in GiB, and its output. Exits on failure."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr.strip()[-3000:]}")
+    peaks = [line for line in proc.stderr.splitlines() if line.startswith(PEAK_MARKER)]
+    peak = int(peaks[-1].rsplit(None, 1)[1]) / 2**20 if peaks else math.nan  # no /proc: not Linux
+    return {"wall_seconds": wall, "peak_rss_gib": peak, "stdout": proc.stdout}
+
+
+def training_peak_rss(name: str, batches: int) -> float:
+    """Peak resident memory (GiB) of a fresh process that loads the data and trains `batches`
+    steps by contender `name`, as a real training holds it (the whole training set in memory)."""
+    return measured(["train-child", name, "--batches", str(batches)])["peak_rss_gib"]
+
+
+def evaluate_command(run_dir: Path, k: int, test_size: int | None, extra: list[str]) -> dict:
+    """`bdvae evaluate` on a copy of the run (the run's own metrics.json is left alone)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_dir = Path(tmp) / run_dir.name
+        copy_dir.mkdir()
+        for name in (checkpoint.CONFIG_FILE, checkpoint.RUN_FILE, checkpoint.WEIGHTS_FILE):
+            shutil.copy2(run_dir / name, copy_dir / name)
+        cmd = ["bdvae", "evaluate", str(copy_dir), "-k", str(k), "--quiet", *extra]
+        if test_size is not None:
+            cmd += ["--test-size", str(test_size)]
+        result = measured(cmd)  # `python -m bdvae evaluate ...`, run in this script's "bdvae" mode
+        metrics = json.loads((copy_dir / "metrics.json").read_text())
+    return {"run": str(run_dir), "k": k, "test_images": metrics["test_images"], "extra_args": extra,
+            "wall_seconds": result["wall_seconds"], "peak_rss_gib": result["peak_rss_gib"],
+            "iwae_nll": metrics["iwae_nll"]["mean"],
+            "iwae_importance_samples_per_second": metrics["iwae_nll"]["importance_samples_per_second"]}
+
+
+# ----------------------------------------------------------------------------- report
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "bdvae_default_training_precision": bdvae_default_precision()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
+        flags = set(next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split())
+        info["bf16_units"] = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor() or platform.machine()
+    try:
+        from importlib.metadata import version
+        info["pythae"] = version("pythae")
+    except Exception:  # not installed: the pythae figures are missing too
+        info["pythae"] = None
+    return info
+
+
+def table(results: dict) -> str:
+    rows: list[tuple[str, str, str]] = []
+    train = results.get("training")
+    if train:
+        med, fpi = train["medians"], results["flops_per_image"]
+        fp32, bf16 = results["matmul_gflops"]["fp32_median"], results["matmul_gflops"]["bf16_median"]
+        for name, values in train["rates"].items():
+            util = med[name] * fpi / 1e9
+            rows.append((f"train img/s, {label(name)}", f"{med[name]:,.0f}",
+                         f"{util / fp32:.0%} of fp32, {util / bf16:.0%} of bf16 matmul; windows "
+                         + ", ".join(f"{v:,.0f}" for v in values)))
+        for name in med:
+            if name.startswith("bdvae") and "pythae" in med:
+                rows.append((f"  {name} / pythae", f"{med[name] / med['pythae']:.2f}x",
+                             "target >= 1.5x with the test loss within 1% of fp32 (see `parity`)"))
+        if "minimal" in med and "bdvae:fp32" in med:
+            rows.append(("  bdvae:fp32 / minimal loop", f"{med['bdvae:fp32'] / med['minimal']:.3f}",
+                         "bdvae's own overhead, both fp32"))
+        rows.append(("FLOP per training image (fwd + bwd)", f"{fpi / 1e6:.1f} M", "torch.utils.flop_counter, batch 128"))
+        rows.append(("matmul GFLOP/s, fp32 / bf16", f"{fp32:.0f} / {bf16:.0f}", "2048 x 2048, median of 7, this run"))
+    if "peak_rss_gib" in results:
+        rss = results["peak_rss_gib"]
+        rows.append(("peak RSS of training, GiB", " / ".join(f"{rss[n]:.2f}" for n in rss), " / ".join(rss)))
+    lik = results.get("likelihood")
+    if lik:
+        med = lik["medians"]
+        rows.append((f"IWAE samples/s, bdvae fp32, K={lik['k']}", f"{med['bdvae fp32']:,.0f}",
+                     ", ".join(f"{v:,.0f}" for v in lik["importance_samples_per_second"]["bdvae fp32"])))
+        rows.append(("IWAE samples/s, bdvae bf16", f"{med['bdvae bf16']:,.0f}",
+                     ", ".join(f"{v:,.0f}" for v in lik["importance_samples_per_second"]["bdvae bf16"])))
+        for name in ("pythae get_nll", "pythae get_nll, no_grad"):
+            rows.append((f"{name} samples/s (batch {lik['pythae_batch_size']})", f"{med[name]:,.0f}",
+                         f"{lik['pythae_images']} images; "
+                         + ", ".join(f"{v:,.0f}" for v in lik["importance_samples_per_second"][name])))
+        pythae_best = max(med["pythae get_nll"], med["pythae get_nll, no_grad"])
+        rows.append(("  bdvae fp32 / pythae's faster", f"{med['bdvae fp32'] / pythae_best:.1f}x", "target >= 3x"))
+        rows.append(("  bdvae bf16 / pythae's faster", f"{med['bdvae bf16'] / pythae_best:.1f}x", ""))
+        same = lik["nll_on_pythae_images"]
+        rows.append(("  -ln p(x) on pythae's images, bdvae / pythae", f"{same['bdvae fp32']:.2f} / {same['pythae get_nll']:.2f}",
+                     f"the same estimator; bdvae with another seed: {same['bdvae fp32, another seed']:.2f}"))
+        acc = lik["bf16_vs_fp32"]
+        rows.append(("  bf16 - fp32 IWAE -ln p(x), nats", f"{acc['mean_difference']:+.4f}",
+                     f"mean over {acc['images']} images, same draws; largest |difference| {acc['max_abs_difference']:.4f}"))
+    ev = results.get("evaluate")
+    if ev:
+        rows.append((f"bdvae evaluate, {ev['test_images']:,} images, K={ev['k']}", f"{ev['wall_seconds']:.0f} s",
+                     f"target < 600 s (all 10,000, K=1000); IWAE {ev['iwae_importance_samples_per_second']:,.0f} samples/s; "
+                     f"peak RSS {ev['peak_rss_gib']:.2f} GiB"))
+    width = max(len(r[0]) for r in rows)
+    value_width = max(len(r[1]) for r in rows)
+    m = results["machine"]
+    head = f"{m.get('cpu')}, {m['threads']} threads, torch {m['torch']}, pythae {m.get('pythae')}"
+    return head + "\n" + "\n".join(f"{a:<{width}}  {b:>{value_width}}  {c}" for a, b, c in rows)
+
+
+# ----------------------------------------------------------------------------- modes
+
+def benchmark(args: argparse.Namespace) -> None:
+    names = args.contenders
+    if "pythae" in names or not args.skip_likelihood:
+        import_pythae()
+    results: dict = {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    if not args.skip_training:
+        rates = training_rates(names, args.windows, args.batches, args.warmup)
+        results["training"] = {"batches_per_window": args.batches, "batch_size": 128,
+                               "rates": rates, "medians": {n: statistics.median(v) for n, v in rates.items()}}
+        results["flops_per_image"] = flops_per_image()
+        fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+        results["matmul_gflops"] = {"fp32": fp32, "bf16": bf16, "fp32_median": statistics.median(fp32),
+                                    "bf16_median": statistics.median(bf16)}
+        if args.rss_batches:
+            results["peak_rss_gib"] = {name: training_peak_rss(name, args.rss_batches) for name in names}
+    if not args.skip_likelihood:
+        results["likelihood"] = likelihood_figures(args.run, args.k, args.iwae_images, args.pythae_images,
+                                                   args.iwae_rounds, args.pythae_batch, args.accuracy_images)
+    if not args.skip_evaluate:
+        results["evaluate"] = evaluate_command(args.run, args.evaluate_k, args.evaluate_test_size, args.evaluate_arg or [])
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")  # Paths in args
+        print(f"wrote {args.json}")
+
+
+def train_child(args: argparse.Namespace) -> None:
+    """Internal: one contender trains `batches` steps in this fresh process (for its peak RSS)."""
+    report_peak_at_exit()
+    config, data, base = training_setup()
+    with tempfile.TemporaryDirectory() as tmp:
+        make_contender(args.name, config, data, base, Path(tmp)).window(args.batches)
+
+
+def bdvae_child(args: argparse.Namespace) -> None:
+    """Internal: bdvae's command line in this fresh process, its peak RSS reported at exit."""
+    from bdvae.cli import main as bdvae_main
+
+    report_peak_at_exit()
+    sys.exit(bdvae_main(args.bdvae_args))
+
+
+def parity(args: argparse.Namespace) -> None:
+    """Train fp32 and `--setting` for `--epochs` epochs each, from the same seed, through
+    train_epoch; the test loss (bdvae's evaluate_terms, fp32, fixed noise) after every epoch."""
+    config, data, base = training_setup(args.seed)
+    images = data.train_images[: args.train_size]
+    curves: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("fp32", args.setting):
+            contender = BdvaeContender(base, config, images, Path(tmp), name)
+            torch.manual_seed(args.seed)  # the same data order and noise for both
+            curves[name] = []
+            for epoch in range(1, args.epochs + 1):
+                t0 = time.perf_counter()
+                contender.pos.order, contender.pos.next_start = None, 0
+                with tqdm(total=len(images), desc=f"{name} epoch {epoch}", unit="img", leave=False) as bar:
+                    train_epoch(contender.model, contender.optimizer, images, contender.config, bar, contender.pos)
+                seconds = time.perf_counter() - t0
+                # The test loss in fp32 whatever the training setting: how good the weights are.
+                test = evaluate_terms(contender.model, data.test_images, config, seed=config.train.seed)
+                curves[name].append({"epoch": epoch, "test_loss": test["loss"], "seconds": seconds})
+                print(f"{name:>20} epoch {epoch}: test loss {test['loss']:.3f} ({seconds:.0f} s)", flush=True)
+    final = {name: rows[-1]["test_loss"] for name, rows in curves.items()}
+    relative = final[args.setting] / final["fp32"] - 1
+    verdict = "within" if abs(relative) <= PARITY_TOLERANCE else "NOT within"
+    print(f"after {args.epochs} epochs: test loss fp32 {final['fp32']:.3f}, {args.setting} {final[args.setting]:.3f} "
+          f"({relative:+.2%}, {verdict} {PARITY_TOLERANCE:.0%})")
+    result = {"machine": machine(), "setting": args.setting, "epochs": args.epochs, "seed": args.seed,
+              "train_images": len(images),
+              "curves": curves, "relative_difference": relative, "within_tolerance": abs(relative) <= PARITY_TOLERANCE}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+SMOKE = {"windows": 3, "batches": 5, "warmup": 2, "rss_batches": 3, "iwae_images": 4, "pythae_images": 1,
+         "iwae_rounds": 1, "accuracy_images": 16, "evaluate_k": 10, "evaluate_test_size": 100}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.set_defaults(func=benchmark)
+    parser.add_argument("--run", type=Path, default=DEFAULT_RUN, help=f"trained run for the likelihood figures (default {DEFAULT_RUN})")
+    parser.add_argument("--contenders", type=lambda text: [check_contender(n.strip()) for n in text.split(",") if n.strip()],
+                        default=list(DEFAULT_CONTENDERS),
+                        help=f"training contenders, comma-separated (default {','.join(DEFAULT_CONTENDERS)}; "
+                             f"bdvae:SETTING with SETTING one of {', '.join(SETTINGS)})")
+    parser.add_argument("--windows", type=int, default=5, help="timed training windows per contender (default 5)")
+    parser.add_argument("--batches", type=int, default=120, help="optimizer steps per training window (default 120)")
+    parser.add_argument("--warmup", type=int, default=20, help="steps of the untimed warm-up window (default 20)")
+    parser.add_argument("--rss-batches", type=int, default=100, help="steps of each peak-RSS process; 0 skips them (default 100)")
+    parser.add_argument("-k", type=int, default=1000, help="importance samples per image (default 1000)")
+    parser.add_argument("--iwae-images", type=int, default=40, help="test images per bdvae IWAE timing (default 40)")
+    parser.add_argument("--pythae-images", type=int, default=20, help="test images per pythae get_nll timing (default 20)")
+    parser.add_argument("--pythae-batch", type=int, default=100, help="get_nll's batch_size (default 100, its own default)")
+    parser.add_argument("--iwae-rounds", type=int, default=3, help="alternating IWAE timing rounds (default 3)")
+    parser.add_argument("--accuracy-images", type=int, default=100, help="test images for bf16 against fp32 (default 100)")
+    parser.add_argument("--evaluate-k", type=int, default=1000, help="-k of the timed `bdvae evaluate` (default 1000)")
+    parser.add_argument("--evaluate-test-size", type=int, default=None, help="--test-size of it (default: all 10,000)")
+    parser.add_argument("--evaluate-arg", action="append", metavar="ARG", help="one more argument for it (repeatable)")
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-likelihood", action="store_true")
+    parser.add_argument("--skip-evaluate", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: every part runs once; writes no JSON unless --json")
+    parser.add_argument("--json", type=Path, default=None, help="output (default benchmarks/performance.json)")
+    commands = parser.add_subparsers(dest="command")
+    p = commands.add_parser("parity", help="test loss of a training setting against fp32 after N epochs")
+    p.add_argument("--setting", choices=sorted(set(SETTINGS) - {"fp32"}), required=True)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-size", type=int, default=None, help="train on the first N images only (a quick check)")
+    p.add_argument("--json", type=Path, default=None, help="output (default benchmarks/parity-SETTING.json)")
+    p.set_defaults(func=parity)
+    p = commands.add_parser("bdvae", help=argparse.SUPPRESS)  # `python -m bdvae ARGS`, reporting its peak RSS
+    p.add_argument("bdvae_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=bdvae_child)
+    p = commands.add_parser("train-child", help=argparse.SUPPRESS)
+    p.add_argument("name", type=check_contender)
+    p.add_argument("--batches", type=int, required=True)
+    p.set_defaults(func=train_child)
+    args = parser.parse_args()
+    if args.func is benchmark:
+        if args.smoke:
+            for key, value in SMOKE.items():
+                setattr(args, key, value)
+        elif args.json is None:
+            args.json = Path("benchmarks/performance.json")
+    elif args.func is parity and args.json is None:
+        args.json = Path(f"benchmarks/parity-{args.setting}.json")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

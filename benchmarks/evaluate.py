@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import torch
 from bdvae.api import load_run
 from bdvae.config import DataConfig
 from bdvae.data import load_dataset
-from bdvae.evaluate import DEFAULT_K, EvalOptions, iwae_nll
+from bdvae.evaluate import DEFAULT_K, EvalOptions, iwae_nll, iwae_precision
 from bdvae.likelihoods import LIKELIHOODS
 from bdvae.train import binarized, to_float
 
@@ -51,25 +52,30 @@ def main() -> None:
     rows = []
     for k in (DEFAULT_K, 1000, 5000):
         nll, seconds = iwae_on(run, x, k)
-        rows.append({"k": k, "nll": nll.mean().item(), "std_error": (nll.std() / len(nll) ** 0.5).item(),
+        rows.append({"k": k, "precision": iwae_precision(EvalOptions(k=k)), "nll": nll.mean().item(), "std_error": (nll.std() / len(nll) ** 0.5).item(),
                      "seconds": seconds, "importance_samples_per_second": len(x) * k / seconds})
     results["iwae"] = rows
     by_k = {r["k"]: r for r in rows}
     results["default_k_minus_k5000_nats"] = by_k[DEFAULT_K]["nll"] - by_k[5000]["nll"]
 
+    # Peak RSS by GNU time: a child's own ru_maxrss would start from this process's size (Linux
+    # keeps the high-water mark of the forked copy across exec).
+    time_cmd = ["/usr/bin/time", "-f", "maxrss_kib=%M"] if Path("/usr/bin/time").is_file() else []
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "bdvae", "evaluate", str(args.run), "--quiet"],
+    proc = subprocess.run([*time_cmd, sys.executable, "-m", "bdvae", "evaluate", str(args.run), "--quiet"],
                           capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"bdvae evaluate failed: {proc.stderr.strip()}")
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KiB
+    found = re.search(r"maxrss_kib=(\d+)", proc.stderr)
+    peak_kib = int(found.group(1)) if found else resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     results["evaluate_command"] = {"k": DEFAULT_K, "wall_seconds": wall, "peak_rss_gib": peak_kib / 2**20}
 
     print(f"IWAE on the first {len(x)} test images of {args.run} ({results['machine']})")
-    print(f"{'K':>6} {'-ln p(x)':>10} {'± s.e.':>8} {'seconds':>9} {'samples/s':>11}")
+    print(f"{'K':>6} {'-ln p(x)':>10} {'± s.e.':>8} {'seconds':>9} {'samples/s':>11}  precision")
     for r in rows:
-        print(f"{r['k']:>6} {r['nll']:>10.3f} {r['std_error']:>8.3f} {r['seconds']:>9.1f} {r['importance_samples_per_second']:>11.0f}")
+        print(f"{r['k']:>6} {r['nll']:>10.3f} {r['std_error']:>8.3f} {r['seconds']:>9.1f} "
+              f"{r['importance_samples_per_second']:>11.0f}  {r['precision']}")
     print(f"K={DEFAULT_K} (the default) minus K=5000: {results['default_k_minus_k5000_nats']:+.3f} nats per image")
     print(f"bdvae evaluate {args.run} (all test images, K={DEFAULT_K}, 10,000 samples): "
           f"{wall:.0f} s wall, peak RSS {results['evaluate_command']['peak_rss_gib']:.2f} GiB")

@@ -194,8 +194,28 @@ def test_nproc_errors_are_one_line_and_start_nothing(tmp_path):
     assert result.returncode == 2 and result.stderr == "bdvae: error: --nproc must be between 1 and 1024, got 0\n"
     result = run_cli("train", "--nproc", "2", "--set", "data.name=npz", "--set", f"data.path={tmp_path}/missing.npz",
                      "--out", str(tmp_path / "b"), "--quiet")
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "missing.npz: not a readable" in result.stderr, result.stderr
+    assert result.returncode == 2  # every worker fails; the launcher reports their message once
+    assert result.stderr.startswith("bdvae: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "missing.npz: not a readable" in result.stderr
     assert not (tmp_path / "b").exists()
     result = run_cli("train", "--device", "tpu", "--out", str(tmp_path / "c"))
     assert result.returncode == 2 and "--device must be one of auto, cpu, cuda" in result.stderr
+    result = run_cli("train", "--resume", str(tmp_path / "nothing"), "--nproc", "2")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "nothing to resume" in result.stderr
+
+
+def test_a_worker_error_goes_to_torchruns_error_file_or_to_stderr_with_its_rank(tmp_path, monkeypatch, capsys):
+    from bdvae.distributed import LAUNCHED, report_error
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    report_error("data missing")  # under torchrun by hand: every rank says it, with its rank
+    assert capsys.readouterr().err == "bdvae: error: rank 1: data missing\n"
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setenv(LAUNCHED, "1")
+    report_error("data missing")  # under `bdvae train --nproc`: the launcher prints it, once
+    assert capsys.readouterr().err == ""
+    data = json.loads(error_file.read_text())
+    assert data["message"] == "data missing" and data["bdvae"] is True and data["timestamp"] > 0

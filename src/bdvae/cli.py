@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bdvae.errors import BdvaeError, ReportedError
+from bdvae.errors import BdvaeError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,14 +36,15 @@ def _config(args: argparse.Namespace):  # -> Config; imported lazily like everyt
 
 def cmd_train(args: argparse.Namespace) -> None:
     from bdvae.checkpoint import check_run_dir
-    from bdvae.distributed import is_main_process, launch, launched_by_torchrun, resolve_device
-    from bdvae.train import resume, train
+    from bdvae.distributed import check_gpus, is_main_process, launch, launched_by_torchrun, resolve_device
+    from bdvae.train import check_resumable, resume, train
 
     if args.nproc is not None and not 1 <= args.nproc <= 1024:
         raise BdvaeError(f"--nproc must be between 1 and 1024, got {args.nproc}")
     if args.nproc is not None and launched_by_torchrun():
         raise BdvaeError("--nproc: this process was started by torchrun already; use one or the other")
-    resolve_device(args.device)  # a bad --device fails here, before any process starts
+    resolve_device(args.device)  # a bad --device, or too few GPUs, fail here, before any process starts
+    check_gpus(args.device, args.nproc or 1)
     shared = ["--device", args.device] + (["--quiet"] if args.quiet else [])
     progress = None if not args.quiet else False
     if args.resume is not None:
@@ -51,6 +53,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         if given:
             raise BdvaeError(f"--resume continues a run with its own config; it takes no {', '.join(given)}")
         if (args.nproc or 1) > 1:  # rank 0 of the launched processes prints the run directory
+            check_resumable(args.resume)
             launch(args.nproc, ["train", "--resume", str(args.resume), *shared])
             return
         resume(args.resume, progress=progress, device=args.device)
@@ -234,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=10000, help="images decoded from N(0, I) for sample quality (default 10000)")
     p.add_argument("--test-size", type=int, help="only the first N test images (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation's random draws (default 0)")
-    p.add_argument("--max-batch", type=int, default=1000, help="most latents decoded at once (default 1000)")
+    p.add_argument("--max-batch", type=int, default=1000,
+                   help="most latents decoded at once (default 1000; the IWAE decodes at most 256 anyway)")
     p.add_argument("--no-pictures", action="store_true", help="skip the pictures in RUN/eval/")
     p.add_argument("--precision", default="auto", help="IWAE decoder arithmetic: auto (bf16 where the CPU computes "
                    "it natively, else fp32), fp32 or bf16 (default auto)")
@@ -285,25 +289,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report(message: str) -> None:
+    """The one-line error on stderr; in a process of a multi-process run, as distributed.py says."""
+    if "RANK" in os.environ:  # started by torchrun (the only case that imports torch for an error)
+        from bdvae.distributed import report_error
+
+        report_error(message)
+    else:
+        print(f"bdvae: error: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         func: Callable[[argparse.Namespace], None] = args.func
         func(args)
     except BdvaeError as e:
-        from bdvae.distributed import is_main_process
-
-        # Under torchrun every rank meets the same bad input: rank 0 says it, and the launcher
-        # (ReportedError) does not say it again.
-        if is_main_process() and not isinstance(e, ReportedError):
-            print(f"bdvae: error: {e}", file=sys.stderr)
+        _report(str(e))
         return 2
     except OSError as e:  # a full disk, a folder that became unwritable: say which file, no traceback
         where = f"{e.filename}: " if e.filename else ""
-        print(f"bdvae: error: {where}{e.strerror or e}", file=sys.stderr)
+        _report(f"{where}{e.strerror or e}")
         return 2
     except KeyboardInterrupt:
-        print("bdvae: interrupted", file=sys.stderr)
+        if "RANK" not in os.environ or os.environ["RANK"] == "0":  # one line, not one per process
+            print("bdvae: interrupted", file=sys.stderr)
         return 130
     return 0
 

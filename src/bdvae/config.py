@@ -126,7 +126,7 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; default: torch's choice
     checkpoint_every: int = 200  # optimizer steps between training states (0: only at epoch ends)
     skip_nonfinite: bool = False  # skip (and count) batches with a non-finite loss or gradient instead of stopping
-    mixed_precision: bool = True  # on CUDA GPUs with bf16: the forward under bf16 autocast (no effect on CPU)
+    mixed_precision: bool = True  # the forward under bf16 autocast where the CPU or GPU has native bf16
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "lr", "threads"):

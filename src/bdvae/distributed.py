@@ -14,16 +14,20 @@ every step, so every rank holds the epoch's metrics. Only rank 0 writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import inspect
+import json
 import logging
 import os
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from bdvae.errors import BdvaeError, ReportedError
+from bdvae.errors import BdvaeError
 
 DEVICES = ("auto", "cpu", "cuda")
 ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")  # set by torchrun in every process it starts
@@ -36,6 +40,7 @@ class Context:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # setup joined the process group, so teardown leaves it
 
     @property
     def is_main(self) -> bool:
@@ -61,8 +66,8 @@ class Context:
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16
     (AMX too); elsewhere bf16 is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # Ampere and later; torch's is_bf16_supported() also counts emulation
+        return torch.cuda.get_device_properties(device).major >= 8
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
@@ -74,7 +79,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         raise BdvaeError("--device cuda: torch sees no CUDA GPU here (use --device cpu or auto)")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cuda", local_rank)
+
+
+def check_gpus(device: str, processes: int) -> None:
+    """NCCL needs a GPU of its own for every process of a machine: refuse more processes than GPUs."""
+    if resolve_device(device).type == "cuda" and processes > torch.cuda.device_count():
+        raise BdvaeError(f"{processes} processes on CUDA need {processes} GPUs, torch sees "
+                         f"{torch.cuda.device_count()}; use fewer processes or --device cpu")
 
 
 def launched_by_torchrun() -> bool:
@@ -94,18 +106,22 @@ def setup(device: str = "auto") -> Context:
         rank, local_rank, world_size = (int(os.environ[v]) for v in ENV_VARS)
     except ValueError:
         raise BdvaeError(f"{', '.join(ENV_VARS)} must be integers (torchrun sets them)") from None
+    check_gpus(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     ctx = Context(rank=rank, world_size=world_size, device=resolve_device(device, local_rank))
     if world_size > 1 and not torch.distributed.is_initialized():
         if ctx.device.type == "cuda":
             torch.cuda.set_device(ctx.device)
         backend = "nccl" if ctx.device.type == "cuda" else "gloo"
-        # A long timeout: rank 0 alone writes pictures and checkpoints while the others wait.
-        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        # Rank 0 alone writes pictures and checkpoints (seconds) while the others wait; a peer that
+        # died is noticed after this long.
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+        ctx = dataclasses.replace(ctx, owns_group=True)
     return ctx
 
 
-def teardown() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+def teardown(ctx: Context) -> None:
+    """Leave the process group `setup` joined (one a caller made is left alone)."""
+    if ctx.owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
@@ -130,21 +146,49 @@ def wrap(module: nn.Module, ctx: Context) -> nn.Module:
     return ddp(module, device_ids=device_ids, **no_sync)
 
 
+LAUNCHED = "BDVAE_LAUNCHED"  # set by `launch` in the processes it starts: they leave the reporting to it
+
+
+def report_error(message: str) -> None:
+    """A worker's one-line error. Written into torchrun's error file for this process when there
+    is one (torchrun's own report then names it); printed, prefixed by the rank when torchrun
+    started several processes, unless `launch` started them: it prints the message once."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE") if launched_by_torchrun() else None
+    if error_file:
+        with open(error_file, "w", encoding="utf-8") as f:
+            json.dump({"message": message, "timestamp": int(time.time()), "bdvae": True}, f)
+        if os.environ.get(LAUNCHED):
+            return
+    several = launched_by_torchrun() and os.environ.get("WORLD_SIZE", "1") != "1"
+    prefix = f"rank {os.environ['RANK']}: " if several else ""
+    print(f"bdvae: error: {prefix}{message}", file=sys.stderr)
+
+
 def launch(nproc: int, args: list[str]) -> None:
     """Run `bdvae ARGS` in `nproc` processes on this machine, through torchrun's own launcher
     (`torchrun --standalone --nproc-per-node NPROC -m bdvae ARGS`). Each process gets an equal share
-    of the CPU cores as its threads unless OMP_NUM_THREADS says otherwise. A failed process becomes
-    one line (its own message is printed above it), not torchrun's report."""
+    of the CPU cores as its threads unless OMP_NUM_THREADS says otherwise. A failed run becomes one
+    line: the workers' own error (they write it to torchrun's error files), else the rank and exit
+    status; Ctrl-C is a KeyboardInterrupt, as in one process."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ[LAUNCHED] = "1"
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # failures are reported below
     try:
         run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "bdvae", *args]))
+    except SignalException:
+        raise KeyboardInterrupt from None
     except ChildFailedError as e:
+        ours = sorted((rank, f.message) for rank, f in e.failures.items() if f.error_file_data.get("bdvae"))
+        if ours:
+            rank, message = ours[0]
+            several = len({m for _, m in ours}) > 1
+            raise BdvaeError(f"rank {rank}: {message}" if several else message) from None
         rank, failure = e.get_first_failure()
-        if failure.exitcode == 2:  # a worker's one-line error (bad input): printed by rank 0 already
-            raise ReportedError() from None
         raise BdvaeError(f"training with {nproc} processes stopped: rank {rank} exited with status "
                          f"{failure.exitcode}") from None
+    finally:
+        del os.environ[LAUNCHED]

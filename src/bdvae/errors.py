@@ -10,6 +10,3 @@ def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
-
-class ReportedError(BdvaeError):
-    """An error that a child process (a torchrun worker) has printed already: exit 2, say nothing more."""

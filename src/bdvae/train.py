@@ -259,19 +259,26 @@ def train(config: Config, run_dir: Path, overwrite: bool = False, progress: bool
             checkpoint.write_text(run_dir / checkpoint.CONFIG_FILE, config_lib.dumps(config))  # what --resume reads
         return _fit(config, run_dir, data, model, None, ctx, progress, log)
     finally:
-        distributed.teardown()
+        distributed.teardown(ctx)
+
+
+def check_resumable(run_dir: Path) -> None:
+    """An error unless `run_dir` holds a started, unfinished run."""
+    if not (run_dir / checkpoint.CONFIG_FILE).is_file():
+        raise BdvaeError(f"{run_dir}: nothing to resume (no {checkpoint.CONFIG_FILE})")
+    if (run_dir / checkpoint.RUN_FILE).is_file():
+        raise BdvaeError(f"{run_dir}: the run is finished already; nothing to resume")
 
 
 def resume(run_dir: Path, progress: bool | None = None, log: Callable[[str], None] = print,
            device: str = "auto") -> Path:
     """Continue an interrupted run from its newest good training state (or from the start if it
-    was stopped before the first one), exactly as if it had never stopped. The state does not
-    depend on the number of processes: a run started with 2 may resume with 1, or the other way."""
+    was stopped before the first one), exactly as if it had never stopped when the number of
+    processes is the same. The state does not depend on that number: a run started with 2 may
+    resume with 1, or the other way, at the same image of the same epoch; train.batch_size being
+    per process, the global batch then changes, so the rest is another run from that point."""
     run_dir = Path(run_dir)
-    if not (run_dir / checkpoint.CONFIG_FILE).is_file():
-        raise BdvaeError(f"{run_dir}: nothing to resume (no {checkpoint.CONFIG_FILE})")
-    if (run_dir / checkpoint.RUN_FILE).is_file():
-        raise BdvaeError(f"{run_dir}: the run is finished already; nothing to resume")
+    check_resumable(run_dir)
     ctx = distributed.setup(device)
     try:
         log = log if ctx.is_main else _quiet
@@ -282,7 +289,7 @@ def resume(run_dir: Path, progress: bool | None = None, log: Callable[[str], Non
             log(f"{run_dir}: no training state saved yet; starting from the beginning")
         return _fit(config, run_dir, data, model, state, ctx, progress, log)
     finally:
-        distributed.teardown()
+        distributed.teardown(ctx)
 
 
 def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[dict, dict] | None, ctx: Context,
@@ -307,7 +314,8 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[
         log(f"resuming at epoch {pos.epoch}, image {pos.next_start} of {n}, after {pos.global_step} steps")
     processes = f"; {ctx.world_size} processes, global batch {config.train.batch_size * ctx.world_size}" \
         if ctx.world_size > 1 else ""
-    precision = ", bf16 autocast" if config.train.mixed_precision and ctx.bf16_autocast else ""
+    mixed_precision = config.train.mixed_precision and ctx.bf16_autocast
+    precision = ", bf16 autocast" if mixed_precision else ""
     log(f"training on {n} images {tuple(data.shape)} from {data.source}; "
         f"{sum(p.numel() for p in model.parameters())} parameters; {ctx.device}{precision}{processes}; run directory {run_dir}")
     loss = distributed.wrap(Objective(model, config.objective), ctx)
@@ -351,6 +359,7 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[
         checkpoint.save_run(run_dir, model, config, {
             "image_shape": list(data.shape), "data_source": data.source, "epochs": config.train.epochs,
             "train_images": n, "test_images": len(data.test_images), "processes": ctx.world_size,
+            "device": ctx.device.type, "precision": "bf16 autocast" if mixed_precision else "fp32",
             "seconds": round(sum(r["seconds"] for r in pos.rows), 1)})
         write_pictures(model, data, run_dir, seed=config.train.seed)
     return run_dir

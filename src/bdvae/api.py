@@ -24,9 +24,11 @@ from bdvae.train import to_float
 from bdvae.train import train as _train
 
 
-def train(config: Config, run_dir: str | Path, overwrite: bool = False, progress: bool | None = None) -> Path:
-    """Train a VAE as configured into `run_dir` and return its path."""
-    return _train(config, Path(run_dir), overwrite=overwrite, progress=progress)
+def train(config: Config, run_dir: str | Path, overwrite: bool = False, progress: bool | None = None,
+          device: str = "auto") -> Path:
+    """Train a VAE as configured into `run_dir` and return its path; `device` is "auto" (a CUDA GPU
+    when there is one), "cpu" or "cuda". Under torchrun, every process calls it (README, Scale out)."""
+    return _train(config, Path(run_dir), overwrite=overwrite, progress=progress, device=device)
 
 
 def _as_float(x: Tensor) -> Tensor:

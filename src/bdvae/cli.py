@@ -312,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report(f"{where}{e.strerror or e}")
         return 2
     except KeyboardInterrupt:
-        if "RANK" not in os.environ or os.environ["RANK"] == "0":  # one line, not one per process
+        # One line, not one per process: rank 0 of a torchrun job says it, or `launch` for its workers.
+        if os.environ.get("RANK", "0") == "0" and "BDVAE_LAUNCHED" not in os.environ:
             print("bdvae: interrupted", file=sys.stderr)
         return 130
     return 0

@@ -147,6 +147,7 @@ def wrap(module: nn.Module, ctx: Context) -> nn.Module:
 
 
 LAUNCHED = "BDVAE_LAUNCHED"  # set by `launch` in the processes it starts: they leave the reporting to it
+# (cli.py reads the same name without importing this module)
 
 
 def report_error(message: str) -> None:
@@ -176,7 +177,9 @@ def launch(nproc: int, args: list[str]) -> None:
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     os.environ[LAUNCHED] = "1"
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # failures are reported below
+    for name in list(logging.root.manager.loggerDict):  # torchrun's loggers each have their own level
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)  # failures and Ctrl-C are reported below
     try:
         run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "bdvae", *args]))
     except SignalException:

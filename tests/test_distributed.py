@@ -41,21 +41,23 @@ def _batch(g: int):
 
 
 def _gradients(ctx, g: int, beta: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The reference model's parameter gradients and loss sums after one backward_global_batch.
+    """The reference model's parameter gradients and loss sums after backward_shard on this rank's
+    shard of a global batch of g images.
     In float64, so that what is compared is the sharding, scaling and averaging, not the order
     of float32 sums."""
     from bdvae import distributed
     from bdvae.config import Config
     from bdvae.model import build_model
     from bdvae.objective import Objective
-    from bdvae.train import backward_global_batch
+    from bdvae.train import backward_shard
 
     config = Config()
     torch.manual_seed(0)
     model = build_model(config.model, config.objective, (1, 32, 32)).double()
     loss = distributed.wrap(Objective(model, config.objective), ctx)
     x, eps = _batch(g)
-    sums = backward_global_batch(loss, x, eps, beta, ctx)
+    part = distributed.shard(g, ctx.rank, ctx.world_size)
+    sums = backward_shard(loss, x[part], eps[part], g, beta, ctx)
     return {name: p.grad.clone() for name, p in model.named_parameters()}, sums
 
 

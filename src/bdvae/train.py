@@ -97,19 +97,19 @@ class NonFiniteError(BdvaeError):
     """A non-finite loss or gradient, with train.skip_nonfinite off."""
 
 
-def backward_global_batch(loss: nn.Module, x: Tensor, eps: Tensor, beta: float, ctx: Context = Context(),
-                          mixed_precision: bool = False) -> Tensor:
-    """One step's loss and gradient on the global batch x (G, C, H, W) with noise eps (G, D), of
-    which this rank takes its shard. `loss` is an Objective, under DistributedDataParallel when
-    there are several ranks. Leaves in each parameter's .grad the gradient of the mean loss over
-    the G images; returns the loss sums over the G images (3,), the same on every rank.
-    `mixed_precision`: the forward under bf16 autocast (the loss terms are summed in fp32)."""
-    part = shard(len(x), ctx.rank, ctx.world_size)
+def backward_shard(loss: nn.Module, x: Tensor, eps: Tensor, total: int, beta: float, ctx: Context = Context(),
+                   mixed_precision: bool = False) -> Tensor:
+    """One step's loss and gradient, this rank's part: x (B_r, C, H, W) and its noise eps (B_r, D)
+    are this rank's shard of a global batch of `total` images. `loss` is an Objective, under
+    DistributedDataParallel when there are several ranks. Leaves in each parameter's .grad the
+    gradient of the mean loss over the `total` images; returns the loss sums over them (3,), the
+    same on every rank. `mixed_precision`: the forward under bf16 autocast (the loss terms are
+    summed in fp32)."""
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=mixed_precision):
-        sums = loss(x[part].to(ctx.device, memory_format=torch.channels_last), eps[part].to(ctx.device), beta)
-    # DDP averages the ranks' gradients; scaling each rank's sum by world_size / G makes that
-    # average the gradient of the sum over all G images divided by G, whatever the shard sizes.
-    (sums[0] * (ctx.world_size / len(x))).backward()
+        sums = loss(x.to(ctx.device, memory_format=torch.channels_last), eps.to(ctx.device), beta)
+    # DDP averages the ranks' gradients; scaling each rank's sum by world_size / total makes that
+    # average the gradient of the sum over all images divided by their number, whatever the shard sizes.
+    (sums[0] * (ctx.world_size / total)).backward()
     return ctx.all_reduce_sum(sums.detach().clone())
 
 
@@ -130,15 +130,19 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, co
     bar.update(pos.next_start)
     while pos.next_start < len(images):
         start = pos.next_start
+        batch = pos.order[start: start + batch_size]  # the global batch's images, (G,)
+        part = shard(len(batch), ctx.rank, ctx.world_size)
         # Every rank draws the whole global batch's noise, so the ranks' RNGs stay in lockstep and
-        # the noise does not depend on how the batch is split.
-        x = to_float(images[pos.order[start: start + batch_size]])  # (G, C, H, W)
+        # the noise does not depend on how the batch is split; only this rank's images are loaded,
+        # except for binarization, whose draws need every image of the batch.
         if binarize:
-            x = binarized(x)
-        eps = torch.randn(len(x), config.model.latent_dim)  # (G, D)
+            x = binarized(to_float(images[batch]))[part]
+        else:
+            x = to_float(images[batch[part]])  # (B_r, C, H, W)
+        eps = torch.randn(len(batch), config.model.latent_dim)[part]  # (B_r, D)
         optimizer.zero_grad(set_to_none=True)
         beta = beta_at(objective, pos.global_step + 1)
-        stacked = backward_global_batch(loss, x, eps, beta, ctx, mixed_precision).cpu()
+        stacked = backward_shard(loss, x, eps, len(batch), beta, ctx, mixed_precision).cpu()
         # The total gradient norm is NaN or inf if any gradient is; checking it with the loss costs
         # one host synchronisation per step, which on a CPU (where ops run eagerly) is nearly free.
         # After DDP's all-reduce every rank holds the same gradients and sums: all decide alike.
@@ -146,17 +150,17 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, co
         pos.global_step += 1
         pos.next_start = min(start + batch_size, len(images))
         if not bool(torch.isfinite(stacked).all() & torch.isfinite(grad_norm)):
-            loss_sum, recon, reg = (stacked / len(x)).tolist()
+            loss_sum, recon, reg = (stacked / len(batch)).tolist()
             values = f"loss={loss_sum}, recon_nll={recon}, reg={reg}, gradient norm={grad_norm.item()}"
             if not config.train.skip_nonfinite:
                 raise NonFiniteError(f"step {pos.global_step}: non-finite loss or gradient ({values})")
             optimizer.zero_grad(set_to_none=True)  # the batch is skipped: no update, not in the sums
             pos.skipped += 1
-            pos.skipped_images += len(x)
+            pos.skipped_images += len(batch)
         else:
             optimizer.step()
             pos.totals += stacked  # sums over images, kept as a tensor
-        bar.update(len(x))
+        bar.update(len(batch))
         if pos.global_step % POSTFIX_EVERY == 0:
             loss_sum, recon, reg = (pos.totals / max(1, pos.next_start - pos.skipped_images)).tolist()
             bar.set_postfix(loss=f"{loss_sum:.2f}", recon=f"{recon:.2f}", reg=f"{reg:.2f}", refresh=False)

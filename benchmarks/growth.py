@@ -55,7 +55,7 @@ def main() -> None:
             seconds = epoch_seconds(config, Path(tmp) / name.replace(" ", "_"))
             rows.append({"what": f"{MODEL_IMAGES} images, {name}", "images": MODEL_IMAGES, "parameters": params,
                          "seconds": seconds})
-    precision = "bf16 autocast" if Context().bf16_autocast and Config().train.mixed_precision else "fp32"
+    precision = "bf16 autocast" if Context().bf16_autocast(Config().train.mixed_precision) else "fp32"
     print(f"{'one epoch of':<48} {'seconds':>8} {'img/s':>7} {'60k-image epoch':>16}")
     for row in rows:
         rate = row["images"] / row["seconds"]

@@ -83,7 +83,7 @@ PARITY_TOLERANCE = 0.01  # the issue's bar: test loss within 1% of the fp32 resu
 # ----------------------------------------------------------------------------- training settings
 
 # bdvae's training settings: train.mixed_precision off or on (bf16 autocast, where the hardware has
-# bf16; see distributed.Context.bf16_autocast). Both train in channels-last layout, as bdvae does.
+# bf16; see distributed.Context.bf16_autocast()). Both train in channels-last layout, as bdvae does.
 SETTINGS = {"fp32": False, "bf16": True}
 
 
@@ -94,8 +94,7 @@ def with_setting(config: Config, setting: str) -> Config:
 def bdvae_default_precision(config: Config = Config()) -> str:
     """What bdvae's default config trains in on this machine: "bf16" where train.mixed_precision
     takes effect (distributed.Context decides), else "fp32"."""
-    on = config.train.mixed_precision and getattr(Context(), "bf16_autocast", False)
-    return "bf16" if on else "fp32"
+    return "bf16" if Context().bf16_autocast(config.train.mixed_precision) else "fp32"
 
 
 # ----------------------------------------------------------------------------- the contenders

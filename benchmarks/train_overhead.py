@@ -35,7 +35,7 @@ def minimal_window(model, optimizer, images, config, steps, start) -> float:
     """`steps` plain Adam steps on consecutive batches, in the same arithmetic as bdvae's step
     (channels-last, bf16 autocast where train.mixed_precision takes effect); images per second."""
     batch = config.train.batch_size
-    bf16 = config.train.mixed_precision and Context().bf16_autocast
+    bf16 = Context().bf16_autocast(config.train.mixed_precision)
     t0 = time.perf_counter()
     for i in range(steps):
         idx = slice(((start + i) * batch) % (len(images) - batch), None)
@@ -90,7 +90,7 @@ def main() -> None:
     print(f"{'loop':<20} {'median img/s':>12}   windows")
     for name, values in rates.items():
         print(f"{name:<20} {medians[name]:>12.0f}   " + ", ".join(f"{v:.0f}" for v in values))
-    precision = "bf16 autocast" if config.train.mixed_precision and Context().bf16_autocast else "fp32"
+    precision = "bf16 autocast" if Context().bf16_autocast(config.train.mixed_precision) else "fp32"
     print(f"bdvae's features cost {overhead:+.1%} (checkpoint every {config.train.checkpoint_every} steps, "
           f"batch {config.train.batch_size}, {torch.get_num_threads()} threads, {precision})")
     args.json.write_text(json.dumps({"rates": rates, "medians": medians, "overhead": overhead,

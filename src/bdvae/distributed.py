@@ -47,11 +47,11 @@ class Context:
         """Rank 0: the one process that logs and writes files."""
         return self.rank == 0
 
-    @property
-    def bf16_autocast(self) -> bool:
-        """Whether train.mixed_precision takes effect here: where the hardware computes bf16 natively,
-        CUDA GPUs with bf16 and CPUs with AVX512-BF16 (elsewhere bf16 is emulated, slower than fp32)."""
-        return native_bf16(self.device)
+    def bf16_autocast(self, mixed_precision: bool) -> bool:
+        """Whether training runs under bf16 autocast: train.mixed_precision asks for it, and it takes
+        effect where the hardware computes bf16 natively, CUDA GPUs of compute capability 8+ and
+        CPUs with AVX512-BF16 (elsewhere bf16 is emulated, slower than fp32)."""
+        return mixed_precision and native_bf16(self.device)
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         """The sum of `t` over the ranks, on t's device (NCCL reduces on the GPU, so a CPU tensor

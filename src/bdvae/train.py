@@ -110,7 +110,7 @@ def backward_shard(loss: nn.Module, x: Tensor, eps: Tensor, total: int, beta: fl
     # DDP averages the ranks' gradients; scaling each rank's sum by world_size / total makes that
     # average the gradient of the sum over all images divided by their number, whatever the shard sizes.
     (sums[0] * (ctx.world_size / total)).backward()
-    return ctx.all_reduce_sum(sums.detach().clone())
+    return ctx.all_reduce_sum(sums.detach())  # in place: `sums` is not used after its backward
 
 
 def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, config: Config, bar: tqdm,
@@ -123,7 +123,7 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, co
     objective, batch_size = config.objective, config.train.batch_size * ctx.world_size
     binarize = LIKELIHOODS[objective.likelihood].binarize
     loss = Objective(model, objective) if loss is None else loss
-    mixed_precision = config.train.mixed_precision and ctx.bf16_autocast
+    mixed_precision = ctx.bf16_autocast(config.train.mixed_precision)
     if pos.order is None:  # a new epoch: drawn from the global RNG, which a checkpoint restores
         pos.order, pos.totals, pos.next_start = torch.randperm(len(images)), torch.zeros(3), 0
         pos.skipped = pos.skipped_images = 0
@@ -318,7 +318,7 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[
         log(f"resuming at epoch {pos.epoch}, image {pos.next_start} of {n}, after {pos.global_step} steps")
     processes = f"; {ctx.world_size} processes, global batch {config.train.batch_size * ctx.world_size}" \
         if ctx.world_size > 1 else ""
-    mixed_precision = config.train.mixed_precision and ctx.bf16_autocast
+    mixed_precision = ctx.bf16_autocast(config.train.mixed_precision)
     precision = ", bf16 autocast" if mixed_precision else ""
     log(f"training on {n} images {tuple(data.shape)} from {data.source}; "
         f"{sum(p.numel() for p in model.parameters())} parameters; {ctx.device}{precision}{processes}; run directory {run_dir}")

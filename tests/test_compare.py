@@ -48,9 +48,13 @@ def test_jobs_train_configurations_in_parallel_processes_with_the_same_results(c
     assert result.returncode == 0, result.stderr
     assert "4 runs, 2 at a time" in result.stdout
     lines = result.stdout.splitlines()
-    first_done = next(i for i, line in enumerate(lines) if line.endswith(" done"))
-    started = [line for line in lines[:first_done] if line.endswith(": training")]
-    assert len(started) == 2, result.stdout  # two runs under way before the first one finished
+    # Each worker prints its run's lines in order ("NAME: training" ... "NAME: evaluating"); the
+    # parent's "done" lines lag behind them, so overlap is read from the workers' own lines.
+    trained = {name: (lines.index(f"[{name}] {name}: training"), lines.index(f"[{name}] {name}: evaluating"))
+               for name in ("bhattacharyya-beta1-seed0", "bhattacharyya-beta1-seed1", "kl-beta1-seed0", "kl-beta1-seed1")}
+    overlapping = [(a, b) for a, (start_a, end_a) in trained.items() for b, (start_b, _) in trained.items()
+                   if a != b and start_a < start_b < end_a]
+    assert overlapping, result.stdout  # a run started training while another was still training
     for name in ("bhattacharyya-beta1-seed0", "kl-beta1-seed1"):
         ours = json.loads((out / "runs" / name / "metrics.json").read_text())
         theirs = json.loads((compared / "runs" / name / "metrics.json").read_text())

@@ -20,9 +20,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600)
 
 @pytest.fixture(scope="session")
 def mnist_dir(tmp_path_factory) -> Path:
-    """A data cache holding the verified MNIST, filled by `bdvae data fetch mnist`."""
+    """A data cache holding the verified MNIST, filled by `bdvae data fetch mnist` (from the
+    folder of IDX files that BDVAE_TEST_MNIST_SOURCE names, on a machine that cannot download)."""
     data_dir = tmp_path_factory.mktemp("data")
-    result = run_cli("data", "fetch", "mnist", "--data-dir", str(data_dir))
+    source = os.environ.get("BDVAE_TEST_MNIST_SOURCE")
+    result = run_cli("data", "fetch", "mnist", "--data-dir", str(data_dir), *(["--source-dir", source] if source else []))
     assert result.returncode == 0, result.stderr
     assert "mnist: fetched from " in result.stdout  # it names its source
     return data_dir

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from bdvae.compare import Entry
+from bdvae.compare import Entry, gpu_slots
 from bdvae.report import markdown_table, summary_rows
 from conftest import run_cli
 
@@ -90,11 +91,19 @@ def test_a_run_with_another_config_is_refused_and_left_alone(compared, mnist_dir
     (["--regularizers", "bhattacharyya,nope"], "objective.regularizer must be one of"),
     (["--seeds", "0"], "--seeds and --epochs must be positive"),
     (["--beta", "0.1234561,0.1234564"], "would share a run directory"),
+    (["--device", "gpu"], "--device must be one of auto, cpu, cuda, got 'gpu'"),
+    *([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: torch sees no CUDA GPU here")]),
 ])
 def test_bad_arguments_are_one_line_before_any_training(args, message, tmp_path):
     result = run_cli("compare", "--out", str(tmp_path / "c"), *args)
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
     assert not (tmp_path / "c").exists()
+
+
+def test_compare_jobs_take_the_gpus_in_turn():
+    assert gpu_slots(5, 2) == [0, 1, 0, 1, 0]  # more jobs than GPUs: they share, evenly
+    assert gpu_slots(3, 8) == [0, 1, 2]  # fewer: each on a GPU of its own
+    assert gpu_slots(1, 1) == [0]
 
 
 def test_summary_is_mean_and_sample_std_over_seeds():

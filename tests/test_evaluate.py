@@ -37,7 +37,19 @@ def test_evaluate_writes_metrics_and_pictures(evaluated):
     for picture in ("latent_histograms", "latent_means", "interpolation", "traversal"):
         assert f"eval/{picture}.png" in m["pictures"] and (run_dir / "eval" / f"{picture}.png").stat().st_size > 1000
     assert "-ln p(x), IWAE K=8" in stdout and "not a density of the data" in stdout
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # --device auto
+    assert m["iwae_nll"]["device"] == device and f"on {device} (nats)" in stdout
     assert not list(run_dir.glob(".*.tmp"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_evaluate_on_a_missing_gpu_is_one_line_and_keeps_the_metrics(evaluated):
+    run_dir, _ = evaluated
+    before = (run_dir / "metrics.json").read_bytes()
+    result = run_cli("evaluate", str(run_dir), "-k", "2", "--device", "cuda", "--quiet")
+    assert result.returncode == 2 and result.stderr == (
+        "bdvae: error: --device cuda: torch sees no CUDA GPU here (use --device cpu or auto)\n")
+    assert (run_dir / "metrics.json").read_bytes() == before
 
 
 def test_evaluate_numbers_hang_together(evaluated):
@@ -143,6 +155,7 @@ def test_bf16_iwae_is_within_a_tenth_of_a_nat_of_fp32(trained_run):
     (["evaluate", "/nonexistent/run", "-k", "0"], "-k must be positive"),
     (["evaluate", "/nonexistent/run", "--samples", "-5"], "--samples must be at least 16"),
     (["evaluate", "/nonexistent/run", "--test-size", "3"], "--test-size must be at least 16"),
+    (["evaluate", "/nonexistent/run", "--device", "gpu"], "--device must be one of auto, cpu, cuda, got 'gpu'"),
     (["classifier", "train", "--out", "/tmp", "--seed", "1"], "--out /tmp: is a folder"),
     (["classifier", "train", "--out", "/nonexistent/c.safetensors", "--seed", str(2**64)], "--seed must be in"),
     (["classifier", "train", "--out", "/nonexistent/dir/c.safetensors"], "folder /nonexistent/dir does not exist"),

@@ -147,7 +147,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         raise BdvaeError(f"--seeds and --epochs must be positive, got {args.seeds} and {args.epochs}")
     options = EvalOptions(k=args.k, samples=args.samples, test_size=args.test_size, precision=args.precision)
     compare(base, regularizers, betas, args.seeds, args.out, epochs=args.epochs, options=options,
-            progress=None if not args.quiet else False, jobs=args.jobs)
+            progress=None if not args.quiet else False, jobs=args.jobs, device=args.device)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'report.html'}")
 
 
@@ -156,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     options = EvalOptions(k=args.k, samples=args.samples, test_size=args.test_size, seed=args.seed,
                           max_batch=args.max_batch, pictures=not args.no_pictures, precision=args.precision)
-    result = evaluate_run(args.run, options, progress=None if not args.quiet else False)
+    result = evaluate_run(args.run, options, progress=None if not args.quiet else False, device=args.device)
     print(format_table(result))
     print(f"wrote {args.run / 'metrics.json'} ({result['seconds']:.0f} s)")
 
@@ -194,6 +194,16 @@ def cmd_data_fetch(args: argparse.Namespace) -> None:
     print(f"{args.name}: verified arrays in {folder}")
 
 
+DEVICE_HELP = "auto (a CUDA GPU when there is one), cpu or cuda (default auto)"
+
+
+def _add_precision_and_device(p: argparse.ArgumentParser, what: str) -> None:
+    """evaluate's and compare's --precision and --device; `what` the device runs."""
+    p.add_argument("--precision", default="auto", help="IWAE decoder arithmetic: auto (bf16 where the device computes "
+                   "it natively, else fp32), fp32 or bf16 (default auto)")
+    p.add_argument("--device", default="auto", help=f"{what}: {DEVICE_HELP}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bdvae import __version__
     from bdvae.data import KNOWN
@@ -209,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="dataset cache folder (same as --set data.data_dir=...)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an existing run directory")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run from its newest good checkpoint")
-    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu or cuda")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train with N data-parallel processes on this machine (launches torchrun)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -240,8 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=1000,
                    help="most latents decoded at once (default 1000; the IWAE decodes at most 256 anyway)")
     p.add_argument("--no-pictures", action="store_true", help="skip the pictures in RUN/eval/")
-    p.add_argument("--precision", default="auto", help="IWAE decoder arithmetic: auto (bf16 where the CPU computes "
-                   "it natively, else fp32), fp32 or bf16 (default auto)")
+    _add_precision_and_device(p, "where the IWAE runs (the rest of the evaluation stays on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
@@ -257,8 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=100, help="IWAE importance samples per image (default 100)")
     p.add_argument("--samples", type=int, default=10000, help="samples for the sample-quality scores (default 10000)")
     p.add_argument("--test-size", type=int, help="evaluate on the first N test images only (default: all)")
-    p.add_argument("--precision", default="auto", help="IWAE decoder arithmetic: auto (bf16 where the CPU computes "
-                   "it natively, else fp32), fp32 or bf16 (default auto)")
+    _add_precision_and_device(p, "where the runs train and their IWAE runs")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train and evaluate N configurations at once, in separate processes (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

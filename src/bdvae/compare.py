@@ -57,7 +57,8 @@ def _finished(run_dir: Path) -> bool:
     return all((run_dir / name).is_file() for name in (CONFIG_FILE, RUN_FILE, WEIGHTS_FILE))
 
 
-def ensure_trained(config: Config, run_dir: Path, progress: bool | None, log: Callable[[str], None]) -> None:
+def ensure_trained(config: Config, run_dir: Path, progress: bool | None, log: Callable[[str], None],
+                   device: str = "auto") -> None:
     """Train `run_dir`, resume it, or reuse it if it already holds a finished run of exactly `config`."""
     if (run_dir / CONFIG_FILE).is_file():
         existing = config_lib.load(run_dir / CONFIG_FILE)
@@ -67,16 +68,16 @@ def ensure_trained(config: Config, run_dir: Path, progress: bool | None, log: Ca
             log(f"{run_dir.name}: finished run reused")
         else:
             log(f"{run_dir.name}: resuming an unfinished run")
-            resume(run_dir, progress=progress, log=log)
+            resume(run_dir, progress=progress, log=log, device=device)
         return
     if run_dir.exists() and any(run_dir.iterdir()):
         raise BdvaeError(f"{run_dir}: exists and is not a bdvae run; choose another --out")
     log(f"{run_dir.name}: training")
-    train(config, run_dir, progress=progress, log=log)
+    train(config, run_dir, progress=progress, log=log, device=device)
 
 
 def ensure_evaluated(run_dir: Path, options: EvalOptions, progress: bool | None,
-                     log: Callable[[str], None]) -> dict[str, Any]:
+                     log: Callable[[str], None], device: str = "auto") -> dict[str, Any]:
     """The run's metrics.json if it was computed with `options`, else a fresh evaluation."""
     path = run_dir / METRICS_FILE
     if path.is_file():
@@ -88,37 +89,54 @@ def ensure_evaluated(run_dir: Path, options: EvalOptions, progress: bool | None,
         except (ValueError, OSError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             pass  # a damaged or foreign file is simply computed again
     log(f"{run_dir.name}: evaluating")
-    return evaluate_run(run_dir, options, progress=progress, log=log)
+    return evaluate_run(run_dir, options, progress=progress, log=log, device=device)
 
 
 def _train_and_evaluate(config: Config, run_dir: Path, options: EvalOptions, progress: bool | None,
-                        log: Callable[[str], None]) -> dict[str, Any]:
+                        log: Callable[[str], None], device: str) -> dict[str, Any]:
     # Two compare jobs on one --out take turns on each run: the second finds it finished and reuses it.
     with file_lock(run_dir.parent / f".{run_dir.name}.lock"):
-        ensure_trained(config, run_dir, progress, log)
-        return ensure_evaluated(run_dir, options, progress, log)
+        ensure_trained(config, run_dir, progress, log, device)
+        return ensure_evaluated(run_dir, options, progress, log, device)
 
 
-def _job(config: Config, run_dir: Path, options: EvalOptions, threads: int) -> dict[str, Any]:
+def gpu_slots(jobs: int, gpus: int) -> list[int]:
+    """The GPU of each of `jobs` worker processes: spread over the `gpus` GPUs, round robin."""
+    return [i % gpus for i in range(jobs)]
+
+
+def _take_gpu(slots: Any) -> None:
+    """Worker initializer of `compare --jobs` on CUDA: this process's GPU, taken from the queue of
+    slots, becomes its current device, which device "auto" and "cuda" then mean (resolve_device)."""
+    import torch
+
+    torch.cuda.set_device(slots.get())
+
+
+def _job(config: Config, run_dir: Path, options: EvalOptions, threads: int, device: str) -> dict[str, Any]:
     """One configuration in a worker process of `compare --jobs`: its share of the cores, no
     progress bars (they would interleave), log lines prefixed with the run's name."""
     import torch
 
     torch.set_num_threads(threads)  # train.threads, when set, still rules the training
-    return _train_and_evaluate(config, run_dir, options, False, lambda m: print(f"[{run_dir.name}] {m}", flush=True))
+    return _train_and_evaluate(config, run_dir, options, False,
+                               lambda m: print(f"[{run_dir.name}] {m}", flush=True), device)
 
 
 def compare(base: Config, regularizers: list[str], betas: list[float], seeds: int, out: Path,
             epochs: int | None = None, options: EvalOptions = EvalOptions(), progress: bool | None = None,
-            log: Callable[[str], None] = print, jobs: int = 1) -> list[Entry]:
+            log: Callable[[str], None] = print, jobs: int = 1, device: str = "auto") -> list[Entry]:
     """Train and evaluate every configuration for seeds 0 .. seeds-1 (`jobs` of them at once, in
-    separate processes that share the CPU cores); write the report into `out`."""
+    separate processes that share the CPU cores and, on CUDA, take the GPUs in turn); write the
+    report into `out`. `device` ("auto", "cpu" or "cuda") trains and evaluates every run."""
+    from bdvae.distributed import resolve_device
     from bdvae.report import write_report
 
     if not regularizers or not betas or seeds <= 0:
         raise BdvaeError("compare needs at least one regularizer, one beta and one seed")
     if jobs <= 0:
         raise BdvaeError(f"--jobs must be positive, got {jobs}")
+    on_gpu = resolve_device(device).type == "cuda"  # a bad --device fails before anything is written
     regularizers, betas = list(dict.fromkeys(regularizers)), list(dict.fromkeys(betas))  # each configuration once
     plan = [(r, b, s) for r in regularizers for b in betas for s in range(seeds)]
     names = [run_name(*key) for key in plan]
@@ -135,27 +153,39 @@ def compare(base: Config, regularizers: list[str], betas: list[float], seeds: in
         metrics = {}
         for i, key in enumerate(plan, 1):
             log(f"[{i}/{len(plan)}] {run_dirs[key].name}")
-            metrics[key] = _train_and_evaluate(configs[key], run_dirs[key], options, progress, log)
+            metrics[key] = _train_and_evaluate(configs[key], run_dirs[key], options, progress, log, device)
     else:
-        metrics = _in_parallel(plan, configs, run_dirs, options, jobs, log)
+        metrics = _in_parallel(plan, configs, run_dirs, options, jobs, log, device, on_gpu)
     entries = [Entry(*key, run_dir=run_dirs[key], metrics=metrics[key]) for key in plan]
     write_report(out, entries)
     return entries
 
 
 def _in_parallel(plan: list[tuple[str, float, int]], configs: dict, run_dirs: dict, options: EvalOptions, jobs: int,
-                 log: Callable[[str], None]) -> dict[tuple[str, float, int], dict[str, Any]]:
+                 log: Callable[[str], None], device: str, on_gpu: bool) -> dict[tuple[str, float, int], dict[str, Any]]:
     """Every configuration as a job in a pool of `jobs` processes (spawned: a fresh interpreter, no
-    forked torch thread pools). The first failure cancels the jobs not yet started and is raised;
-    runs finished by then stay on disk, to be reused by the next compare."""
+    forked torch thread pools), each on a GPU of its own while there are enough (`on_gpu`). The
+    first failure cancels the jobs not yet started and is raised; runs finished by then stay on
+    disk, to be reused by the next compare."""
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    import torch
+
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    log(f"{len(plan)} runs, {jobs} at a time, {threads} threads each")
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_job, configs[key], run_dirs[key], options, threads): key for key in plan}
+    spawn = multiprocessing.get_context("spawn")
+    pinning: dict[str, Any] = {}
+    where = ""
+    if on_gpu:
+        slots = spawn.Queue()
+        for gpu in gpu_slots(jobs, torch.cuda.device_count()):
+            slots.put(gpu)
+        pinning = {"initializer": _take_gpu, "initargs": (slots,)}
+        where = f", on {min(jobs, torch.cuda.device_count())} GPUs"
+    log(f"{len(plan)} runs, {jobs} at a time, {threads} threads each{where}")
+    with ProcessPoolExecutor(jobs, mp_context=spawn, **pinning) as pool:
+        futures = {pool.submit(_job, configs[key], run_dirs[key], options, threads, device): key for key in plan}
         metrics = {}
         try:
             for done, future in enumerate(as_completed(futures), 1):

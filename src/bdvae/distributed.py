@@ -71,15 +71,17 @@ def native_bf16(device: torch.device) -> bool:
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """--device: "cpu", "cuda" (an error without a GPU) or "auto" (cuda when there is one)."""
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """--device: "cpu", "cuda" (an error without a GPU) or "auto" (cuda when there is one). A CUDA
+    device is GPU `local_rank` (torchrun's, one per process), else the process's current GPU
+    (0 unless torch.cuda.set_device chose another, as compare --jobs does for its workers)."""
     if name not in DEVICES:
         raise BdvaeError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
         raise BdvaeError("--device cuda: torch sees no CUDA GPU here (use --device cpu or auto)")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", local_rank)
+    return torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)
 
 
 def check_gpus(device: str, processes: int) -> None:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from bdvae import checkpoint, metrics, pictures
 from bdvae.api import Run, load_run
 from bdvae.data import Dataset, load_dataset
-from bdvae.distributed import native_bf16
+from bdvae.distributed import native_bf16, resolve_device
 from bdvae.errors import BdvaeError
 from bdvae.likelihoods import LIKELIHOODS
 from bdvae.model import VAE
@@ -35,8 +35,9 @@ METRICS_FILE = "metrics.json"
 PICTURES_DIR = "eval"
 DEFAULT_K = 100
 IWAE_IMAGES_PER_STEP = 100  # images per IWAE step: the progress bar's unit of work
-# Latents per IWAE decode at most, whatever --max-batch allows: with a few hundred the decoder's
-# activations stay in the CPU's caches (1.6x the samples/s of 1000 at once on 2 cores).
+# Latents per IWAE decode at most on a CPU, whatever --max-batch allows: with a few hundred the
+# decoder's activations stay in the CPU's caches (1.6x the samples/s of 1000 at once on 2 cores).
+# A GPU decodes --max-batch latents at once.
 IWAE_DECODE_BATCH = 256
 PRECISIONS = ("auto", "fp32", "bf16")
 MIN_IMAGES = 16  # the pictures use 16 test images; k-NN radii and covariances need a handful
@@ -52,7 +53,7 @@ class EvalOptions:
     seed: int = 0  # seed of every random draw of the evaluation (binarization, z, samples)
     max_batch: int = 1000  # most latents decoded at once: bounds memory whatever k is
     # The IWAE decoder's arithmetic: "fp32", "bf16" (bfloat16 autocast; the likelihood sums and the
-    # logsumexp stay in fp32), or "auto": bf16 where the CPU computes it natively, else fp32. With
+    # logsumexp stay in fp32), or "auto": bf16 where the device computes it natively, else fp32. With
     # bf16 matrix units it is 2.2-2.5x faster and moves -ln p(x) by about 0.01 nat per image on
     # average (README, Performance; benchmarks/performance.py measures both).
     precision: str = "auto"
@@ -165,19 +166,23 @@ def iwae_decoder(model: VAE) -> nn.Module:
     return decoder.to(memory_format=torch.channels_last)
 
 
-def iwae_precision(options: EvalOptions) -> str:
-    """options.precision with "auto" resolved on this machine's CPU."""
+def iwae_precision(options: EvalOptions, device: torch.device = torch.device("cpu")) -> str:
+    """options.precision with "auto" resolved for `device`."""
     if options.precision != "auto":
         return options.precision
-    return "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    return "bf16" if native_bf16(device) else "fp32"
 
 
-def iwae_nll(run: Run, x: Tensor, options: EvalOptions, gen: torch.Generator, progress: bool | None) -> Tensor:
-    """-ln p(x) per image by the IWAE bound with options.k samples; (N,)."""
-    model = run.model
+def iwae_nll(run: Run, x: Tensor, options: EvalOptions, gen: torch.Generator, progress: bool | None,
+             device: torch.device = torch.device("cpu")) -> Tensor:
+    """-ln p(x) per image by the IWAE bound with options.k samples, computed on `device` (a copy
+    of the model goes there; the noise is drawn by `gen` on the CPU, so devices see the same
+    samples); (N,) on the CPU."""
+    model = run.model if device.type == "cpu" else copy.deepcopy(run.model).to(device)
     nll = LIKELIHOODS[run.config.objective.likelihood].nll
     decoder = iwae_decoder(model)
-    bf16 = iwae_precision(options) == "bf16"
+    bf16 = iwae_precision(options, device) == "bf16"
+    max_batch = min(options.max_batch, IWAE_DECODE_BATCH) if device.type == "cpu" else options.max_batch
 
     def log_px_given_z(z: Tensor, xs: Tensor) -> Tensor:
         with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -189,8 +194,8 @@ def iwae_nll(run: Run, x: Tensor, options: EvalOptions, gen: torch.Generator, pr
               leave=False) as bar:
         for i in range(0, len(x), IWAE_IMAGES_PER_STEP):
             chunk = x[i: i + IWAE_IMAGES_PER_STEP]
-            out.append(-metrics.iwae_log_likelihood(model.encode, log_px_given_z, chunk, options.k,
-                                                    max_batch=min(options.max_batch, IWAE_DECODE_BATCH), generator=gen))
+            out.append(-metrics.iwae_log_likelihood(model.encode, log_px_given_z, chunk.to(device), options.k,
+                                                    max_batch=max_batch, generator=gen).cpu())
             bar.update(len(chunk))
     return torch.cat(out)
 
@@ -276,9 +281,12 @@ def write_pictures(run: Run, x: Tensor, labels: Tensor, terms: dict[str, Any], f
 
 
 def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: bool | None = None,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Evaluate a finished run; write RUN/metrics.json (and RUN/eval/*.png) and return the metrics."""
+                 log: Callable[[str], None] = print, device: str = "auto") -> dict[str, Any]:
+    """Evaluate a finished run; write RUN/metrics.json (and RUN/eval/*.png) and return the metrics.
+    The IWAE, most of the time, runs on `device` ("auto": a CUDA GPU when there is one, "cpu" or
+    "cuda"); the rest, seconds on a CPU, stays there."""
     started = time.perf_counter()
+    where = resolve_device(device)  # a bad --device fails before the run is even read
     run = load_run(run_dir)
     objective = run.config.objective
     data_cfg = dataclasses.replace(run.config.data, test_size=options.test_size)
@@ -295,7 +303,7 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
 
     terms = reconstruction_and_divergences(run, x, intensities, gen)
     t0 = time.perf_counter()
-    nll = iwae_nll(run, x, options, gen, progress)
+    nll = iwae_nll(run, x, options, gen, progress, where)
     iwae_seconds = time.perf_counter() - t0
     neg_elbo = terms["recon_nll"] + terms["kl"]
 
@@ -318,7 +326,8 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
             "kl_dim_mean": terms["kl_per_dim"].mean().item(), "bhattacharyya_dim_mean": terms["bd_per_dim"].mean().item(),
         },
         "neg_elbo": mean_and_error(neg_elbo),
-        "iwae_nll": {**mean_and_error(nll), "k": options.k, "precision": iwae_precision(options),
+        "iwae_nll": {**mean_and_error(nll), "k": options.k, "precision": iwae_precision(options, where),
+                     "device": where.type,
                      "importance_samples_per_second": n * options.k / iwae_seconds},
         "prior_match": metrics.prior_match(terms["z"], terms["mu"], torch.Generator().manual_seed(options.seed + 2)),
         "sample_quality": sample_quality(run, data, intensities, options),
@@ -342,7 +351,8 @@ def format_table(m: dict[str, Any]) -> str:
         ("BD(q(z|x), N(0,I)) (nats)", f"{m['divergences']['bhattacharyya']['mean']:.2f}  "
                                       f"({m['divergences']['bhattacharyya_dim_mean']:.3f} per dim)"),
         ("negative ELBO (nats)", f"{m['neg_elbo']['mean']:.2f}"),
-        (f"-ln p(x), IWAE K={m['iwae_nll']['k']}, {m['iwae_nll'].get('precision', 'fp32')} (nats)", f"{m['iwae_nll']['mean']:.2f} ± {m['iwae_nll']['std_error']:.2f}"),
+        (f"-ln p(x), IWAE K={m['iwae_nll']['k']}, {m['iwae_nll'].get('precision', 'fp32')} on "
+         f"{m['iwae_nll'].get('device', 'cpu')} (nats)", f"{m['iwae_nll']['mean']:.2f} ± {m['iwae_nll']['std_error']:.2f}"),
         ("  note", m["likelihood_note"]),
         ("aggregate posterior: |mean|", f"{pm['mean_norm']:.3f}"),
         ("  covariance eigenvalues", f"{pm['cov_eigenvalue_min']:.3f} .. {pm['cov_eigenvalue_max']:.3f}"),

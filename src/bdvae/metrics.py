@@ -46,7 +46,8 @@ def iwae_log_likelihood(encode: Callable[[Tensor], tuple[Tensor, Tensor]],
     partial = []  # logsumexp over each chunk of samples, (B,) each
     for start in range(0, k, chunk):
         n = min(chunk, k - start)
-        eps = torch.randn(n, b, d, generator=generator, dtype=mu.dtype)  # (n, B, D)
+        # Drawn by the (CPU) generator whatever the device, so that a GPU sees the same samples.
+        eps = torch.randn(n, b, d, generator=generator, dtype=mu.dtype).to(mu.device)  # (n, B, D)
         z = mu + std * eps
         log_q = -0.5 * (eps.square() + logvar + _LN_2PI).sum(-1)  # (n, B): ln q(z|x), with z - mu = std * eps
         log_p = standard_normal_log_density(z)  # (n, B)

@@ -1,0 +1,187 @@
+"""The CUDA paths against the CPU: training, bf16 autocast, checkpoints moving between devices,
+the IWAE, compare --jobs and NCCL. Skipped without a CUDA GPU (CI has none); on a GPU machine:
+
+    python -m pytest tests/test_cuda.py -v
+
+BDVAE_TEST_DEVICE=cpu runs the same tests with the CPU standing in for the GPU: it checks the
+tests themselves (every comparison is then the CPU against itself), not CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+DEVICE = os.environ.get("BDVAE_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# fp32 and 2 epochs of 8 steps, a training state every 3 steps (as in test_distributed.py).
+SMALL = ["--set", "data.train_size=512", "--set", "data.test_size=256", "--set", "train.epochs=2",
+         "--set", "train.checkpoint_every=3", "--set", "train.batch_size=64", "--quiet"]
+FP32 = ["--set", "train.mixed_precision=false"]
+
+
+@pytest.fixture
+def exact_fp32(monkeypatch):
+    """No TF32 in this process's CUDA matmuls and convolutions (on by default for cuDNN
+    convolutions on Ampere and later): the comparisons below are of fp32 against fp32."""
+    matmul = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    yield
+    torch.set_float32_matmul_precision(matmul)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _files(run_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+
+
+def _assert_rows_close(rows: list[dict], ref_rows: list[dict], rel: float) -> None:
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref_rows]
+    for row, ref in zip(rows, ref_rows):
+        for key, value in ref.items():
+            if key != "seconds":
+                assert row[key] == pytest.approx(value, rel=rel), key
+
+
+def _train(mnist_dir: Path, out: Path, device: str, *extra: str) -> Path:
+    result = run_cli("train", "--data-dir", str(mnist_dir), "--out", str(out), "--device", device, *SMALL, *extra)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def cpu_run(mnist_dir, tmp_path_factory) -> Path:
+    return _train(mnist_dir, tmp_path_factory.mktemp("cpu") / "run", "cpu", *FP32)
+
+
+@pytest.fixture(scope="module")
+def device_run(mnist_dir, tmp_path_factory) -> Path:
+    return _train(mnist_dir, tmp_path_factory.mktemp("device") / "run", DEVICE, *FP32)
+
+
+def test_a_step_on_the_device_leaves_the_cpus_gradient(exact_fp32):
+    from bdvae.config import Config
+    from bdvae.distributed import Context
+    from bdvae.model import build_model
+    from bdvae.objective import Objective
+    from bdvae.train import backward_shard
+
+    def step(device: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        config = Config()
+        torch.manual_seed(0)
+        model = build_model(config.model, config.objective, (1, 32, 32)).to(device)
+        gen = torch.Generator().manual_seed(1)
+        x, eps = torch.rand(64, 1, 32, 32, generator=gen), torch.randn(64, 16, generator=gen)
+        sums = backward_shard(Objective(model, config.objective), x, eps, 64, 1.0, Context(device=torch.device(device)))
+        return {name: p.grad.cpu() for name, p in model.named_parameters()}, sums.cpu()
+
+    (grads, sums), (ref_grads, ref_sums) = step(DEVICE), step("cpu")
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-5, atol=1e-3)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-3, atol=1e-4 * ref.abs().max().item(), msg=name)
+
+
+def test_training_on_the_device_is_the_cpu_run(device_run, cpu_run):
+    assert _files(device_run) == _files(cpu_run)  # the same outputs and training states
+    facts = json.loads((device_run / "run.json").read_text())
+    assert facts["device"] == DEVICE and facts["precision"] == "fp32"
+    # 16 Adam steps apart by the GPU's float sums (and TF32 convolutions, torch's default there).
+    _assert_rows_close(_rows(device_run), _rows(cpu_run), rel=1e-2)
+
+
+def test_bf16_autocast_where_the_device_computes_it_natively(mnist_dir, cpu_run, tmp_path):
+    from bdvae.distributed import native_bf16
+
+    run_dir = _train(mnist_dir, tmp_path / "run", DEVICE)  # train.mixed_precision defaults to true
+    native = native_bf16(torch.device(DEVICE))
+    assert json.loads((run_dir / "run.json").read_text())["precision"] == ("bf16 autocast" if native else "fp32")
+    _assert_rows_close(_rows(run_dir), _rows(cpu_run), rel=3e-2)  # as 2 CPU processes in bf16: 2e-2
+
+
+def _interrupted_copy(run_dir: Path, dest: Path) -> Path:
+    """A copy of a finished run as it was at its second-newest training state (mid epoch 2)."""
+    from bdvae.checkpoint import RUN_FILE, WEIGHTS_FILE, state_paths
+
+    shutil.copytree(run_dir, dest)
+    for name in (RUN_FILE, WEIGHTS_FILE):
+        (dest / name).unlink()
+    *_, kept, newest = state_paths(dest)
+    newest.unlink()
+    assert kept.name == "step-000000015.safetensors"  # 8 steps an epoch: 7 steps into epoch 2
+    return dest
+
+
+@pytest.mark.parametrize("direction", ["device-to-cpu", "cpu-to-device"])
+def test_a_training_state_resumes_on_the_other_device(direction, device_run, cpu_run, tmp_path):
+    started, other = (device_run, "cpu") if direction == "device-to-cpu" else (cpu_run, DEVICE)
+    run_dir = _interrupted_copy(started, tmp_path / "run")
+    result = run_cli("train", "--resume", str(run_dir), "--device", other, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "resuming at epoch 2, image 448 of 512, after 15 steps" in result.stdout
+    rows, ref_rows = _rows(run_dir), _rows(started)
+    assert rows[0] == ref_rows[0]  # epoch 1 comes from the checkpoint
+    _assert_rows_close(rows[1:], ref_rows[1:], rel=1e-2)  # the last step on the other device
+    assert json.loads((run_dir / "run.json").read_text())["device"] == other
+    assert _files(run_dir) == _files(started)
+
+
+def test_the_iwae_on_the_device_is_the_cpus(device_run, exact_fp32):
+    from bdvae.api import load_run
+    from bdvae.data import load_dataset
+    from bdvae.evaluate import EvalOptions, iwae_nll
+    from bdvae.train import to_float
+
+    run = load_run(device_run)
+    x = to_float(load_dataset(run.config.data, log=lambda _: None).test_images[:40])
+    options = EvalOptions(k=50, max_batch=500, precision="fp32")
+    on_device, on_cpu = (iwae_nll(run, x, options, torch.Generator().manual_seed(0), False, torch.device(d))
+                         for d in (DEVICE, "cpu"))  # the same draws: the noise comes from the CPU generator
+    assert on_device.device.type == "cpu" and on_device.shape == (40,)
+    torch.testing.assert_close(on_device, on_cpu, rtol=0, atol=1e-2)
+    assert next(run.model.parameters()).device.type == "cpu"  # the GPU got a copy
+
+
+def test_evaluate_on_the_device(device_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(device_run, run_dir)
+    result = run_cli("evaluate", str(run_dir), "-k", "4", "--samples", "300", "--test-size", "300",
+                     "--device", DEVICE, "--quiet")
+    assert result.returncode == 0, result.stderr
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["iwae_nll"]["device"] == DEVICE and f"on {DEVICE} (nats)" in result.stdout
+    assert m["neg_elbo"]["mean"] - 15 < m["iwae_nll"]["mean"] < m["neg_elbo"]["mean"]
+
+
+def test_compare_jobs_on_the_device(mnist_dir, tmp_path):
+    out = tmp_path / "cmp"
+    result = run_cli("compare", "--regularizers", "bhattacharyya,kl", "--seeds", "1", "--epochs", "1", "--jobs", "2",
+                     "--device", DEVICE, "--out", str(out), "--data-dir", str(mnist_dir), "--set", "data.train_size=512",
+                     "--set", "train.batch_size=64", "-k", "2", "--samples", "300", "--test-size", "300", "--quiet")
+    assert result.returncode == 0, result.stderr
+    gpus = min(2, torch.cuda.device_count()) if DEVICE == "cuda" else 0
+    plan = next(line for line in result.stdout.splitlines() if line.startswith("2 runs, 2 at a time"))
+    assert plan.endswith(f", on {gpus} GPUs") if gpus else "GPU" not in plan
+    for name in ("bhattacharyya-beta1-seed0", "kl-beta1-seed0"):
+        assert json.loads((out / "runs" / name / "run.json").read_text())["device"] == DEVICE
+        assert json.loads((out / "runs" / name / "metrics.json").read_text())["iwae_nll"]["device"] == DEVICE
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs")
+def test_two_gpus_over_nccl_train_the_run_of_one(mnist_dir, device_run, tmp_path):
+    run_dir = _train(mnist_dir, tmp_path / "run", "cuda", *FP32, "--nproc", "2", "--set", "train.batch_size=32")
+    facts = json.loads((run_dir / "run.json").read_text())
+    assert facts["processes"] == 2 and facts["device"] == "cuda"
+    assert _files(run_dir) == _files(device_run)
+    _assert_rows_close(_rows(run_dir), _rows(device_run), rel=1e-2)

@@ -1,9 +1,11 @@
 """Benchmark of `bdvae evaluate`: IWAE throughput, the gap of the default K to K = 5000, and the
 wall time and peak memory of the whole command on a trained run. Prints a table, writes JSON.
 
-    python benchmarks/evaluate.py RUN_DIR [--images 500] [--json benchmarks/evaluate.json]
+    python benchmarks/evaluate.py RUN_DIR [--images 500] [--device auto] [--max-batch 1000]
+                                  [--json benchmarks/evaluate.json]
 
-Not part of the test suite: on 2 CPU cores it takes about 10 minutes.
+Not part of the test suite: on 2 CPU cores it takes about 10 minutes. On a GPU (`--device cuda`,
+or auto where there is one) raise --max-batch, say to 20000, to keep it busy.
 """
 
 from __future__ import annotations
@@ -23,15 +25,18 @@ import torch
 from bdvae.api import load_run
 from bdvae.config import DataConfig
 from bdvae.data import load_dataset
+from bdvae.distributed import resolve_device
 from bdvae.evaluate import DEFAULT_K, EvalOptions, iwae_nll, iwae_precision
 from bdvae.likelihoods import LIKELIHOODS
 from bdvae.train import binarized, to_float
 
 
-def iwae_on(run, x: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, float]:
-    """-ln p(x) per image with k samples, and the seconds it took."""
+def iwae_on(run, x: torch.Tensor, options: EvalOptions, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """-ln p(x) per image with options.k samples on `device`, and the seconds it took."""
     t0 = time.perf_counter()
-    nll = iwae_nll(run, x, EvalOptions(k=k), torch.Generator().manual_seed(seed), progress=False)
+    nll = iwae_nll(run, x, options, torch.Generator().manual_seed(seed), progress=False, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return nll, time.perf_counter() - t0
 
 
@@ -39,20 +44,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--images", type=int, default=500, help="test images for the K comparison")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda: where the IWAE runs")
+    parser.add_argument("--max-batch", type=int, default=1000, help="as bdvae evaluate --max-batch")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/evaluate.json"))
     args = parser.parse_args()
+    device = resolve_device(args.device)
 
     run = load_run(args.run)
     data = load_dataset(DataConfig(**{**run.config.data.__dict__, "test_size": args.images}), log=lambda _: None)
     x = to_float(data.test_images)
     if LIKELIHOODS[run.config.objective.likelihood].binarize:  # as `bdvae evaluate` scores binarized models
         x = binarized(x, torch.Generator().manual_seed(0))
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     results: dict[str, object] = {"run": str(args.run), "images": len(x), "threads": torch.get_num_threads(),
-                                  "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"}
+                                  "device": device.type, "max_batch": args.max_batch, "machine": machine}
     rows = []
     for k in (DEFAULT_K, 1000, 5000):
-        nll, seconds = iwae_on(run, x, k)
-        rows.append({"k": k, "precision": iwae_precision(EvalOptions(k=k)), "nll": nll.mean().item(), "std_error": (nll.std() / len(nll) ** 0.5).item(),
+        options = EvalOptions(k=k, max_batch=args.max_batch)
+        nll, seconds = iwae_on(run, x, options, device)
+        rows.append({"k": k, "precision": iwae_precision(options, device), "nll": nll.mean().item(),
+                     "std_error": (nll.std() / len(nll) ** 0.5).item(),
                      "seconds": seconds, "importance_samples_per_second": len(x) * k / seconds})
     results["iwae"] = rows
     by_k = {r["k"]: r for r in rows}
@@ -62,7 +74,8 @@ def main() -> None:
     # keeps the high-water mark of the forked copy across exec).
     time_cmd = ["/usr/bin/time", "-f", "maxrss_kib=%M"] if Path("/usr/bin/time").is_file() else []
     t0 = time.perf_counter()
-    proc = subprocess.run([*time_cmd, sys.executable, "-m", "bdvae", "evaluate", str(args.run), "--quiet"],
+    proc = subprocess.run([*time_cmd, sys.executable, "-m", "bdvae", "evaluate", str(args.run), "--quiet",
+                           "--device", args.device, "--max-batch", str(args.max_batch)],
                           capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,39 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600)
     """`bdvae ARGS` in a subprocess, as a user would run it."""
     return subprocess.run([sys.executable, "-m", "bdvae", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, check=False)
+
+
+def run_files(run_dir: Path) -> list[str]:
+    """Every file of a run directory, as paths relative to it, sorted."""
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+
+
+def run_rows(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, one per epoch."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_rows_close(rows: list[dict], ref_rows: list[dict], rel: float = 1e-3) -> None:
+    """The same epochs, with every number but the wall time within `rel` of the reference's."""
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref_rows]
+    for row, ref in zip(rows, ref_rows):
+        for key, value in ref.items():
+            if key != "seconds":
+                assert row[key] == pytest.approx(value, rel=rel), key
+
+
+def interrupted_copy(run_dir: Path, dest: Path) -> Path:
+    """A copy of a finished 2-epoch run of 8 steps an epoch and a training state every 3 steps, as
+    it was at its second-newest training state (7 steps into epoch 2)."""
+    from bdvae.checkpoint import RUN_FILE, WEIGHTS_FILE, state_paths
+
+    shutil.copytree(run_dir, dest)
+    for name in (RUN_FILE, WEIGHTS_FILE):
+        (dest / name).unlink()
+    *_, kept, newest = state_paths(dest)
+    newest.unlink()
+    assert kept.name == "step-000000015.safetensors"
+    return dest
 
 
 @pytest.fixture(scope="session")

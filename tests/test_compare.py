@@ -51,8 +51,10 @@ def test_jobs_train_configurations_in_parallel_processes_with_the_same_results(c
     lines = result.stdout.splitlines()
     # Each worker prints its run's lines in order ("NAME: training" ... "NAME: evaluating"); the
     # parent's "done" lines lag behind them, so overlap is read from the workers' own lines.
+    names = ("bhattacharyya-beta1-seed0", "bhattacharyya-beta1-seed1", "kl-beta1-seed0", "kl-beta1-seed1")
+    assert all(f"[{name}] {name}: {step}" in lines for name in names for step in ("training", "evaluating")), result.stdout
     trained = {name: (lines.index(f"[{name}] {name}: training"), lines.index(f"[{name}] {name}: evaluating"))
-               for name in ("bhattacharyya-beta1-seed0", "bhattacharyya-beta1-seed1", "kl-beta1-seed0", "kl-beta1-seed1")}
+               for name in names}
     overlapping = [(a, b) for a, (start_a, end_a) in trained.items() for b, (start_b, _) in trained.items()
                    if a != b and start_a < start_b < end_a]
     assert overlapping, result.stdout  # a run started training while another was still training

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import assert_rows_close, interrupted_copy, run_cli, run_files, run_rows
 
 DEVICE = os.environ.get("BDVAE_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -37,22 +37,6 @@ def exact_fp32(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     yield
     torch.set_float32_matmul_precision(matmul)
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _files(run_dir: Path) -> list[str]:
-    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
-
-
-def _assert_rows_close(rows: list[dict], ref_rows: list[dict], rel: float) -> None:
-    assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref_rows]
-    for row, ref in zip(rows, ref_rows):
-        for key, value in ref.items():
-            if key != "seconds":
-                assert row[key] == pytest.approx(value, rel=rel), key
 
 
 def _train(mnist_dir: Path, out: Path, device: str, *extra: str) -> Path:
@@ -94,11 +78,11 @@ def test_a_step_on_the_device_leaves_the_cpus_gradient(exact_fp32):
 
 
 def test_training_on_the_device_is_the_cpu_run(device_run, cpu_run):
-    assert _files(device_run) == _files(cpu_run)  # the same outputs and training states
+    assert run_files(device_run) == run_files(cpu_run)  # the same outputs and training states
     facts = json.loads((device_run / "run.json").read_text())
     assert facts["device"] == DEVICE and facts["precision"] == "fp32"
     # 16 Adam steps apart by the GPU's float sums (and TF32 convolutions, torch's default there).
-    _assert_rows_close(_rows(device_run), _rows(cpu_run), rel=1e-2)
+    assert_rows_close(run_rows(device_run), run_rows(cpu_run), rel=1e-2)
 
 
 def test_bf16_autocast_where_the_device_computes_it_natively(mnist_dir, cpu_run, tmp_path):
@@ -107,34 +91,21 @@ def test_bf16_autocast_where_the_device_computes_it_natively(mnist_dir, cpu_run,
     run_dir = _train(mnist_dir, tmp_path / "run", DEVICE)  # train.mixed_precision defaults to true
     native = native_bf16(torch.device(DEVICE))
     assert json.loads((run_dir / "run.json").read_text())["precision"] == ("bf16 autocast" if native else "fp32")
-    _assert_rows_close(_rows(run_dir), _rows(cpu_run), rel=3e-2)  # as 2 CPU processes in bf16: 2e-2
-
-
-def _interrupted_copy(run_dir: Path, dest: Path) -> Path:
-    """A copy of a finished run as it was at its second-newest training state (mid epoch 2)."""
-    from bdvae.checkpoint import RUN_FILE, WEIGHTS_FILE, state_paths
-
-    shutil.copytree(run_dir, dest)
-    for name in (RUN_FILE, WEIGHTS_FILE):
-        (dest / name).unlink()
-    *_, kept, newest = state_paths(dest)
-    newest.unlink()
-    assert kept.name == "step-000000015.safetensors"  # 8 steps an epoch: 7 steps into epoch 2
-    return dest
+    assert_rows_close(run_rows(run_dir), run_rows(cpu_run), rel=3e-2)  # as 2 CPU processes in bf16: 2e-2
 
 
 @pytest.mark.parametrize("direction", ["device-to-cpu", "cpu-to-device"])
 def test_a_training_state_resumes_on_the_other_device(direction, device_run, cpu_run, tmp_path):
     started, other = (device_run, "cpu") if direction == "device-to-cpu" else (cpu_run, DEVICE)
-    run_dir = _interrupted_copy(started, tmp_path / "run")
+    run_dir = interrupted_copy(started, tmp_path / "run")
     result = run_cli("train", "--resume", str(run_dir), "--device", other, "--quiet")
     assert result.returncode == 0, result.stderr
     assert "resuming at epoch 2, image 448 of 512, after 15 steps" in result.stdout
-    rows, ref_rows = _rows(run_dir), _rows(started)
+    rows, ref_rows = run_rows(run_dir), run_rows(started)
     assert rows[0] == ref_rows[0]  # epoch 1 comes from the checkpoint
-    _assert_rows_close(rows[1:], ref_rows[1:], rel=1e-2)  # the last step on the other device
+    assert_rows_close(rows[1:], ref_rows[1:], rel=1e-2)  # the last step on the other device
     assert json.loads((run_dir / "run.json").read_text())["device"] == other
-    assert _files(run_dir) == _files(started)
+    assert run_files(run_dir) == run_files(started)
 
 
 def test_the_iwae_on_the_device_is_the_cpus(device_run, exact_fp32):
@@ -183,5 +154,5 @@ def test_two_gpus_over_nccl_train_the_run_of_one(mnist_dir, device_run, tmp_path
     run_dir = _train(mnist_dir, tmp_path / "run", "cuda", *FP32, "--nproc", "2", "--set", "train.batch_size=32")
     facts = json.loads((run_dir / "run.json").read_text())
     assert facts["processes"] == 2 and facts["device"] == "cuda"
-    assert _files(run_dir) == _files(device_run)
-    _assert_rows_close(_rows(run_dir), _rows(device_run), rel=1e-2)
+    assert run_files(run_dir) == run_files(device_run)
+    assert_rows_close(run_rows(run_dir), run_rows(device_run), rel=1e-2)

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import assert_rows_close, interrupted_copy, run_cli, run_files, run_rows
 
 
 @given(n=st.integers(0, 300), world_size=st.integers(1, 9))
@@ -96,22 +96,6 @@ SMALL = ["--set", "data.train_size=512", "--set", "data.test_size=256", "--set",
          "--set", "train.checkpoint_every=3", "--set", "train.mixed_precision=false", "--quiet"]
 
 
-def _files(run_dir: Path) -> list[str]:
-    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _assert_rows_close(rows, ref_rows, rel=1e-3):
-    assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref_rows]
-    for row, ref in zip(rows, ref_rows):
-        for key, value in ref.items():
-            if key != "seconds":
-                assert row[key] == pytest.approx(value, rel=rel), key
-
-
 @pytest.fixture(scope="module")
 def single(mnist_dir, tmp_path_factory) -> Path:
     """One process with batch 64: the same global batch as 2 processes of 32."""
@@ -137,8 +121,8 @@ def two_processes(mnist_dir, tmp_path_factory) -> Path:
 
 
 def test_two_processes_write_the_same_files_and_metrics_as_one_with_the_same_global_batch(single, two_processes):
-    assert _files(two_processes) == _files(single)  # the same outputs and checkpoints (same steps)
-    _assert_rows_close(_rows(two_processes), _rows(single))
+    assert run_files(two_processes) == run_files(single)  # the same outputs and checkpoints (same steps)
+    assert_rows_close(run_rows(two_processes), run_rows(single))
     assert json.loads((two_processes / "run.json").read_text())["processes"] == 2
     ours, theirs = load_file(str(two_processes / "model.safetensors")), load_file(str(single / "model.safetensors"))
     for name in theirs:  # 16 Adam steps apart only by the order of float sums
@@ -156,8 +140,8 @@ def test_two_torchrun_agents_as_two_machines_meet_over_loopback(single, mnist_di
     outputs = [a.communicate(timeout=600) for a in agents]
     assert [a.returncode for a in agents] == [0, 0], [err[-2000:] for _, err in outputs]
     assert sum(stdout.count("run directory: ") for stdout, _ in outputs) == 1
-    assert _files(out) == _files(single)
-    _assert_rows_close(_rows(out), _rows(single))
+    assert run_files(out) == run_files(single)
+    assert_rows_close(run_rows(out), run_rows(single))
 
 
 def test_two_processes_in_bf16_train_the_run_of_one_up_to_bf16_rounding(mnist_dir, tmp_path):
@@ -169,39 +153,24 @@ def test_two_processes_in_bf16_train_the_run_of_one_up_to_bf16_rounding(mnist_di
     one = run_cli(*common, "--out", str(tmp_path / "one"), "--set", "train.batch_size=64")
     two = run_cli(*common, "--out", str(tmp_path / "two"), "--set", "train.batch_size=32", "--nproc", "2")
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
-    assert _files(tmp_path / "two") == _files(tmp_path / "one")
-    _assert_rows_close(_rows(tmp_path / "two"), _rows(tmp_path / "one"), rel=2e-2)
-
-
-def _interrupted_copy(run_dir: Path, dest: Path) -> Path:
-    """A copy of a finished run as it was at its second-newest training state (mid epoch 2)."""
-    import shutil
-
-    from bdvae.checkpoint import RUN_FILE, WEIGHTS_FILE, state_paths
-
-    shutil.copytree(run_dir, dest)
-    for name in (RUN_FILE, WEIGHTS_FILE):
-        (dest / name).unlink()
-    *_, kept, newest = state_paths(dest)
-    newest.unlink()
-    assert kept.name == "step-000000015.safetensors"  # 8 steps an epoch: 7 steps into epoch 2
-    return dest
+    assert run_files(tmp_path / "two") == run_files(tmp_path / "one")
+    assert_rows_close(run_rows(tmp_path / "two"), run_rows(tmp_path / "one"), rel=2e-2)
 
 
 @pytest.mark.parametrize("resume_with", [1, 2])
 def test_a_checkpoint_resumes_with_another_number_of_processes(resume_with, single, two_processes, tmp_path):
     started = two_processes if resume_with == 1 else single
-    run_dir = _interrupted_copy(started, tmp_path / "run")
+    run_dir = interrupted_copy(started, tmp_path / "run")
     result = run_cli("train", "--resume", str(run_dir), "--nproc", str(resume_with), "--quiet")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("run directory: ") == 1 and "resuming at epoch 2" in result.stdout
-    rows, ref_rows = _rows(run_dir), _rows(started)
+    rows, ref_rows = run_rows(run_dir), run_rows(started)
     assert rows[0] == ref_rows[0]  # epoch 1 comes from the checkpoint
     assert json.loads((run_dir / "run.json").read_text())["processes"] == resume_with
     # The rest of epoch 2 ran with another global batch: close, but not the same run.
     assert rows[1]["test_loss"] == pytest.approx(ref_rows[1]["test_loss"], rel=0.05)
-    outputs = [name for name in _files(run_dir) if not name.startswith("checkpoints/")]
-    assert outputs == [name for name in _files(started) if not name.startswith("checkpoints/")]
+    outputs = [name for name in run_files(run_dir) if not name.startswith("checkpoints/")]
+    assert outputs == [name for name in run_files(started) if not name.startswith("checkpoints/")]
 
 
 def test_nproc_errors_are_one_line_and_start_nothing(tmp_path):

@@ -123,16 +123,18 @@ def test_the_iwae_decoder_computes_the_models_decoder_and_leaves_the_model_alone
     assert not any(m.inplace for m in model.modules() if isinstance(m, torch.nn.ReLU))
 
 
-def _untrained_run(tmp_path) -> Run:
+def _untrained_run(tmp_path, latent_dim: int = 16) -> Run:
     torch.manual_seed(0)
-    config = Config()
+    config = Config(model=ModelConfig(arch="conv", latent_dim=latent_dim))
     model = build_model(config.model, config.objective, (1, 32, 32)).eval()
     return Run(path=tmp_path, config=config, facts={"image_shape": [1, 32, 32]}, model=model)
 
 
-def test_the_iwae_estimate_does_not_depend_on_the_decode_batch(tmp_path):
-    """The draws come in the same order however they are chunked, so only rounding may differ."""
-    run = _untrained_run(tmp_path)
+@pytest.mark.parametrize("latent_dim", [16, 5])  # 5: draws of sizes that are not multiples of 16
+def test_the_iwae_estimate_does_not_depend_on_the_decode_batch(tmp_path, latent_dim):
+    """The draws come in the same order however they are chunked (so on a GPU, which decodes more
+    at once, too), so only rounding may differ."""
+    run = _untrained_run(tmp_path, latent_dim)
     x = torch.bernoulli(torch.full((30, 1, 32, 32), 0.3), generator=torch.Generator().manual_seed(1))
     a, b = (iwae_nll(run, x, EvalOptions(k=20, max_batch=m), torch.Generator().manual_seed(2), progress=False)
             for m in (30, 1000))  # 1 sample of each image per decode, then 8

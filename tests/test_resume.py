@@ -3,7 +3,6 @@ as one never interrupted; a damaged newest checkpoint falls back to the one befo
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -15,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import run_cli, run_rows
 
 SMALL = ["--set", "data.train_size=2048", "--set", "data.test_size=256", "--set", "train.epochs=3",
          "--set", "train.batch_size=64", "--set", "train.checkpoint_every=5", "--set", "train.threads=1", "--quiet"]
@@ -34,16 +33,12 @@ def reference(mnist_dir, tmp_path_factory):
     return out
 
 
-def _rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def _assert_same_run(run_dir, reference):
     ours, theirs = load_file(str(run_dir / "model.safetensors")), load_file(str(reference / "model.safetensors"))
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert ours[name].equal(theirs[name]), name  # bit for bit
-    rows, ref_rows = _rows(run_dir), _rows(reference)
+    rows, ref_rows = run_rows(run_dir), run_rows(reference)
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # each epoch exactly once
     for row, ref in zip(rows, ref_rows):
         assert {k: v for k, v in row.items() if k != "seconds"} == {k: v for k, v in ref.items() if k != "seconds"}
@@ -166,7 +161,7 @@ def test_skip_nonfinite_skips_and_counts_the_bad_batch(mnist_dir, tmp_path, monk
 
     _faulty_loss_terms(monkeypatch, bad_step=3)
     run_dir = bdvae.train(_small_config(mnist_dir, skip_nonfinite=True), tmp_path / "skip", progress=False)
-    rows = _rows(run_dir)
+    rows = run_rows(run_dir)
     assert [r["skipped_batches"] for r in rows] == [1, 0]
     assert all(v == v for r in rows for v in r.values())  # no NaN reached the metrics
     assert all(bool(t.isfinite().all()) for t in load_file(str(run_dir / "model.safetensors")).values())
@@ -190,3 +185,29 @@ def test_a_checkpoint_from_another_version_is_refused_in_one_line(reference, tmp
     assert result.returncode == 2
     assert "the checkpoint does not fit this run's config" in result.stderr and result.stderr.count("\n") == 1
     assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
+def test_a_restored_optimizer_keeps_the_weights_layout_and_values(tmp_path):
+    """States are saved contiguous; Adam's moments come back channels-last like the weights they
+    follow (as Adam made them before the save), the step count where Adam keeps it."""
+    from bdvae.checkpoint import latest_state
+    from bdvae.config import Config
+    from bdvae.model import build_model
+    from bdvae.train import Position, restore_training_state, save_training_state
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model(Config().model, Config().objective, (1, 32, 32)).to(memory_format=torch.channels_last)
+        return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    model, optimizer = fresh()
+    model.decode(model.encode(torch.rand(4, 1, 32, 32))[0]).sum().backward()
+    optimizer.step()
+    save_training_state(tmp_path, model, optimizer, Position(global_step=1))
+    model2, optimizer2 = fresh()
+    restore_training_state(*latest_state(tmp_path, print), model2, optimizer2)
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        saved, restored = optimizer.state[p], optimizer2.state[p2]
+        assert restored["step"].device == saved["step"].device and restored["step"].equal(saved["step"])
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert restored[name].equal(saved[name]) and restored[name].stride() == saved[name].stride() == p.stride()

@@ -36,15 +36,14 @@ def _config(args: argparse.Namespace):  # -> Config; imported lazily like everyt
 
 def cmd_train(args: argparse.Namespace) -> None:
     from bdvae.checkpoint import check_run_dir
-    from bdvae.distributed import check_gpus, is_main_process, launch, launched_by_torchrun, resolve_device
+    from bdvae.distributed import check_gpus, is_main_process, launch, launched_by_torchrun
     from bdvae.train import check_resumable, resume, train
 
     if args.nproc is not None and not 1 <= args.nproc <= 1024:
         raise BdvaeError(f"--nproc must be between 1 and 1024, got {args.nproc}")
     if args.nproc is not None and launched_by_torchrun():
         raise BdvaeError("--nproc: this process was started by torchrun already; use one or the other")
-    resolve_device(args.device)  # a bad --device, or too few GPUs, fail here, before any process starts
-    check_gpus(args.device, args.nproc or 1)
+    check_gpus(args.device, args.nproc or 1)  # a bad --device, or too few GPUs, fail here, before any process starts
     shared = ["--device", args.device] + (["--quiet"] if args.quiet else [])
     progress = None if not args.quiet else False
     if args.resume is not None:
@@ -248,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-size", type=int, help="only the first N test images (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation's random draws (default 0)")
     p.add_argument("--max-batch", type=int, default=1000,
-                   help="most latents decoded at once (default 1000; the IWAE decodes at most 256 anyway)")
+                   help="most latents decoded at once (default 1000; on a CPU the IWAE decodes at most 256 anyway)")
     p.add_argument("--no-pictures", action="store_true", help="skip the pictures in RUN/eval/")
     _add_precision_and_device(p, "where the IWAE runs (the rest of the evaluation stays on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

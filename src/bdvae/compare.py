@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,14 @@ class Entry:
 
 REQUIRED_KEYS = {"reconstruction", "divergences", "neg_elbo", "iwae_nll", "prior_match", "sample_quality",
                  "likelihood_note", "test_images"}
+
+
+def say(message: str) -> None:
+    """Print a line in one write. The processes of compare --jobs share the terminal or pipe, and
+    print writes the newline apart (with PYTHONUNBUFFERED, as two writes), so another process's
+    line could land in between."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def run_name(regularizer: str, beta: float, seed: int) -> str:
@@ -119,24 +128,23 @@ def _job(config: Config, run_dir: Path, options: EvalOptions, threads: int, devi
     import torch
 
     torch.set_num_threads(threads)  # train.threads, when set, still rules the training
-    return _train_and_evaluate(config, run_dir, options, False,
-                               lambda m: print(f"[{run_dir.name}] {m}", flush=True), device)
+    return _train_and_evaluate(config, run_dir, options, False, lambda m: say(f"[{run_dir.name}] {m}"), device)
 
 
 def compare(base: Config, regularizers: list[str], betas: list[float], seeds: int, out: Path,
             epochs: int | None = None, options: EvalOptions = EvalOptions(), progress: bool | None = None,
-            log: Callable[[str], None] = print, jobs: int = 1, device: str = "auto") -> list[Entry]:
+            log: Callable[[str], None] = say, jobs: int = 1, device: str = "auto") -> list[Entry]:
     """Train and evaluate every configuration for seeds 0 .. seeds-1 (`jobs` of them at once, in
     separate processes that share the CPU cores and, on CUDA, take the GPUs in turn); write the
     report into `out`. `device` ("auto", "cpu" or "cuda") trains and evaluates every run."""
-    from bdvae.distributed import resolve_device
+    from bdvae.distributed import device_type
     from bdvae.report import write_report
 
     if not regularizers or not betas or seeds <= 0:
         raise BdvaeError("compare needs at least one regularizer, one beta and one seed")
     if jobs <= 0:
         raise BdvaeError(f"--jobs must be positive, got {jobs}")
-    on_gpu = resolve_device(device).type == "cuda"  # a bad --device fails before anything is written
+    on_gpu = device_type(device) == "cuda"  # a bad --device fails before anything is written
     regularizers, betas = list(dict.fromkeys(regularizers)), list(dict.fromkeys(betas))  # each configuration once
     plan = [(r, b, s) for r in regularizers for b in betas for s in range(seeds)]
     names = [run_name(*key) for key in plan]

@@ -14,6 +14,7 @@ every step, so every rank holds the epoch's metrics. Only rank 0 writes files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import inspect
@@ -22,6 +23,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -84,9 +86,15 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)
 
 
+def device_type(name: str) -> str:
+    """What --device NAME means here, "cpu" or "cuda", checked as resolve_device checks it but
+    without initialising CUDA (which a process should do only once it knows its own GPU)."""
+    return resolve_device(name, local_rank=0).type
+
+
 def check_gpus(device: str, processes: int) -> None:
     """NCCL needs a GPU of its own for every process of a machine: refuse more processes than GPUs."""
-    if resolve_device(device).type == "cuda" and processes > torch.cuda.device_count():
+    if device_type(device) == "cuda" and processes > torch.cuda.device_count():
         raise BdvaeError(f"{processes} processes on CUDA need {processes} GPUs, torch sees "
                          f"{torch.cuda.device_count()}; use fewer processes or --device cpu")
 
@@ -110,9 +118,9 @@ def setup(device: str = "auto") -> Context:
         raise BdvaeError(f"{', '.join(ENV_VARS)} must be integers (torchrun sets them)") from None
     check_gpus(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     ctx = Context(rank=rank, world_size=world_size, device=resolve_device(device, local_rank))
+    if ctx.device.type == "cuda":  # this process's GPU, before anything (NCCL too) touches one
+        torch.cuda.set_device(ctx.device)
     if world_size > 1 and not torch.distributed.is_initialized():
-        if ctx.device.type == "cuda":
-            torch.cuda.set_device(ctx.device)
         backend = "nccl" if ctx.device.type == "cuda" else "gloo"
         # Rank 0 alone writes pictures and checkpoints (seconds) while the others wait; a peer that
         # died is noticed after this long.
@@ -122,9 +130,23 @@ def setup(device: str = "auto") -> Context:
 
 
 def teardown(ctx: Context) -> None:
-    """Leave the process group `setup` joined (one a caller made is left alone)."""
+    """Wait for every rank, then leave the process group `setup` joined (one a caller made is left
+    alone). The wait keeps a rank from exiting while rank 0 still writes the run's last files: one
+    that left first could take torchrun's worker down with it (gloo aborted so, now and then)."""
+    if ctx.world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier(device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     if ctx.owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def joined(device: str = "auto") -> Iterator[Context]:
+    """`setup`, then `teardown` when the block ends normally. After an error the group is left to
+    the process's exit, as torchrun stops the other ranks: leaving it while they may still be in a
+    collective can hang (NCCL's in particular)."""
+    ctx = setup(device)
+    yield ctx
+    teardown(ctx)
 
 
 def shard(n: int, rank: int, world_size: int) -> slice:

@@ -197,6 +197,10 @@ def restore_training_state(tensors: dict[str, Tensor], state: dict, model: VAE,
             _, index, name = key.split(".", 2)
             opt_state.setdefault(int(index), {})[name] = t
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    for param, moments in optimizer.state.items():  # saved contiguous: the moments go back to the
+        for name, t in moments.items():           # weights' layout (channels-last), as Adam made them
+            if name != "step":                    # (the step count stays where Adam keeps it)
+                moments[name] = torch.empty_like(param).copy_(t)
     torch.set_rng_state(tensors["rng.torch"])
     name, keys, *rest = state["rng_numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
@@ -252,8 +256,7 @@ def train(config: Config, run_dir: Path, overwrite: bool = False, progress: bool
     Launched by torchrun, the processes train together (see distributed.py) and rank 0 writes.
     """
     run_dir = Path(run_dir)
-    ctx = distributed.setup(device)
-    try:
+    with distributed.joined(device) as ctx:
         if ctx.is_main:
             checkpoint.check_run_dir(run_dir, overwrite)  # before the slow parts, and before anything is written
         config = absolute_paths(config)
@@ -262,8 +265,6 @@ def train(config: Config, run_dir: Path, overwrite: bool = False, progress: bool
             checkpoint.prepare_run_dir(run_dir, overwrite)  # only once data and model are known to be good
             checkpoint.write_text(run_dir / checkpoint.CONFIG_FILE, config_lib.dumps(config))  # what --resume reads
         return _fit(config, run_dir, data, model, None, ctx, progress, log)
-    finally:
-        distributed.teardown(ctx)
 
 
 def check_resumable(run_dir: Path) -> None:
@@ -283,8 +284,7 @@ def resume(run_dir: Path, progress: bool | None = None, log: Callable[[str], Non
     per process, the global batch then changes, so the rest is another run from that point."""
     run_dir = Path(run_dir)
     check_resumable(run_dir)
-    ctx = distributed.setup(device)
-    try:
+    with distributed.joined(device) as ctx:
         log = log if ctx.is_main else _quiet
         config = config_lib.load(run_dir / checkpoint.CONFIG_FILE)
         data, model = _setup(config, ctx, log)
@@ -292,8 +292,6 @@ def resume(run_dir: Path, progress: bool | None = None, log: Callable[[str], Non
         if state is None:
             log(f"{run_dir}: no training state saved yet; starting from the beginning")
         return _fit(config, run_dir, data, model, state, ctx, progress, log)
-    finally:
-        distributed.teardown(ctx)
 
 
 def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[dict, dict] | None, ctx: Context,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -40,7 +41,9 @@ def exact_fp32(monkeypatch):
 
 
 def _train(mnist_dir: Path, out: Path, device: str, *extra: str) -> Path:
-    result = run_cli("train", "--data-dir", str(mnist_dir), "--out", str(out), "--device", device, *SMALL, *extra)
+    # NVIDIA_TF32_OVERRIDE=0: no TF32 in the training process either, so that fp32 means fp32.
+    result = run_cli("train", "--data-dir", str(mnist_dir), "--out", str(out), "--device", device, *SMALL, *extra,
+                     env={"NVIDIA_TF32_OVERRIDE": "0"})
     assert result.returncode == 0, result.stderr
     return out
 
@@ -144,6 +147,9 @@ def test_compare_jobs_on_the_device(mnist_dir, tmp_path):
     gpus = min(2, torch.cuda.device_count()) if DEVICE == "cuda" else 0
     plan = next(line for line in result.stdout.splitlines() if line.startswith("2 runs, 2 at a time"))
     assert plan.endswith(f", on {gpus} GPUs") if gpus else "GPU" not in plan
+    # Each worker's training names the device it got: with 2 GPUs, one each.
+    used = set(re.findall(r" parameters; (cpu|cuda:\d+)", result.stdout))
+    assert used == ({f"cuda:{i}" for i in range(gpus)} if gpus else {"cpu"}), result.stdout
     for name in ("bhattacharyya-beta1-seed0", "kl-beta1-seed0"):
         assert json.loads((out / "runs" / name / "run.json").read_text())["device"] == DEVICE
         assert json.loads((out / "runs" / name / "metrics.json").read_text())["iwae_nll"]["device"] == DEVICE

@@ -203,3 +203,23 @@ def test_a_worker_error_goes_to_torchruns_error_file_or_to_stderr_with_its_rank(
     assert capsys.readouterr().err == ""
     data = json.loads(error_file.read_text())
     assert data["message"] == "data missing" and data["bdvae"] is True and data["timestamp"] > 0
+
+
+def test_the_group_is_left_after_a_normal_end_only(monkeypatch):
+    """joined() tears down after the block, also on a return from inside it, and not after an
+    error: then the other ranks may still be in a collective, and torchrun stops them."""
+    from bdvae import distributed
+
+    left = []
+    monkeypatch.setattr(distributed, "setup", lambda device: distributed.Context())
+    monkeypatch.setattr(distributed, "teardown", lambda ctx: left.append(ctx))
+
+    def returns_inside() -> int:
+        with distributed.joined("cpu"):
+            return 7
+
+    assert returns_inside() == 7 and len(left) == 1
+    with pytest.raises(ValueError, match="bad data"):
+        with distributed.joined("cpu"):
+            raise ValueError("bad data")
+    assert len(left) == 1

@@ -118,7 +118,7 @@ def setup(device: str = "auto") -> Context:
         raise BdvaeError(f"{', '.join(ENV_VARS)} must be integers (torchrun sets them)") from None
     check_gpus(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     ctx = Context(rank=rank, world_size=world_size, device=resolve_device(device, local_rank))
-    if ctx.device.type == "cuda":  # this process's GPU, before anything (NCCL too) touches one
+    if ctx.device.type == "cuda":  # this process's GPU (LOCAL_RANK), before anything (NCCL too) touches one
         torch.cuda.set_device(ctx.device)
     if world_size > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if ctx.device.type == "cuda" else "gloo"
@@ -130,9 +130,10 @@ def setup(device: str = "auto") -> Context:
 
 
 def teardown(ctx: Context) -> None:
-    """Wait for every rank, then leave the process group `setup` joined (one a caller made is left
-    alone). The wait keeps a rank from exiting while rank 0 still writes the run's last files: one
-    that left first could take torchrun's worker down with it (gloo aborted so, now and then)."""
+    """Wait for every rank, then leave the process group `setup` joined (one a caller made is not
+    destroyed; its ranks wait here all the same). The wait keeps a rank from exiting while rank 0
+    still writes the run's last files: one that left first could take torchrun's worker down with
+    it (gloo aborted so, now and then)."""
     if ctx.world_size > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier(device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     if ctx.owns_group and torch.distributed.is_initialized():
@@ -143,7 +144,8 @@ def teardown(ctx: Context) -> None:
 def joined(device: str = "auto") -> Iterator[Context]:
     """`setup`, then `teardown` when the block ends normally. After an error the group is left to
     the process's exit, as torchrun stops the other ranks: leaving it while they may still be in a
-    collective can hang (NCCL's in particular)."""
+    collective can hang (NCCL's in particular). A caller that catches the error and trains again
+    in the same process trains in that group, which is then the caller's to destroy."""
     ctx = setup(device)
     yield ctx
     teardown(ctx)

@@ -248,6 +248,27 @@ def test_two_processes_filling_one_cache_end_with_one_verified_copy(mnist_dir, t
     assert sorted(p.name for p in cache.iterdir()) == [".mnist.lock", "mnist"]  # no half-written copies left
 
 
+def test_data_fetch_rechecks_the_cache_under_its_lock(mnist_dir, tmp_path):
+    """`data fetch` reads a filled cache again under the lock that a forced fetch replaces the
+    folder under, so it never reads a folder that another process is swapping out."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from bdvae.locks import file_lock
+
+    cache = tmp_path / "cache"
+    shutil.copytree(mnist_dir / "mnist", cache / "mnist")
+    cmd = [sys.executable, "-m", "bdvae", "data", "fetch", "mnist", "--data-dir", str(cache)]
+    with file_lock(cache / ".mnist.lock"):  # as a forced fetch in another process holds it
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(5)  # the read of the cache alone takes about a second
+        assert proc.poll() is None  # waiting for the lock
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "mnist: verified arrays in" in out, err
+
+
 def test_a_folder_with_other_data_is_a_checksum_mismatch(mnist_dir, tmp_path):
     arrays, _ = data.read_cache(KNOWN["mnist"], mnist_dir / "mnist")
     arrays["test_images"] = arrays["test_images"].copy()

@@ -186,10 +186,11 @@ def cmd_classifier_scales(args: argparse.Namespace) -> None:
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> None:
-    from bdvae.data import KNOWN, fetch, read_cache
+    from bdvae.data import fetch
 
-    folder = fetch(args.name, data_dir=args.data_dir, source_dir=args.source_dir, force=args.force or bool(args.source_dir))
-    read_cache(KNOWN[args.name], folder)  # checks every array again, also when the cache was already there
+    # Every array is checked again, also when the cache was already there.
+    folder = fetch(args.name, data_dir=args.data_dir, source_dir=args.source_dir, force=args.force or bool(args.source_dir),
+                   recheck=True)
     print(f"{args.name}: verified arrays in {folder}")
 
 

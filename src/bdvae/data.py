@@ -311,26 +311,29 @@ def sources(known: KnownDataset) -> list[tuple[str, Callable[[], dict[str, np.nd
 
 
 def fetch(name: str, data_dir: Path | None = None, source_dir: Path | None = None, force: bool = False,
-          log: Callable[[str], None] = print) -> Path:
+          log: Callable[[str], None] = print, recheck: bool = False) -> Path:
     """Put the verified arrays of dataset `name` into the cache and return the cache folder.
 
     A filled cache is used as it is unless `force` is set. Otherwise a folder the user names
     (`source_dir`) is the only source, and its failure is an error; without one, the known
     sources are tried in order and the first that yields verified arrays wins. The source used
-    is reported through `log`.
+    is reported through `log`. `recheck`: verify every cached array again before returning, under
+    the cache's lock, so that no other process's forced fetch replaces the folder meanwhile.
     """
     known = KNOWN[name]
     target = (data_dir or default_data_dir()) / known.name
     if source_dir is not None and not source_dir.is_dir():
         raise BdvaeError(f"{source_dir}: not a folder (expected the four {name} IDX files there)")
-    if (target / "source.json").is_file() and not force:
+    if (target / "source.json").is_file() and not force and not recheck:
         return target
     # A second process filling the same cache waits here, then finds it filled. Where there is no
     # flock (Windows), the atomic rename in write_cache still keeps readers from a half-written cache.
     with file_lock(target.parent / f".{target.name}.lock"):
-        if (target / "source.json").is_file() and not force:
-            return target
-        return _fetch_into(known, target, source_dir, log)
+        if force or not (target / "source.json").is_file():
+            _fetch_into(known, target, source_dir, log)
+        if recheck:
+            read_cache(known, target)
+        return target
 
 
 def _fetch_into(known: KnownDataset, target: Path, source_dir: Path | None, log: Callable[[str], None]) -> Path:

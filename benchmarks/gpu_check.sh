@@ -3,8 +3,8 @@
 # download anything (as a lent GPU machine often cannot). Two steps:
 #
 #   bash benchmarks/gpu_check.sh prepare   # here, with bdvae installed and MNIST fetched: writes
-#                                          # .gpu/ (MNIST as IDX files, the tomli-w wheel), which
-#                                          # git ignores, to travel with the working tree (~12 MB)
+#                                          # .gpu/ (MNIST as IDX files, the tomli-w wheel; 11 MB,
+#                                          # in .gitignore), to be copied along to the GPU machine
 #   bash benchmarks/gpu_check.sh run       # there, from the repository root, with .gpu/ copied along:
 #                                          # python3 with a CUDA build of torch and bdvae's other
 #                                          # dependencies but tomli-w
@@ -19,7 +19,6 @@ cd "$(dirname "$0")/.."
 
 prepare() {
   mkdir -p .gpu/mnist .gpu/whl
-  grep -qxF '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
   python - <<'PY'
 """The verified MNIST arrays of the data cache as the four gzipped IDX files `data fetch` reads."""
 import gzip

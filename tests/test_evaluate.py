@@ -125,7 +125,8 @@ def test_the_iwae_decoder_computes_the_models_decoder_and_leaves_the_model_alone
 
 def _untrained_run(tmp_path, latent_dim: int = 16) -> Run:
     torch.manual_seed(0)
-    config = Config(model=ModelConfig(arch="conv", latent_dim=latent_dim))
+    # The reference architecture fixes 16 latent dimensions; the conv one takes any number.
+    config = Config(model=ModelConfig(arch="reference" if latent_dim == 16 else "conv", latent_dim=latent_dim))
     model = build_model(config.model, config.objective, (1, 32, 32)).eval()
     return Run(path=tmp_path, config=config, facts={"image_shape": [1, 32, 32]}, model=model)
 

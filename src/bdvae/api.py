@@ -67,11 +67,28 @@ class Run:
         return self.decode(mu)
 
     @torch.inference_mode()
-    def sample(self, n: int, seed: int | None = None) -> Tensor:
-        """Decode n draws z ~ N(0, I): (n, C, H, W) in [0, 1]."""
+    def sample(self, n: int, seed: int | None = None, sampler: str = "prior") -> Tensor:
+        """Decode n draws of z from `sampler`: "prior" (N(0, I)) or a sampler fitted in the run
+        directory (`bdvae sampler fit`, e.g. "gmm-10"); (n, C, H, W) in [0, 1]."""
+        from bdvae.samplers import load_sampler
+
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        latent_dim = self.config.model.latent_dim
-        return self.decode(torch.randn(n, latent_dim, generator=gen))
+        return self.decode(load_sampler(self.path, sampler, self.config.model.latent_dim).sample(n, gen))
+
+    def fit_sampler(self, kind: str, *, overwrite: bool = False, **options: Any) -> Any:  # -> Sampler
+        """Fit a latent sampler on the run's training latents, store it in RUN/samplers/ and return
+        it. `kind` is a kind ("gmm") or a name ("gmm-20"); `options` are samplers.FitOptions fields
+        (components, regularizer, seed, fit_on) and override what a name spells."""
+        import dataclasses
+
+        from bdvae.data import load_dataset
+        from bdvae.likelihoods import LIKELIHOODS
+        from bdvae.samplers import fit_sampler, parse_name
+
+        fit_options = dataclasses.replace(parse_name(kind), **options)
+        data = load_dataset(self.config.data)
+        binarize = LIKELIHOODS[self.config.objective.likelihood].binarize
+        return fit_sampler(self.path, self.model, binarize, data.train_images, fit_options, overwrite=overwrite)
 
 
 def load_run(run_dir: str | Path) -> Run:

@@ -93,10 +93,53 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise BdvaeError(f"-n must be positive, got {args.n}")
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise BdvaeError(f"--seed must be in [0, 2**63), got {args.seed}")
+    from bdvae.samplers import parse_name
+
+    sampler = parse_name(args.sampler).name  # an unknown name fails before anything is read
     _check_out(args.out, args.overwrite)
     run = load_run(args.run)
-    save_grid(run.sample(args.n, seed=args.seed), args.out)
-    print(f"wrote {args.n} samples from N(0, I) to {args.out}")
+    save_grid(run.sample(args.n, seed=args.seed, sampler=sampler), args.out)
+    source = "N(0, I)" if sampler == "prior" else f"the fitted sampler {sampler}"
+    print(f"wrote {args.n} samples from {source} to {args.out}")
+
+
+def cmd_sampler_fit(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from bdvae.api import load_run
+    from bdvae.samplers import parse_name, sampler_paths
+
+    named = parse_name(args.kind)  # "gmm" or "gmm-20"; the flags below override what a name spells
+    given = {key: value for key, value in (("components", args.components), ("regularizer", args.regularizer),
+                                           ("seed", args.seed), ("fit_on", args.fit_on)) if value is not None}
+    options = dataclasses.replace(named, **given)
+    if "-" in args.kind and options.name != named.name:
+        raise BdvaeError(f"sampler fit: {args.kind} and the options given name another sampler, {options.name}")
+    if options.kind == "prior":
+        raise BdvaeError("sampler fit: the prior N(0, I) needs no fitting; fit gmm or two_stage")
+    if (args.components is not None and options.kind != "gmm") or (args.regularizer is not None and options.kind != "two_stage"):
+        raise BdvaeError(f"sampler fit: --components is for gmm and --regularizer for two_stage, not {options.kind}")
+    run = load_run(args.run)
+    sampler = run.fit_sampler(options.kind, overwrite=args.overwrite,
+                              **{k: v for k, v in dataclasses.asdict(options).items() if k != "kind"})
+    print(f"fitted {options.name} ({sampler.latent_dim} latent dimensions); wrote {sampler_paths(args.run, options.name)[0]}")
+    print(f"draw from it with: bdvae sample {args.run} --sampler {options.name} --out samples-{options.name}.png")
+
+
+def cmd_sampler_list(args: argparse.Namespace) -> None:
+    from bdvae.checkpoint import RUN_FILE
+    from bdvae.samplers import fitted_names, read_facts
+
+    if not (args.run / RUN_FILE).is_file():
+        raise BdvaeError(f"{args.run}: not a finished run (no {RUN_FILE})")
+    names = fitted_names(args.run)
+    print(f"{'sampler':<20} {'fitted on':<26} {'seed':>5} {'seconds':>8}")
+    print(f"{'prior':<20} {'(N(0, I): nothing to fit)':<26} {'-':>5} {'-':>8}")
+    for name in names:
+        facts = read_facts(args.run, name)
+        fit = facts["fit"]
+        on = f"{fit['latents']} {'means' if fit['fit_on'] == 'mean' else 'z ~ q(z|x)'}"
+        print(f"{name:<20} {on:<26} {fit['seed']:>5} {facts.get('seconds', 0):>8.1f}")
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
@@ -144,7 +187,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     betas = _csv(args.beta, float, "--beta")
     if args.seeds <= 0 or (args.epochs is not None and args.epochs <= 0):
         raise BdvaeError(f"--seeds and --epochs must be positive, got {args.seeds} and {args.epochs}")
-    options = EvalOptions(k=args.k, samples=args.samples, test_size=args.test_size, precision=args.precision)
+    options = EvalOptions(k=args.k, samples=args.samples, test_size=args.test_size, precision=args.precision,
+                          samplers=tuple(_csv(args.samplers, str, "--samplers")))
     compare(base, regularizers, betas, args.seeds, args.out, epochs=args.epochs, options=options,
             progress=None if not args.quiet else False, jobs=args.jobs, device=args.device)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'report.html'}")
@@ -154,7 +198,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from bdvae.evaluate import EvalOptions, evaluate_run, format_table
 
     options = EvalOptions(k=args.k, samples=args.samples, test_size=args.test_size, seed=args.seed,
-                          max_batch=args.max_batch, pictures=not args.no_pictures, precision=args.precision)
+                          max_batch=args.max_batch, pictures=not args.no_pictures, precision=args.precision,
+                          samplers=tuple(_csv(args.samplers, str, "--samplers")))
     result = evaluate_run(args.run, options, progress=None if not args.quiet else False, device=args.device)
     print(format_table(result))
     print(f"wrote {args.run / 'metrics.json'} ({result['seconds']:.0f} s)")
@@ -194,6 +239,9 @@ def cmd_data_fetch(args: argparse.Namespace) -> None:
     print(f"{args.name}: verified arrays in {folder}")
 
 
+DEFAULT_COMPONENTS = 10  # samplers.DEFAULT_COMPONENTS, spelled here so that --help needs no torch
+SAMPLERS_HELP = ("comma-separated latent samplers whose samples are scored: prior, gmm-K, two_stage[-REGULARIZER]; "
+                 "those not fitted yet are fitted first, with seed 0 (default prior)")
 DEVICE_HELP = "auto (a CUDA GPU when there is one), cpu or cuda (default auto)"
 
 
@@ -230,8 +278,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--seed", type=int, default=None, help="seed of the draws (default: random)")
+    p.add_argument("--sampler", default="prior", help="prior (N(0, I), default) or a sampler fitted in the run "
+                   "with `bdvae sampler fit`, e.g. gmm-10 or two_stage")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_sample)
+
+    p = commands.add_parser("sampler", help="latent samplers fitted to a run's aggregate posterior q(z)")
+    sampler_commands = p.add_subparsers(dest="sampler_command", required=True, parser_class=_Parser)
+    p = sampler_commands.add_parser("fit", help="fit a sampler on the run's training latents; store it in RUN/samplers/")
+    p.add_argument("run", type=Path)
+    p.add_argument("kind", help="gmm (a Gaussian mixture, full covariances) or two_stage (a second VAE); "
+                   "a name such as gmm-20 or two_stage-kl spells its option")
+    p.add_argument("--components", type=int, help=f"gmm: mixture components (default {DEFAULT_COMPONENTS})")
+    p.add_argument("--regularizer", help="two_stage: the second VAE's regularizer (default bhattacharyya)")
+    p.add_argument("--seed", type=int, help="seed of the draws z ~ q(z|x) and of the fit (default 0)")
+    p.add_argument("--fit-on", choices=("sample", "mean"),
+                   help="sample: one z ~ q(z|x) per training image (default); mean: the posterior means")
+    p.add_argument("--overwrite", action="store_true", help="replace a sampler of that name fitted before")
+    p.set_defaults(func=cmd_sampler_fit)
+    p = sampler_commands.add_parser("list", help="the samplers fitted in a run directory")
+    p.add_argument("run", type=Path)
+    p.set_defaults(func=cmd_sampler_list)
 
     p = commands.add_parser("reconstruct", help="test images and their reconstructions, in alternating rows")
     p.add_argument("run", type=Path)
@@ -250,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=1000,
                    help="most latents decoded at once (default 1000; on a CPU the IWAE decodes at most 256 anyway)")
     p.add_argument("--no-pictures", action="store_true", help="skip the pictures in RUN/eval/")
+    p.add_argument("--samplers", default="prior", help=SAMPLERS_HELP)
     _add_precision_and_device(p, "where the IWAE runs (the rest of the evaluation stays on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
@@ -266,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=100, help="IWAE importance samples per image (default 100)")
     p.add_argument("--samples", type=int, default=10000, help="samples for the sample-quality scores (default 10000)")
     p.add_argument("--test-size", type=int, help="evaluate on the first N test images only (default: all)")
+    p.add_argument("--samplers", default="prior", help=SAMPLERS_HELP)
     _add_precision_and_device(p, "where the runs train and their IWAE runs")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train and evaluate N configurations at once, in separate processes (default 1)")

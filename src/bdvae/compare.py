@@ -39,7 +39,7 @@ class Entry:
     metrics: dict[str, Any]
 
 
-REQUIRED_KEYS = {"reconstruction", "divergences", "neg_elbo", "iwae_nll", "prior_match", "sample_quality",
+REQUIRED_KEYS = {"reconstruction", "divergences", "neg_elbo", "iwae_nll", "prior_match", "sample_quality", "samplers",
                  "likelihood_note", "test_images"}
 
 
@@ -85,6 +85,16 @@ def ensure_trained(config: Config, run_dir: Path, progress: bool | None, log: Ca
     train(config, run_dir, progress=progress, log=log, device=device)
 
 
+def _same_fits(run_dir: Path, scored: dict[str, Any], names: tuple[str, ...]) -> bool:
+    """Whether metrics["samplers"] scored exactly the samplers fitted in the run now (a refit with
+    --overwrite makes other arrays, and so another sha256)."""
+    from bdvae.samplers import is_fitted, read_facts
+
+    return all(name == "prior" or (is_fitted(run_dir, name)
+                                   and scored[name]["fit"]["sha256"] == read_facts(run_dir, name)["sha256"])
+               for name in names)
+
+
 def ensure_evaluated(run_dir: Path, options: EvalOptions, progress: bool | None,
                      log: Callable[[str], None], device: str = "auto") -> dict[str, Any]:
     """The run's metrics.json if it was computed with `options`, else a fresh evaluation."""
@@ -92,11 +102,12 @@ def ensure_evaluated(run_dir: Path, options: EvalOptions, progress: bool | None,
     if path.is_file():
         try:
             metrics = json.loads(path.read_text(encoding="utf-8"))
-            if (isinstance(metrics, dict) and metrics.get("options") == dataclasses.asdict(options)
-                    and REQUIRED_KEYS <= metrics.keys()):
+            asked = json.loads(json.dumps(dataclasses.asdict(options)))  # as JSON holds it: tuples become lists
+            if (isinstance(metrics, dict) and metrics.get("options") == asked
+                    and REQUIRED_KEYS <= metrics.keys() and _same_fits(run_dir, metrics["samplers"], options.samplers)):
                 return metrics
-        except (ValueError, OSError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            pass  # a damaged or foreign file is simply computed again
+        except (ValueError, OSError, BdvaeError, KeyError, TypeError):  # JSONDecodeError is a ValueError
+            pass  # a damaged or foreign file, or one scored with other fits, is simply computed again
     log(f"{run_dir.name}: evaluating")
     return evaluate_run(run_dir, options, progress=progress, log=log, device=device)
 

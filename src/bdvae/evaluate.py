@@ -29,6 +29,7 @@ from bdvae.errors import BdvaeError
 from bdvae.likelihoods import LIKELIHOODS
 from bdvae.model import VAE
 from bdvae.objective import regularizer
+from bdvae.samplers import Sampler, canonical_names, ensure_samplers, read_facts
 from bdvae.train import EVAL_BATCH, binarized, to_float
 
 METRICS_FILE = "metrics.json"
@@ -58,6 +59,9 @@ class EvalOptions:
     # average (README, Performance; benchmarks/performance.py measures both).
     precision: str = "auto"
     pictures: bool = True
+    # The latent samplers whose draws are scored ("prior" is N(0, I), always first); those not yet
+    # fitted in the run directory are fitted first, with their default options (samplers.py).
+    samplers: tuple[str, ...] = ("prior",)
 
     def __post_init__(self) -> None:
         for name, flag in (("k", "-k"), ("max_batch", "--max-batch")):
@@ -72,6 +76,14 @@ class EvalOptions:
             raise BdvaeError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.precision not in PRECISIONS:
             raise BdvaeError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        names = (self.samplers,) if isinstance(self.samplers, str) else self.samplers
+        object.__setattr__(self, "samplers", canonical_names(names))  # "gmm" -> "gmm-10", prior first
+
+
+def mean_and_error(v: Tensor) -> dict[str, float]:
+    """The mean of per-image values and its standard error."""
+    v = v.double()
+    return {"mean": v.mean().item(), "std_error": (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else 0.0}
 
 
 def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch: int = EVAL_BATCH) -> Tensor:
@@ -200,12 +212,12 @@ def iwae_nll(run: Run, x: Tensor, options: EvalOptions, gen: torch.Generator, pr
     return torch.cat(out)
 
 
-def score_samples(classifier: Any, real: Tensor, fake: Tensor) -> dict[str, Any]:
+def score_samples(classifier: Any, real: Tensor | tuple[Tensor, Tensor], fake: Tensor) -> dict[str, Any]:
     """Sample-quality scores of images `fake` against images `real` (N, 1, 32, 32) in [0, 1],
-    in the reference classifier's feature space."""
+    in the reference classifier's feature space; `real` may be given as its features_and_logits."""
     from bdvae.classifier import features_and_logits
 
-    real_feats, _ = features_and_logits(classifier, real)
+    real_feats, _ = features_and_logits(classifier, real) if isinstance(real, Tensor) else real
     fake_feats, fake_logits = features_and_logits(classifier, fake)
     counts, entropy = metrics.class_histogram(fake_logits)
     precision, recall = metrics.precision_recall(real_feats, fake_feats, k=3)
@@ -214,19 +226,47 @@ def score_samples(classifier: Any, real: Tensor, fake: Tensor) -> dict[str, Any]
             "class_entropy": entropy, "precision": precision, "recall": recall}
 
 
-def sample_quality(run: Run, data: Dataset, intensities: Tensor, options: EvalOptions) -> dict[str, Any] | None:
-    """Scores of options.samples decoded N(0, I) draws against the test images; None where the
-    reference classifier does not apply (not 32x32 MNIST)."""
-    from bdvae.classifier import classifier_facts, load_classifier
-
-    if run.config.data.name != "mnist" or tuple(data.shape) != (1, 32, 32):
-        return None
-    gen = torch.Generator().manual_seed(options.seed + 1)
-    z = torch.randn(options.samples, run.config.model.latent_dim, generator=gen)
+def decoded_samples(run: Run, sampler: Sampler, n: int, seed: int) -> Tensor:
+    """n images decoded from the sampler's draws, the same for the same seed. For the prior these
+    are the decoded z ~ N(0, I) that earlier versions scored (torch.randn with the seed)."""
+    z = sampler.sample(n, torch.Generator().manual_seed(seed))
     with torch.inference_mode():
-        samples = _batched(run.model.decode_mean, z)
-    return {"samples": options.samples, **score_samples(load_classifier(), intensities, samples),
-            "classifier": classifier_facts()}
+        return _batched(run.model.decode_mean, z)
+
+
+def has_reference_classifier(run: Run, data: Dataset) -> bool:
+    """Whether the reference classifier scores this run's samples: 32x32 MNIST only."""
+    return run.config.data.name == "mnist" and tuple(data.shape) == (1, 32, 32)
+
+
+def sampler_scores(run: Run, data: Dataset, intensities: Tensor, test_z: Tensor, samplers: dict[str, Sampler],
+                   options: EvalOptions, picture_dir: Path | None) -> dict[str, dict[str, Any]]:
+    """Per sampler: the sample-quality scores of options.samples decoded draws against the test
+    images (None where the reference classifier does not apply), the mean log density of the
+    test latents `test_z` (one z ~ q(z|x) per test image, never seen by a fit) under it, and the
+    ratio of the prior's Fréchet distance to its own; its first 64 samples as eval/samples-NAME.png."""
+    from bdvae.classifier import classifier_facts, features_and_logits, load_classifier
+
+    classifier = load_classifier() if has_reference_classifier(run, data) else None
+    real = features_and_logits(classifier, intensities) if classifier is not None else None
+    out: dict[str, dict[str, Any]] = {}
+    for name, sampler in samplers.items():
+        images = decoded_samples(run, sampler, options.samples, options.seed + 1)
+        quality = None
+        if classifier is not None:
+            quality = {"samples": options.samples, **score_samples(classifier, real, images),
+                       "classifier": classifier_facts()}
+        density = sampler.log_density(test_z, torch.Generator().manual_seed(options.seed + 3))
+        out[name] = {"sample_quality": quality, "test_latent_log_density": mean_and_error(density),
+                     "fit": None if name == "prior" else read_facts(run.path, name)}
+        if picture_dir is not None:
+            picture_dir.mkdir(exist_ok=True)
+            pictures.save_grid(images[:64], picture_dir / f"samples-{name}.png")
+    prior_fd = (out["prior"]["sample_quality"] or {}).get("frechet_distance")
+    for entry in out.values():
+        fd = (entry["sample_quality"] or {}).get("frechet_distance")
+        entry["frechet_ratio"] = prior_fd / fd if prior_fd is not None and fd else None
+    return out
 
 
 def blurred(images: Tensor, sigma: float) -> Tensor:
@@ -240,19 +280,25 @@ def blurred(images: Tensor, sigma: float) -> Tensor:
 
 
 def reference_scores(data: Dataset, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """The sample-quality scores on reference sets, to give them a scale: the two halves of the
-    test set against each other (as good as it gets), blurred test images, and uniform noise."""
-    from bdvae.classifier import load_classifier
+    """The sample-quality scores on reference sets, to give them a scale: as many real training
+    images as there are test images (real data: what a perfect generator would score), the two
+    halves of the test set against each other (fewer images and, in MNIST, different writers:
+    its first 5,000 images come from other writers than its last), blurred test images, and
+    uniform noise."""
+    from bdvae.classifier import features_and_logits, load_classifier
 
     classifier = load_classifier()
     test = to_float(data.test_images)
     half = len(test) // 2
     noise = torch.rand(test.shape, generator=torch.Generator().manual_seed(seed))
+    real = features_and_logits(classifier, test)
+    train = to_float(data.train_images[:len(test)])
     return {
+        f"{len(train):,} training images": score_samples(classifier, real, train),
         "test half vs other half": score_samples(classifier, test[:half], test[half:]),
-        "test blurred, sigma 1 px": score_samples(classifier, test, blurred(test, 1.0)),
-        "test blurred, sigma 2 px": score_samples(classifier, test, blurred(test, 2.0)),
-        "uniform noise": score_samples(classifier, test, noise),
+        "test blurred, sigma 1 px": score_samples(classifier, real, blurred(test, 1.0)),
+        "test blurred, sigma 2 px": score_samples(classifier, real, blurred(test, 2.0)),
+        "uniform noise": score_samples(classifier, real, noise),
     }
 
 
@@ -296,9 +342,13 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
                          f"the run was trained on {run.image_shape}")
     if len(data.test_images) < MIN_IMAGES:
         raise BdvaeError(f"{run_dir}: evaluation needs at least {MIN_IMAGES} test images, the data has {len(data.test_images)}")
+    binarize = LIKELIHOODS[objective.likelihood].binarize
+    # Before the IWAE's minutes: a damaged or mismatched sampler file fails here, in one line.
+    samplers = ensure_samplers(Path(run_dir), run.model, binarize, data.train_images, options.samplers,
+                               run.config.model.latent_dim, log)
     intensities = to_float(data.test_images)
     gen = torch.Generator().manual_seed(options.seed)
-    x = binarized(intensities, gen) if LIKELIHOODS[objective.likelihood].binarize else intensities
+    x = binarized(intensities, gen) if binarize else intensities
     n = len(x)
 
     terms = reconstruction_and_divergences(run, x, intensities, gen)
@@ -306,10 +356,6 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
     nll = iwae_nll(run, x, options, gen, progress, where)
     iwae_seconds = time.perf_counter() - t0
     neg_elbo = terms["recon_nll"] + terms["kl"]
-
-    def mean_and_error(v: Tensor) -> dict[str, float]:
-        v = v.double()
-        return {"mean": v.mean().item(), "std_error": (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else 0.0}
 
     result: dict[str, Any] = {
         "run": str(run_dir),
@@ -330,8 +376,10 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
                      "device": where.type,
                      "importance_samples_per_second": n * options.k / iwae_seconds},
         "prior_match": metrics.prior_match(terms["z"], terms["mu"], torch.Generator().manual_seed(options.seed + 2)),
-        "sample_quality": sample_quality(run, data, intensities, options),
     }
+    picture_dir = Path(run_dir) / PICTURES_DIR if options.pictures else None
+    result["samplers"] = sampler_scores(run, data, intensities, terms["z"], samplers, options, picture_dir)
+    result["sample_quality"] = result["samplers"]["prior"]["sample_quality"]  # as before samplers came
     if options.pictures:
         result["pictures"] = [f"{PICTURES_DIR}/{name}" for name in
                               write_pictures(run, intensities, data.test_labels, terms, Path(run_dir) / PICTURES_DIR)]
@@ -368,5 +416,13 @@ def format_table(m: dict[str, Any]) -> str:
         ]
     else:
         rows.append(("samples", "no sample-quality scores: the reference classifier knows 32x32 MNIST only"))
+    for name, entry in m.get("samplers", {}).items():
+        density = entry["test_latent_log_density"]
+        rows.append((f"sampler {name}: test-latent ln p(z)", f"{density['mean']:.2f} ± {density['std_error']:.2f}"))
+        q = entry["sample_quality"]
+        if q is not None and name != "prior":
+            rows += [(f"  Fréchet (prior / this: {entry['frechet_ratio']:.2f}x)", f"{q['frechet_distance']:.2f}"),
+                     ("  classifier score, entropy", f"{q['classifier_score']:.2f}, {q['class_entropy']:.3f}"),
+                     ("  precision / recall (k=3)", f"{q['precision']:.3f} / {q['recall']:.3f}")]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

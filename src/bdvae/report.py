@@ -2,7 +2,9 @@
 
 Both hold the metrics table (mean ± std over seeds), the three pictures and the latent histograms
 of each configuration side by side (its first seed), and the rate-distortion plot
-OUT/rate_distortion.png.
+OUT/rate_distortion.png. Where the runs were evaluated with fitted latent samplers, a second table
+gives each sampler's sample quality and prior-hole figures, and a picture row per configuration
+shows their samples side by side.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ COLUMNS: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("precision ↑", ("sample_quality", "precision"), 3),
     ("recall ↑", ("sample_quality", "recall"), 3),
 )
+# Per sampler, read from metrics["samplers"][NAME]: the sample-quality columns above, and the prior hole.
+SAMPLER_COLUMNS: tuple[tuple[str, tuple[str, ...], int], ...] = (
+    *(column for column in COLUMNS if column[1][0] == "sample_quality"),
+    ("test-latent ln p(z) ↑", ("test_latent_log_density", "mean"), 2),
+    ("Fréchet prior / this ↑", ("frechet_ratio",), 2),
+)
 PICTURES = (("originals", "originals.png"), ("reconstructions", "reconstructions.png"),
             ("samples from N(0, I)", "samples.png"), ("latent histograms", "eval/latent_histograms.png"))
 
@@ -64,15 +72,35 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _cells(metrics: Sequence[dict[str, Any]], columns: Sequence[tuple[str, tuple[str, ...], int]]
+           ) -> dict[str, tuple[float, float] | None]:
+    """(mean, std) over the seeds' metrics per column; None where no seed has the value."""
+    cells: dict[str, tuple[float, float] | None] = {}
+    for label, path, _ in columns:
+        values = [v for m in metrics if (v := _get(m, path)) is not None]
+        cells[label] = mean_std(values) if values else None
+    return cells
+
+
 def summary_rows(entries: Sequence[Entry]) -> list[dict[str, Any]]:
     """One row per configuration: its name, seed count and (mean, std) per column (None if absent)."""
+    return [{"regularizer": reg, "beta": beta, "seeds": len(members), "cells": _cells([e.metrics for e in members], COLUMNS)}
+            for (reg, beta), members in group(entries).items()]
+
+
+def sampler_names(entries: Sequence[Entry]) -> list[str]:
+    """Every sampler some run was evaluated with, in the order first seen (the prior first)."""
+    return list(dict.fromkeys(name for e in entries for name in e.metrics.get("samplers", {})))
+
+
+def sampler_rows(entries: Sequence[Entry]) -> list[dict[str, Any]]:
+    """One row per configuration and sampler, over the seeds evaluated with that sampler."""
     rows = []
     for (reg, beta), members in group(entries).items():
-        cells: dict[str, tuple[float, float] | None] = {}
-        for label, path, _ in COLUMNS:
-            values = [v for e in members if (v := _get(e.metrics, path)) is not None]
-            cells[label] = mean_std(values) if values else None
-        rows.append({"regularizer": reg, "beta": beta, "seeds": len(members), "cells": cells})
+        for name in sampler_names(members):
+            found = [m["samplers"][name] for e in members if name in (m := e.metrics).get("samplers", {})]
+            rows.append({"regularizer": reg, "beta": beta, "sampler": name, "seeds": len(found),
+                         "cells": _cells(found, SAMPLER_COLUMNS)})
     return rows
 
 
@@ -84,12 +112,14 @@ def _cell(value: tuple[float, float] | None, decimals: int, seeds: int) -> str:
 
 
 HEADER = ("regularizer", "β", "seeds", *(label for label, _, _ in COLUMNS))
+SAMPLER_HEADER = ("regularizer", "β", "sampler", "seeds", *(label for label, _, _ in SAMPLER_COLUMNS))
 
 
 def row_values(r: dict[str, Any]) -> list[str]:
-    """One summary row as the texts of its table cells, in HEADER order."""
-    return [r["regularizer"], f"{r['beta']:g}", str(r["seeds"]),
-            *(_cell(r["cells"][label], d, r["seeds"]) for label, _, d in COLUMNS)]
+    """One summary row as the texts of its table cells, in HEADER order (SAMPLER_HEADER for a sampler row)."""
+    columns = SAMPLER_COLUMNS if "sampler" in r else COLUMNS
+    return [r["regularizer"], f"{r['beta']:g}", *([r["sampler"]] if "sampler" in r else []), str(r["seeds"]),
+            *(_cell(r["cells"][label], d, r["seeds"]) for label, _, d in columns)]
 
 
 def summary_line(rows: list[dict[str, Any]]) -> str:
@@ -98,8 +128,8 @@ def summary_line(rows: list[dict[str, Any]]) -> str:
             "mean ± std over seeds; ↓ lower is better, ↑ higher is better.")
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+def markdown_table(rows: list[dict[str, Any]], header: Sequence[str] = HEADER) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row_values(r)) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -130,6 +160,18 @@ def _first_runs(entries: Sequence[Entry]) -> list[tuple[str, Entry]]:
     return [(f"{reg}, β={beta:g} (seed {members[0].seed})", members[0]) for (reg, beta), members in group(entries).items()]
 
 
+def _sampler_pictures(entries: Sequence[Entry]) -> list[tuple[str, str]]:
+    """(sampler, picture path in a run) for the samples of each sampler, when any was fitted."""
+    names = sampler_names(entries)
+    return [(f"samples from {name}", f"eval/samples-{name}.png") for name in names] if len(names) > 1 else []
+
+
+SAMPLERS_NOTE = ("Fitted samplers draw z from a density fitted to the aggregate posterior q(z) on the training "
+                 "latents, then decode it; the test-latent ln p(z) is the mean log density (nats) of one "
+                 "z ~ q(z|x) per test image under the sampler (the prior: N(0, I)), higher where q(z) is matched; "
+                 "“Fréchet prior / this” is how many times lower the sampler's Fréchet distance is than the prior's.")
+
+
 def _notes(entries: Sequence[Entry]) -> list[str]:
     first = entries[0].metrics
     notes = [first.get("likelihood_note", "")]
@@ -144,46 +186,82 @@ def _notes(entries: Sequence[Entry]) -> list[str]:
 
 def markdown(entries: Sequence[Entry], rows: list[dict[str, Any]], out: Path) -> str:
     parts = ["# bdvae comparison", "", summary_line(rows), "",
-             markdown_table(rows), "", *(f"- {n}" for n in _notes(entries)), "",
-             "## Rate–distortion", "", "![rate-distortion](rate_distortion.png)", "", "## Pictures", ""]
-    header = ["configuration", *(name for name, _ in PICTURES)]
-    parts += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for title, e in _first_runs(entries):
-        rel = e.run_dir.relative_to(out)
-        parts.append("| " + " | ".join([title, *(f"![{name}]({(rel / f).as_posix()})" for name, f in PICTURES)]) + " |")
-    return "\n".join(parts) + "\n"
+             markdown_table(rows), "", *(f"- {n}" for n in _notes(entries)), ""]
+    sampler_pics = _sampler_pictures(entries)
+    if sampler_pics:
+        parts += ["## Samplers", "", markdown_table(sampler_rows(entries), SAMPLER_HEADER), "", SAMPLERS_NOTE, ""]
+    parts += ["## Rate–distortion", "", "![rate-distortion](rate_distortion.png)", ""]
+    for title, pics in (("Pictures", PICTURES), ("Samples per sampler", tuple(sampler_pics))):
+        if not pics:
+            continue
+        header = ["configuration", *(name for name, _ in pics)]
+        parts += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for conf, e in _first_runs(entries):
+            rel = e.run_dir.relative_to(out)
+            parts.append("| " + " | ".join([conf, *(f"![{name}]({(rel / f).as_posix()})" for name, f in pics)]) + " |")
+        parts.append("")
+    return "\n".join(parts)
 
 
-def _img(path: Path) -> str:
+def _img(path: Path, css_class: str = "") -> str:
     if not path.is_file():
         return "<em>missing</em>"
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
+    klass = f' class="{css_class}"' if css_class else ""
+    return f'<img{klass} src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
+
+
+def _html_table(header: Sequence[str], rows: list[dict[str, Any]]) -> str:
+    """A table in a box of its own that scrolls sideways when it is wider than the page."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row_values(r)) + "</tr>" for r in rows)
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
+
+
+def _figures(entries: Sequence[Entry], pics: Sequence[tuple[str, str]]) -> str:
+    """Per configuration (its first seed), its pictures side by side, wrapping onto the next line."""
+    parts = []
+    for conf, e in _first_runs(entries):
+        figures = "".join(f"<figure>{_img(e.run_dir / f, 'wide' if f.endswith('histograms.png') else 'grid')}"
+                          f"<figcaption>{html.escape(name)}</figcaption></figure>" for name, f in pics)
+        parts.append(f"<h3>{html.escape(conf)}</h3><div class=\"figures\">{figures}</div>")
+    return "".join(parts)
 
 
 def html_page(entries: Sequence[Entry], rows: list[dict[str, Any]], out: Path) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row_values(r)) + "</tr>" for r in rows)
-    pics_head = "".join(f"<th>{html.escape(name)}</th>" for name in ["configuration", *(n for n, _ in PICTURES)])
-    pics = "".join("<tr>" + f"<th>{html.escape(title)}</th>" + "".join(f"<td>{_img(e.run_dir / f)}</td>" for _, f in PICTURES)
-                   + "</tr>" for title, e in _first_runs(entries))
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in _notes(entries))
+    sampler_pics = _sampler_pictures(entries)
+    samplers = ""
+    if sampler_pics:
+        samplers = (f"<h2>Samplers</h2>{_html_table(SAMPLER_HEADER, sampler_rows(entries))}"
+                    f"<p>{html.escape(SAMPLERS_NOTE)}</p>"
+                    f"<h2>Samples per sampler (first seed of each configuration)</h2>{_figures(entries, sampler_pics)}")
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>bdvae comparison</title>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>bdvae comparison</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; vertical-align: top; }}
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1400px; color: #222; }}
+.scroll {{ overflow-x: auto; max-width: 100%; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; vertical-align: top; white-space: nowrap; }}
 th {{ background: #f3f3f3; }}
-td img {{ max-width: 360px; image-rendering: pixelated; }}
+.figures {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+figure {{ margin: 0; }}
+figcaption {{ text-align: center; font-size: 0.9em; color: #555; }}
+img {{ max-width: 100%; height: auto; }}
+img.grid {{ width: 272px; image-rendering: pixelated; }}
+img.plot {{ width: 560px; }}
+figure:has(img.wide) {{ flex-basis: 100%; }}
+img.wide {{ width: 1200px; }}
 </style></head><body>
 <h1>bdvae comparison</h1>
 <p>{html.escape(summary_line(rows))}</p>
-<table><tr>{head}</tr>{body}</table>
+{_html_table(HEADER, rows)}
 <ul>{notes}</ul>
-<h2>Rate–distortion</h2>{_img(out / "rate_distortion.png")}
+{samplers}
+<h2>Rate–distortion</h2>{_img(out / "rate_distortion.png", "plot")}
 <h2>Pictures (first seed of each configuration)</h2>
-<table><tr>{pics_head}</tr>{pics}</table>
+{_figures(entries, PICTURES)}
 </body></html>
 """
 
@@ -195,5 +273,3 @@ def write_report(out: Path, entries: Sequence[Entry]) -> tuple[Path, Path]:
     checkpoint.write_text(out / "report.md", markdown(entries, rows, out))
     checkpoint.write_text(out / "report.html", html_page(entries, rows, out))
     return out / "report.md", out / "report.html"
-
-

@@ -1,0 +1,485 @@
+"""Latent samplers: the density z is drawn from before it is decoded into an image.
+
+The reference design decodes z ~ N(0, I). After training, the aggregate posterior
+q(z) = E_x q(z|x) is not N(0, I): decoding prior draws also lands in regions no training image
+maps to (the "prior hole"), and those decode to blends of digits. A fitted sampler is a density
+fitted to q(z) after training, on one draw z ~ q(z|x) per training image (or the posterior means,
+``fit_on="mean"``), then sampled from (Ghosh et al. 2020, ex-post density estimation; Dai & Wipf
+2019, the two-stage VAE; pythae's samplers follow the same protocol).
+
+``SAMPLERS`` maps a kind to its class. A sampler's name is its kind with its options: ``prior``,
+``gmm-10`` (a 10-component Gaussian mixture), ``two_stage`` (a second VAE regularized by BD) or
+``two_stage-kl`` (by another regularizer). A fitted sampler lives in RUN/samplers/ as NAME.safetensors
+(its arrays: never a pickle, so drawing from it needs only torch) and NAME.json beside it (kind,
+options, what it was fitted on, the sha256 of the arrays), written in that order: a sampler without
+its JSON is not fitted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from bdvae import checkpoint, metrics
+from bdvae.errors import BdvaeError, first_line
+
+SAMPLERS_DIR = "samplers"
+FIT_ON = ("sample", "mean")
+ENCODE_BATCH = 1000
+DEFAULT_COMPONENTS = 10
+DEFAULT_REGULARIZER = "bhattacharyya"
+_LN_2PI = math.log(2.0 * math.pi)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitOptions:
+    """What to fit and how: the kind with its options, the seed, and which latents of the training set."""
+
+    kind: str
+    components: int = DEFAULT_COMPONENTS  # gmm: mixture components
+    regularizer: str = DEFAULT_REGULARIZER  # two_stage: the second VAE's regularizer
+    seed: int = 0  # the draws z ~ q(z|x) and the fit's own randomness (initialisation, data order)
+    fit_on: str = "sample"  # "sample": one z ~ q(z|x) per training image; "mean": the posterior means
+
+    def __post_init__(self) -> None:
+        from bdvae.regularizers import REGULARIZERS
+
+        if self.kind not in SAMPLERS:
+            raise BdvaeError(f"unknown sampler {self.kind!r}; valid kinds: {', '.join(SAMPLERS)}")
+        if self.components <= 0:
+            raise BdvaeError(f"--components must be positive, got {self.components}")
+        if self.regularizer not in REGULARIZERS:
+            raise BdvaeError(f"two_stage: unknown regularizer {self.regularizer!r}; valid: {', '.join(REGULARIZERS)}")
+        if not 0 <= self.seed < 2**63:
+            raise BdvaeError(f"--seed must be in [0, 2**63), got {self.seed}")
+        if self.fit_on not in FIT_ON:
+            raise BdvaeError(f"--fit-on must be one of {', '.join(FIT_ON)}, got {self.fit_on!r}")
+
+    @property
+    def name(self) -> str:
+        return SAMPLERS[self.kind].name_of(self)
+
+
+class Sampler:
+    """A density over z (D,) to draw from and to score latents with. Subclasses register a kind."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, latent_dim: int) -> None:
+        self.latent_dim = latent_dim
+
+    @classmethod
+    def name_of(cls, options: FitOptions) -> str:
+        return cls.kind
+
+    @classmethod
+    def options_from_suffix(cls, suffix: str) -> dict[str, Any]:
+        """The options spelled after the kind in a name ("10" in "gmm-10")."""
+        raise BdvaeError(f"sampler {cls.kind!r} takes no options, got {cls.kind}-{suffix}")
+
+    @classmethod
+    def fit(cls, z: Tensor, options: FitOptions, log: Callable[[str], None]) -> Sampler:
+        raise NotImplementedError
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n draws (n, D), float32."""
+        raise NotImplementedError
+
+    def log_density(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """ln p(z) of latents z (N, D), (N,) in nats (an estimate where the sampler says so)."""
+        raise NotImplementedError
+
+    def arrays(self) -> dict[str, Tensor]:
+        """What the file holds; from_arrays(arrays(), params()) rebuilds the sampler."""
+        return {}
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_arrays(cls, latent_dim: int, arrays: dict[str, Tensor], params: dict[str, Any]) -> Sampler:
+        raise NotImplementedError
+
+
+SAMPLERS: dict[str, type[Sampler]] = {}
+
+
+def register(kind: str) -> Callable[[type[Sampler]], type[Sampler]]:
+    def add(cls: type[Sampler]) -> type[Sampler]:
+        if kind in SAMPLERS:
+            raise ValueError(f"sampler {kind!r} registered twice")
+        cls.kind = kind
+        SAMPLERS[kind] = cls
+        return cls
+
+    return add
+
+
+@register("prior")
+class Prior(Sampler):
+    """N(0, I), the reference design's: nothing to fit."""
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return torch.randn(n, self.latent_dim, generator=generator)
+
+    def log_density(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return metrics.standard_normal_log_density(z.double())
+
+
+@register("gmm")
+class GaussianMixture(Sampler):
+    """p(z) = Σ_k w_k N(z | m_k, S_k) with full covariances, fitted by EM (scikit-learn's
+    GaussianMixture, k-means initialisation with the seed). Drawing and scoring use torch only:
+    the file holds w (K,), m (K, D) and S (K, D, D) in float64."""
+
+    def __init__(self, weights: Tensor, means: Tensor, covariances: Tensor, converged: bool = True) -> None:
+        super().__init__(means.shape[1])
+        self.weights, self.means, self.covariances = weights.double(), means.double(), covariances.double()
+        self.scale_tril = torch.linalg.cholesky(self.covariances)  # (K, D, D): z = m_k + L_k eps
+        self.converged = converged
+
+    @classmethod
+    def name_of(cls, options: FitOptions) -> str:
+        return f"gmm-{options.components}"
+
+    @classmethod
+    def options_from_suffix(cls, suffix: str) -> dict[str, Any]:
+        if not suffix.isdigit():
+            raise BdvaeError(f"sampler gmm-{suffix}: expected gmm-K with K the number of components, e.g. gmm-10")
+        return {"components": int(suffix)}
+
+    @classmethod
+    def fit(cls, z: Tensor, options: FitOptions, log: Callable[[str], None]) -> GaussianMixture:
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+        if options.components > len(z):
+            raise BdvaeError(f"gmm-{options.components}: more components than the {len(z)} latents to fit")
+        gmm = SkGaussianMixture(n_components=options.components, covariance_type="full", max_iter=500,
+                                reg_covar=1e-6, random_state=options.seed % 2**32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # reported below, in one line
+            try:
+                gmm.fit(z.double().numpy())
+            except ValueError as e:  # e.g. an ill-defined covariance when latents collapse onto a point
+                raise BdvaeError(f"gmm-{options.components}: {first_line(e)}") from None
+        if not gmm.converged_:
+            log(f"gmm-{options.components}: EM did not converge in {gmm.max_iter} iterations; using its last estimate")
+        return cls(torch.from_numpy(gmm.weights_), torch.from_numpy(gmm.means_), torch.from_numpy(gmm.covariances_),
+                   converged=bool(gmm.converged_))
+
+    def _distribution(self) -> torch.distributions.Distribution:
+        mixture = torch.distributions.Categorical(probs=self.weights)
+        return torch.distributions.MixtureSameFamily(
+            mixture, torch.distributions.MultivariateNormal(self.means, scale_tril=self.scale_tril))
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        component = torch.multinomial(self.weights, n, replacement=True, generator=generator)  # (n,)
+        eps = torch.randn(n, self.latent_dim, generator=generator, dtype=torch.float64)
+        z = self.means[component] + (self.scale_tril[component] @ eps.unsqueeze(-1)).squeeze(-1)  # (n, D)
+        return z.float()
+
+    def log_density(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self._distribution().log_prob(z.double())
+
+    def arrays(self) -> dict[str, Tensor]:
+        return {"weights": self.weights, "means": self.means, "covariances": self.covariances}
+
+    def params(self) -> dict[str, Any]:
+        return {"components": len(self.weights), "converged": self.converged}
+
+    @classmethod
+    def from_arrays(cls, latent_dim: int, arrays: dict[str, Tensor], params: dict[str, Any]) -> GaussianMixture:
+        weights, means, covariances = arrays["weights"], arrays["means"], arrays["covariances"]
+        k = len(weights)
+        if means.shape != (k, latent_dim) or covariances.shape != (k, latent_dim, latent_dim):
+            raise ValueError(f"arrays of shapes {tuple(means.shape)} and {tuple(covariances.shape)} do not make "
+                             f"{k} components over {latent_dim} dimensions")
+        return cls(weights, means, covariances, converged=bool(params.get("converged", True)))
+
+
+def gaussian_nll(z_hat: Tensor, z: Tensor, log_sigma: Tensor) -> Tensor:
+    """-ln N(z | z_hat, sigma² I) summed over the last axis: the second stage's likelihood."""
+    return (0.5 * ((z - z_hat) * torch.exp(-log_sigma)).square() + log_sigma + 0.5 * _LN_2PI).sum(-1)
+
+
+@register("two_stage")
+class TwoStage(Sampler):
+    """The two-stage VAE (Dai & Wipf 2019): a second, small VAE trained on the latent codes. Its
+    encoder maps z (D) to q(u|z) = N(mu, diag e^logvar) over u (D); its decoder maps u to the mean
+    of p(z|u) = N(z_hat(u), sigma² I) with sigma learned (their gamma, which lets the second stage
+    fit a q(z) that is not Gaussian); its regularizer is configurable, BD by default, so a BD model
+    stays BD through and through. Sampling decodes u ~ N(0, I) into z = z_hat(u).
+
+    ln p(z) has no closed form: log_density is the IWAE bound with LOG_DENSITY_K samples
+    (Burda et al. 2015), a lower bound, as -ln p(x) is for the images."""
+
+    WIDTHS = (256, 256)  # hidden sizes of the second VAE's encoder (the decoder mirrors them)
+    EPOCHS = 20
+    BATCH = 256
+    LR = 1e-3
+    LOG_DENSITY_K = 100
+
+    def __init__(self, vae: nn.Module, regularizer: str, losses: list[float] | None = None) -> None:
+        super().__init__(vae.decoder[-1].out_features)
+        self.vae = vae.eval()
+        self.regularizer = regularizer
+        self.losses = losses or []
+
+    @staticmethod
+    def build(latent_dim: int, log_sigma: float = 0.0) -> nn.Module:
+        from bdvae.model import VAE, mlp_decoder, mlp_encoder
+
+        shape = (latent_dim,)  # the "image" is the latent vector itself
+        encoder = mlp_encoder(shape, TwoStage.WIDTHS, latent_dim)  # type: ignore[arg-type]
+        decoder = nn.Sequential(*list(mlp_decoder(shape, TwoStage.WIDTHS, latent_dim))[:-1])  # type: ignore[arg-type]
+        return VAE(encoder, decoder, log_sigma=log_sigma, learn_sigma=True)
+
+    @classmethod
+    def name_of(cls, options: FitOptions) -> str:
+        return cls.kind if options.regularizer == DEFAULT_REGULARIZER else f"{cls.kind}-{options.regularizer}"
+
+    @classmethod
+    def options_from_suffix(cls, suffix: str) -> dict[str, Any]:
+        return {"regularizer": suffix}
+
+    @classmethod
+    def fit(cls, z: Tensor, options: FitOptions, log: Callable[[str], None]) -> TwoStage:
+        """Adam on the negative objective, -ln p(z|u) + D(q(u|z) || N(0, I)), over shuffled batches;
+        the initial weights, the data order and the noise come from the seed."""
+        from bdvae.regularizers import bind
+
+        z = z.float()
+        reg = bind(options.regularizer, alpha=0.5)  # renyi: of order 1/2 (twice BD), the objective config's default
+        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+            torch.manual_seed(options.seed)
+            vae = cls.build(z.shape[1])
+        gen = torch.Generator().manual_seed(options.seed)
+        optimizer = torch.optim.Adam(vae.parameters(), lr=cls.LR)
+        steps = cls.EPOCHS * math.ceil(len(z) / cls.BATCH)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        vae.train()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # matrices of 256 x 256: more threads only add synchronisation (benchmarks/samplers.py)
+        try:
+            losses = cls._train(vae, z, reg, optimizer, schedule, gen)
+        finally:
+            torch.set_num_threads(threads)
+        if not all(math.isfinite(v) for v in losses):
+            raise BdvaeError(f"two_stage: the second VAE's loss became non-finite ({losses[-1]}); try another --seed")
+        return cls(vae, options.regularizer, losses)
+
+    @classmethod
+    def _train(cls, vae: nn.Module, z: Tensor, reg: Callable[[Tensor, Tensor], Tensor], optimizer: torch.optim.Optimizer,
+               schedule: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator) -> list[float]:
+        """cls.EPOCHS epochs over shuffled batches; the mean loss per latent of each epoch."""
+        losses = []
+        for _ in range(cls.EPOCHS):
+            order = torch.randperm(len(z), generator=gen)
+            total = 0.0
+            for start in range(0, len(z), cls.BATCH):
+                batch = z[order[start: start + cls.BATCH]]
+                eps = torch.randn(len(batch), vae.decoder[-1].out_features, generator=gen)
+                z_hat, mu, logvar, _ = vae(batch, eps)
+                loss = (gaussian_nll(z_hat, batch, vae.log_sigma) + reg(mu, logvar)).sum()
+                optimizer.zero_grad(set_to_none=True)
+                (loss / len(batch)).backward()
+                optimizer.step()
+                schedule.step()
+                total += loss.item()
+            losses.append(total / len(z))
+        return losses
+
+    @torch.inference_mode()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        u = torch.randn(n, self.latent_dim, generator=generator)
+        return torch.cat([self.vae.decode(u[i: i + ENCODE_BATCH]) for i in range(0, n, ENCODE_BATCH)])
+
+    @torch.inference_mode()
+    def log_density(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        vae = self.vae
+
+        def log_pz_given_u(u: Tensor, zs: Tensor) -> Tensor:
+            return -gaussian_nll(vae.decode(u), zs, vae.log_sigma)
+
+        return metrics.iwae_log_likelihood(vae.encode, log_pz_given_u, z.float(), self.LOG_DENSITY_K,
+                                           max_batch=100 * self.LOG_DENSITY_K, generator=generator).double()
+
+    def arrays(self) -> dict[str, Tensor]:
+        return {k: v.detach().contiguous() for k, v in self.vae.state_dict().items()}
+
+    def params(self) -> dict[str, Any]:
+        return {"regularizer": self.regularizer, "widths": list(self.WIDTHS), "epochs": self.EPOCHS,
+                "batch_size": self.BATCH, "lr": self.LR, "log_density": f"IWAE bound, K={self.LOG_DENSITY_K}",
+                "sigma": math.exp(self.vae.log_sigma.item()), "losses": self.losses}
+
+    @classmethod
+    def from_arrays(cls, latent_dim: int, arrays: dict[str, Tensor], params: dict[str, Any]) -> TwoStage:
+        vae = cls.build(latent_dim)
+        vae.load_state_dict(arrays)
+        return cls(vae, str(params["regularizer"]), list(params.get("losses", [])))
+
+
+def parse_name(name: str) -> FitOptions:
+    """The options a sampler name spells: "gmm-10" -> gmm with 10 components, "two_stage-kl" ->
+    two_stage with KL, a bare kind -> its defaults. One line on an unknown name."""
+    kind, sep, suffix = name.strip().partition("-")
+    if kind not in SAMPLERS:
+        raise BdvaeError(f"unknown sampler {name!r}; valid: prior, gmm-K (e.g. gmm-10), two_stage, "
+                         f"two_stage-REGULARIZER")
+    options = FitOptions(kind=kind, **(SAMPLERS[kind].options_from_suffix(suffix) if sep else {}))
+    return options
+
+
+def canonical_names(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The names as parse_name spells them ("gmm" -> "gmm-10"), the prior first, each once."""
+    return tuple(dict.fromkeys(["prior", *(parse_name(n).name for n in names)]))
+
+
+def sampler_paths(run_dir: Path, name: str) -> tuple[Path, Path]:
+    """RUN/samplers/NAME.safetensors and RUN/samplers/NAME.json."""
+    folder = Path(run_dir) / SAMPLERS_DIR
+    return folder / f"{name}.safetensors", folder / f"{name}.json"
+
+
+def _digest(arrays: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        t = arrays[key].detach().contiguous().cpu()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def is_fitted(run_dir: Path, name: str) -> bool:
+    return name == "prior" or all(p.is_file() for p in sampler_paths(run_dir, name))
+
+
+def fitted_names(run_dir: Path) -> list[str]:
+    """The samplers fitted in a run directory, sorted (the prior, never stored, not among them)."""
+    folder = Path(run_dir) / SAMPLERS_DIR
+    return sorted(p.stem for p in folder.glob("*.json") if (folder / f"{p.stem}.safetensors").is_file())
+
+
+def save_sampler(run_dir: Path, sampler: Sampler, options: FitOptions, latents: int, seconds: float) -> Path:
+    """Write RUN/samplers/NAME.safetensors, then NAME.json (the sampler counts as fitted once both are there)."""
+    weights_path, json_path = sampler_paths(run_dir, options.name)
+    weights_path.parent.mkdir(exist_ok=True)
+    json_path.unlink(missing_ok=True)  # a refit: the old JSON must not vouch for the new arrays, even for a moment
+    arrays = {k: v.detach().contiguous().cpu() for k, v in sampler.arrays().items()}
+    with checkpoint.atomic_path(weights_path) as tmp:
+        save_file(arrays, str(tmp))
+    facts = {"name": options.name, "kind": options.kind, "latent_dim": sampler.latent_dim,
+             "fit": {"seed": options.seed, "fit_on": options.fit_on, "latents": latents},
+             "params": sampler.params(), "sha256": _digest(arrays), "seconds": round(seconds, 2)}
+    checkpoint.write_text(json_path, json.dumps(facts, indent=2) + "\n")
+    return weights_path
+
+
+def fit_command(run_dir: Path, options: FitOptions) -> str:
+    """The `bdvae sampler fit` command line that fits the sampler `options` names."""
+    extra = {"gmm": f" --components {options.components}",
+             "two_stage": f" --regularizer {options.regularizer}" if options.regularizer != DEFAULT_REGULARIZER else ""}
+    return f"bdvae sampler fit {run_dir} {options.kind}{extra.get(options.kind, '')}"
+
+
+def read_facts(run_dir: Path, name: str) -> dict[str, Any]:
+    """The JSON beside a fitted sampler; one line if it is missing or damaged."""
+    _, json_path = sampler_paths(run_dir, name)
+    if not json_path.is_file():
+        raise BdvaeError(f"{run_dir}: no fitted sampler {name!r}; fit it with: {fit_command(run_dir, parse_name(name))}")
+    try:
+        facts = json.loads(json_path.read_text(encoding="utf-8"))
+        missing = {"kind", "latent_dim", "sha256", "fit", "params"} - set(facts) if isinstance(facts, dict) else {"everything"}
+        if not missing:
+            missing = {"seed", "fit_on", "latents"} - set(facts["fit"]) if isinstance(facts["fit"], dict) else {"fit"}
+        if missing or not isinstance(facts["params"], dict):
+            raise ValueError(f"no {', '.join(sorted(missing or {'params'}))}")
+    except (ValueError, OSError) as e:
+        raise BdvaeError(f"{json_path}: damaged ({first_line(e)})") from None
+    return facts
+
+
+def load_sampler(run_dir: Path, name: str, latent_dim: int) -> Sampler:
+    """The sampler `name` of a run whose latents have `latent_dim` dimensions: the prior, or a
+    fitted one from RUN/samplers/, checked against its sha256 and the latent size."""
+    options = parse_name(name)
+    if options.kind == "prior":
+        return Prior(latent_dim)
+    name = options.name  # "gmm" is stored as gmm-10
+    weights_path, json_path = sampler_paths(run_dir, name)
+    facts = read_facts(run_dir, name)
+    if facts["kind"] != options.kind or facts["kind"] not in SAMPLERS:
+        raise BdvaeError(f"{json_path}: describes a sampler of kind {facts['kind']!r}, not {options.kind!r}")
+    if facts["latent_dim"] != latent_dim:
+        raise BdvaeError(f"{json_path}: fitted for {facts['latent_dim']} latent dimensions, this run's model "
+                         f"has {latent_dim}; fit it again with bdvae sampler fit --overwrite")
+    try:
+        arrays = load_file(str(weights_path))
+        if _digest(arrays) != facts["sha256"]:
+            raise ValueError("checksum mismatch")
+        return SAMPLERS[options.kind].from_arrays(latent_dim, arrays, facts["params"])
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise BdvaeError(f"{weights_path}: damaged sampler file ({first_line(e)})") from None
+
+
+@torch.inference_mode()
+def training_latents(model: nn.Module, images: Tensor, binarize: bool, fit_on: str, seed: int) -> Tensor:
+    """The latents a sampler is fitted on: per training image (uint8, (N, C, H, W)) one draw
+    z ~ q(z|x) (``fit_on="sample"``, pythae's protocol) or its mean mu; (N, D) float32. A binarized
+    model sees binarized images, as in training, drawn with the same seed."""
+    from bdvae.train import binarized, to_float
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, len(images), ENCODE_BATCH):
+        x = to_float(images[start: start + ENCODE_BATCH])
+        if binarize:
+            x = binarized(x, gen)
+        mu, logvar = model.encode(x)
+        out.append(mu if fit_on == "mean" else mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen))
+    return torch.cat(out)
+
+
+def fit_sampler(run_dir: Path, model: nn.Module, binarize: bool, train_images: Tensor, options: FitOptions,
+                log: Callable[[str], None] = print, overwrite: bool = False) -> Sampler:
+    """Fit the sampler `options` describes on the run's training latents and store it in
+    RUN/samplers/. An existing one is an error unless `overwrite`."""
+    if options.kind == "prior":
+        raise BdvaeError("the prior N(0, I) needs no fitting; fit gmm or two_stage")
+    if is_fitted(run_dir, options.name) and not overwrite:
+        raise BdvaeError(f"{sampler_paths(run_dir, options.name)[0]}: fitted already; pass --overwrite to fit it again")
+    started = time.perf_counter()
+    z = training_latents(model, train_images, binarize, options.fit_on, options.seed)
+    what = "posterior means" if options.fit_on == "mean" else "one z ~ q(z|x) per training image"
+    log(f"fitting {options.name} on {len(z)} latents ({what}, seed {options.seed})")
+    sampler = SAMPLERS[options.kind].fit(z, options, log)
+    save_sampler(run_dir, sampler, options, len(z), time.perf_counter() - started)
+    return sampler
+
+
+def ensure_samplers(run_dir: Path, model: nn.Module, binarize: bool, train_images: Tensor, names: tuple[str, ...],
+                    latent_dim: int, log: Callable[[str], None] = print) -> dict[str, Sampler]:
+    """The samplers `names` of a run, by name: loaded where fitted, else fitted with their default
+    options (seed 0) and stored first."""
+    out: dict[str, Sampler] = {}
+    for name in names:
+        options = parse_name(name)
+        if is_fitted(run_dir, options.name):
+            out[name] = load_sampler(run_dir, options.name, latent_dim)
+        else:
+            out[name] = fit_sampler(run_dir, model, binarize, train_images, options, log)
+    return out

@@ -1,0 +1,286 @@
+"""Latent samplers: fitting, storage, log densities, and `evaluate`/`compare`/`sample` with them end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from bdvae.api import load_run
+from bdvae.errors import BdvaeError
+from bdvae.samplers import (SAMPLERS, FitOptions, GaussianMixture, Prior, TwoStage, canonical_names, load_sampler,
+                            parse_name, sampler_paths, save_sampler)
+from conftest import run_cli
+
+MEANS = torch.tensor([[-4.0, 0.0], [3.0, 3.0], [3.0, -3.0]], dtype=torch.float64)
+WEIGHTS = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+COVARIANCES = torch.stack([torch.eye(2), torch.tensor([[1.0, 0.6], [0.6, 1.0]]), 0.25 * torch.eye(2)]).double()
+
+
+def mixture() -> GaussianMixture:
+    return GaussianMixture(WEIGHTS, MEANS, COVARIANCES)
+
+
+def draws(n: int, seed: int) -> torch.Tensor:
+    return mixture().sample(n, torch.Generator().manual_seed(seed))
+
+
+def fitted(kind: str, z: torch.Tensor, seed: int = 0, **options) -> object:
+    return SAMPLERS[kind].fit(z, FitOptions(kind=kind, seed=seed, **options), log=lambda m: None)
+
+
+@pytest.fixture
+def short_two_stage(monkeypatch):
+    monkeypatch.setattr(TwoStage, "EPOCHS", 8)
+
+
+def test_the_gmm_recovers_a_known_mixture():
+    gmm = fitted("gmm", draws(20000, seed=1), components=3)
+    key = lambda means: torch.argsort(means[:, 0] * 10 + means[:, 1])  # noqa: E731  (components are unordered)
+    mine, truth = key(gmm.means), key(MEANS)
+    torch.testing.assert_close(gmm.means[mine], MEANS[truth], atol=0.06, rtol=0)
+    torch.testing.assert_close(gmm.weights[mine], WEIGHTS[truth], atol=0.015, rtol=0)
+    torch.testing.assert_close(gmm.covariances[mine], COVARIANCES[truth], atol=0.08, rtol=0)
+
+
+def test_the_gmm_samples_its_own_density():
+    # The draws' empirical mean and covariance are those of the mixture it describes.
+    z = draws(200000, seed=2).double()
+    mean = (WEIGHTS[:, None] * MEANS).sum(0)
+    second = (WEIGHTS[:, None, None] * (COVARIANCES + MEANS[:, :, None] * MEANS[:, None, :])).sum(0)
+    torch.testing.assert_close(z.mean(0), mean, atol=0.03, rtol=0)
+    torch.testing.assert_close(torch.cov(z.T), second - torch.outer(mean, mean), atol=0.06, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gmm", "two_stage"])
+def test_a_stored_sampler_gives_the_same_draws_and_densities_as_the_fitted_one(kind, tmp_path, short_two_stage):
+    z = draws(3000, seed=3).float()
+    sampler = fitted(kind, z)
+    options = FitOptions(kind=kind)
+    save_sampler(tmp_path, sampler, options, len(z), seconds=1.0)
+    loaded = load_sampler(tmp_path, options.name, latent_dim=2)
+    assert type(loaded) is type(sampler)
+    gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    torch.testing.assert_close(loaded.sample(500, gen()), sampler.sample(500, gen()), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.log_density(z[:200], gen()), sampler.log_density(z[:200], gen()), rtol=0, atol=0)
+    assert not torch.equal(sampler.sample(500, gen()), sampler.sample(500, torch.Generator().manual_seed(8)))
+
+
+@pytest.mark.parametrize("kind", ["gmm", "two_stage"])
+def test_fitting_twice_with_the_same_seed_writes_the_same_file(kind, tmp_path, short_two_stage):
+    z = draws(3000, seed=4).float()
+    options = FitOptions(kind=kind, seed=5)
+    files = []
+    for folder in ("a", "b", "c"):
+        seed = 6 if folder == "c" else 5
+        (tmp_path / folder).mkdir()
+        save_sampler(tmp_path / folder, fitted(kind, z, seed=seed), options, len(z), seconds=0.0)
+        files.append(sampler_paths(tmp_path / folder, options.name)[0].read_bytes())
+    assert files[0] == files[1]
+    assert files[0] != files[2]  # another seed, another fit
+
+
+def test_the_second_stage_lowers_its_own_loss(short_two_stage):
+    sampler = fitted("two_stage", draws(3000, seed=5).float())
+    losses = sampler.losses
+    assert len(losses) == TwoStage.EPOCHS and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert losses[-1] <= min(losses[:-1]) + 0.05, losses  # still going down at the end, not diverging
+
+
+def test_the_second_stage_is_regularized_as_asked(short_two_stage):
+    z = draws(1000, seed=6).float()
+    bd, kl = fitted("two_stage", z), fitted("two_stage", z, regularizer="kl")
+    assert (bd.regularizer, kl.regularizer) == ("bhattacharyya", "kl")
+    # the same seed, the same data: only the regularizer differs, and KL ≈ 4 BD near the prior
+    assert kl.losses[0] > bd.losses[0] and kl.losses != bd.losses
+    assert parse_name("two_stage-kl") == FitOptions(kind="two_stage", regularizer="kl")
+
+
+def test_the_priors_draws_are_the_ones_evaluate_always_scored(trained_run):
+    from bdvae.evaluate import decoded_samples
+
+    run = load_run(trained_run)
+    d = run.config.model.latent_dim
+    before = torch.randn(300, d, generator=torch.Generator().manual_seed(1))  # what evaluate drew before samplers
+    torch.testing.assert_close(decoded_samples(run, Prior(d), 300, seed=1), run.decode(before), rtol=0, atol=0)
+
+
+def test_test_latents_are_likelier_under_a_gmm_fitted_to_their_mixture_than_under_the_prior():
+    train, test = draws(20000, seed=7), draws(5000, seed=8)
+    gmm = fitted("gmm", train, components=3)
+    prior = Prior(2)
+    gain = (gmm.log_density(test) - prior.log_density(test)).mean().item()
+    assert gain > 2.0, gain
+    # and the GMM's figure is the true mixture's, within sampling noise
+    truth = mixture().log_density(test)
+    assert abs(gmm.log_density(test).mean().item() - truth.mean().item()) < 0.02
+
+
+def test_on_standard_normal_latents_a_fitted_gmm_scores_as_the_prior_does():
+    gen = torch.Generator().manual_seed(9)
+    train, test = torch.randn(20000, 4, generator=gen), torch.randn(5000, 4, generator=gen)
+    gmm, prior = fitted("gmm", train, components=3), Prior(4)
+    diff = gmm.log_density(test) - prior.log_density(test)
+    std_error = diff.std().item() / math.sqrt(len(diff))
+    assert abs(diff.mean().item()) < max(3 * std_error, 0.01), (diff.mean().item(), std_error)
+
+
+def test_names_are_canonical_and_bad_names_are_one_line():
+    assert canonical_names(["gmm", "two_stage", "gmm-10", "prior"]) == ("prior", "gmm-10", "two_stage")
+    assert parse_name("gmm-3").components == 3
+    for bad, message in [("flow", "unknown sampler 'flow'"), ("gmm-x", "expected gmm-K"),
+                         ("gmm-0", "--components must be positive"), ("two_stage-nope", "unknown regularizer"),
+                         ("prior-3", "takes no options")]:
+        with pytest.raises(BdvaeError, match=message):
+            parse_name(bad)
+
+
+# End to end, on the session's small real run (12,000 training images, 16 latents).
+
+@pytest.fixture(scope="module")
+def evaluated(trained_run, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("samplers") / "run"
+    shutil.copytree(trained_run, run_dir)
+    result = run_cli("evaluate", str(run_dir), "--samplers", "gmm-3,two_stage", "-k", "2", "--samples", "500",
+                     "--test-size", "500", "--quiet")
+    assert result.returncode == 0, result.stderr
+    return run_dir, result.stdout
+
+
+def test_evaluate_fits_and_scores_every_sampler(evaluated):
+    run_dir, stdout = evaluated
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert list(m["samplers"]) == ["prior", "gmm-3", "two_stage"]
+    assert m["options"]["samplers"] == ["prior", "gmm-3", "two_stage"]
+    assert m["sample_quality"] == m["samplers"]["prior"]["sample_quality"]  # the prior's, as before samplers came
+    prior = m["samplers"]["prior"]
+    for name in ("gmm-3", "two_stage"):
+        entry = m["samplers"][name]
+        assert entry["sample_quality"]["samples"] == 500
+        assert entry["frechet_ratio"] == pytest.approx(
+            prior["sample_quality"]["frechet_distance"] / entry["sample_quality"]["frechet_distance"])
+        assert entry["fit"]["fit"] == {"seed": 0, "fit_on": "sample", "latents": 12000}
+        # q(z) is not N(0, I): a density fitted to it scores the unseen test latents higher
+        assert entry["test_latent_log_density"]["mean"] > prior["test_latent_log_density"]["mean"], name
+        assert (run_dir / "eval" / f"samples-{name}.png").stat().st_size > 500
+        assert f"sampler {name}: test-latent ln p(z)" in stdout
+    assert prior["frechet_ratio"] == 1.0
+    assert sorted(p.name for p in (run_dir / "samplers").iterdir()) == [
+        "gmm-3.json", "gmm-3.safetensors", "two_stage.json", "two_stage.safetensors"]
+
+
+def test_a_second_evaluate_reuses_the_fitted_samplers(evaluated):
+    run_dir, _ = evaluated
+    before = {p.name: p.read_bytes() for p in (run_dir / "samplers").iterdir()}
+    result = run_cli("evaluate", str(run_dir), "--samplers", "gmm-3", "-k", "2", "--samples", "300",
+                     "--test-size", "300", "--no-pictures", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "fitting" not in result.stdout
+    assert {p.name: p.read_bytes() for p in (run_dir / "samplers").iterdir()} == before
+
+
+def test_sample_and_the_api_draw_from_a_fitted_sampler(evaluated, tmp_path):
+    run_dir, _ = evaluated
+    result = run_cli("sample", str(run_dir), "--sampler", "gmm-3", "--seed", "1", "-n", "16", "--out", str(tmp_path / "g.png"))
+    assert result.returncode == 0, result.stderr
+    assert "the fitted sampler gmm-3" in result.stdout and (tmp_path / "g.png").stat().st_size > 200
+    run = load_run(run_dir)
+    a, b = run.sample(16, seed=1, sampler="gmm-3"), run.sample(16, seed=1, sampler="gmm-3")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, run.sample(16, seed=1))  # the prior's draws differ
+    listing = run_cli("sampler", "list", str(run_dir))
+    assert listing.returncode == 0, listing.stderr
+    names = [line.split()[0] for line in listing.stdout.splitlines()[1:]]
+    assert names == ["prior", "gmm-3", "two_stage"]
+    assert "12000 z ~ q(z|x)" in listing.stdout
+
+
+def test_sampler_fit_is_reproducible_and_keeps_what_was_fitted(trained_run, tmp_path):
+    copies = []
+    for name in ("a", "b"):
+        run_dir = tmp_path / name
+        shutil.copytree(trained_run, run_dir)
+        result = run_cli("sampler", "fit", str(run_dir), "gmm", "--components", "4", "--seed", "3", "--fit-on", "mean")
+        assert result.returncode == 0, result.stderr
+        assert "fitted gmm-4" in result.stdout
+        copies.append(run_dir)
+    files = [sampler_paths(d, "gmm-4")[0].read_bytes() for d in copies]
+    assert files[0] == files[1]
+    facts = json.loads(sampler_paths(copies[0], "gmm-4")[1].read_text())
+    assert facts["fit"] == {"seed": 3, "fit_on": "mean", "latents": 12000} and facts["latent_dim"] == 16
+    again = run_cli("sampler", "fit", str(copies[0]), "gmm-4")
+    assert again.returncode == 2 and "fitted already; pass --overwrite" in again.stderr
+    assert sampler_paths(copies[0], "gmm-4")[0].read_bytes() == files[0]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other latent size", "no json"])
+def test_a_bad_sampler_file_is_one_line_and_nothing_is_lost(evaluated, tmp_path, damage):
+    run_dir = tmp_path / "run"
+    shutil.copytree(evaluated[0], run_dir)
+    weights, facts = sampler_paths(run_dir, "gmm-3")
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-40])
+        message = "damaged sampler file"
+    elif damage == "other latent size":
+        z = torch.randn(2000, 8, generator=torch.Generator().manual_seed(0))
+        save_sampler(run_dir, fitted("gmm", z, components=3), FitOptions(kind="gmm", components=3), len(z), 0.0)
+        message = "fitted for 8 latent dimensions, this run's model has 16"
+    else:
+        facts.unlink()
+        message = "no fitted sampler 'gmm-3'; fit it with: bdvae sampler fit"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    commands = [["sample", str(run_dir), "--sampler", "gmm-3", "--out", str(tmp_path / "s.png")]]
+    if damage != "no json":  # without its JSON a sampler counts as never fitted: evaluate fits it
+        commands.append(["evaluate", str(run_dir), "--samplers", "gmm-3", "-k", "2", "--samples", "300",
+                         "--test-size", "300"])
+    for args in commands:
+        result = run_cli(*args)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "s.png").exists()
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["evaluate", "{run}", "--samplers", "prior,flow"], "unknown sampler 'flow'"),
+    (["sample", "{run}", "--sampler", "gmm-0", "--out", "{tmp}/s.png"], "--components must be positive"),
+    (["sampler", "fit", "{run}", "prior"], "needs no fitting"),
+    (["sampler", "fit", "{run}", "two_stage", "--components", "3"], "--components is for gmm"),
+    (["sampler", "fit", "{run}", "gmm", "--fit-on", "mode"], "invalid choice"),
+    (["sampler", "fit", "{run}", "gmm-20", "--components", "5"], "name another sampler, gmm-5"),
+    (["sampler", "list", "{tmp}"], "not a finished run"),
+])
+def test_bad_sampler_arguments_are_one_line(trained_run, tmp_path, args, message):
+    before = sorted(p.name for p in trained_run.rglob("*"))
+    result = run_cli(*(a.format(run=trained_run, tmp=tmp_path) for a in args))
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert sorted(p.name for p in trained_run.rglob("*")) == before
+
+
+def test_compare_scores_and_reports_every_sampler(mnist_dir, tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "--regularizers", "bhattacharyya", "--seeds", "1", "--epochs", "1", "--out", str(out),
+            "--data-dir", str(mnist_dir), "--set", "data.train_size=512", "--set", "train.batch_size=64",
+            "-k", "2", "--samples", "300", "--test-size", "300", "--samplers", "gmm-2", "--quiet"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    md = (out / "report.md").read_text()
+    assert "## Samplers" in md and "| bhattacharyya | 1 | prior | 1 |" in md and "| bhattacharyya | 1 | gmm-2 | 1 |" in md
+    assert "runs/bhattacharyya-beta1-seed0/eval/samples-gmm-2.png" in md
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 1 + 4 + 2  # the plot, 4 pictures, 2 samplers' samples
+    assert "missing" not in page and '<div class="scroll"><table>' in page
+    again = run_cli(*args)
+    assert again.returncode == 0 and "evaluating" not in again.stdout  # same options, same fits: reused
+    run_dir = out / "runs" / "bhattacharyya-beta1-seed0"
+    refit = run_cli("sampler", "fit", str(run_dir), "gmm-2", "--seed", "1", "--overwrite")
+    assert refit.returncode == 0, refit.stderr
+    third = run_cli(*args)
+    assert third.returncode == 0 and "evaluating" in third.stdout  # another fit: scored again
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["samplers"]["gmm-2"]["fit"]["fit"]["seed"] == 1

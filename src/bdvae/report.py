@@ -242,8 +242,8 @@ def html_page(entries: Sequence[Entry], rows: list[dict[str, Any]], out: Path) -
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1400px; color: #222; }}
 .scroll {{ overflow-x: auto; max-width: 100%; }}
-table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; vertical-align: top; white-space: nowrap; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.85em; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 6px; text-align: right; vertical-align: top; white-space: nowrap; }}
 th {{ background: #f3f3f3; }}
 .figures {{ display: flex; flex-wrap: wrap; gap: 1em; }}
 figure {{ margin: 0; }}

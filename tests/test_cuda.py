@@ -131,10 +131,11 @@ def test_evaluate_on_the_device(device_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(device_run, run_dir)
     result = run_cli("evaluate", str(run_dir), "-k", "4", "--samples", "300", "--test-size", "300",
-                     "--device", DEVICE, "--quiet")
+                     "--device", DEVICE, "--samplers", "gmm-3", "--quiet")
     assert result.returncode == 0, result.stderr
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["iwae_nll"]["device"] == DEVICE and f"on {DEVICE} (nats)" in result.stdout
+    assert list(m["samplers"]) == ["prior", "gmm-3"]  # fitted and scored on the CPU beside the device's IWAE
     assert m["neg_elbo"]["mean"] - 15 < m["iwae_nll"]["mean"] < m["neg_elbo"]["mean"]
 
 

@@ -88,13 +88,12 @@ def _check_out(path: Path, overwrite: bool, suffix: str | None = ".png") -> None
 def cmd_sample(args: argparse.Namespace) -> None:
     from bdvae.api import load_run
     from bdvae.pictures import save_grid
+    from bdvae.samplers import parse_name
 
     if args.n <= 0:
         raise BdvaeError(f"-n must be positive, got {args.n}")
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise BdvaeError(f"--seed must be in [0, 2**63), got {args.seed}")
-    from bdvae.samplers import parse_name
-
     sampler = parse_name(args.sampler).name  # an unknown name fails before anything is read
     _check_out(args.out, args.overwrite)
     run = load_run(args.run)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import re
 import shutil
 import tempfile
 import time
@@ -24,17 +22,9 @@ from bdvae.api import load_run
 from bdvae.data import load_dataset
 from bdvae.likelihoods import LIKELIHOODS
 from bdvae.samplers import Prior, fit_sampler, parse_name
+from performance import machine  # benchmarks/ is on the path of a script run from it
 
 DRAWS = 10000
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
-    try:
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-    except OSError:
-        found = None
-    return found.group(1).strip() if found else platform.processor() or platform.machine()
 
 
 def timed(fn, repeats: int = 3) -> float:
@@ -58,9 +48,11 @@ def main() -> None:
     data = load_dataset(run.config.data, log=lambda _: None)
     binarize = LIKELIHOODS[run.config.objective.likelihood].binarize
     test_z = run.encode(data.test_images[:DRAWS])[0]  # latents to score: the test posterior means
+    host = machine()
     results: dict[str, object] = {"run": str(args.run), "latents": len(data.train_images), "draws": DRAWS,
-                                  "cpu": cpu_name(), "threads": torch.get_num_threads(), "samplers": {}}
-    print(f"{results['cpu']}, {torch.get_num_threads()} threads; {len(data.train_images)} training latents")
+                                  "machine": host, "samplers": {}}
+    print(f"{host['cpu']} (bf16 units: {', '.join(host.get('bf16_units', [])) or 'none'}), {host['threads']} threads; "
+          f"{len(data.train_images)} training latents")
     print(f"{'sampler':<12} {'fit s':>7} {'z draws/s':>11} {'images/s':>9} {'ln p(z)/s':>10}")
     scratch = Path(tempfile.mkdtemp(prefix="bdvae-bench-"))
     try:

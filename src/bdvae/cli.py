@@ -118,9 +118,7 @@ def cmd_sampler_fit(args: argparse.Namespace) -> None:
         raise BdvaeError("sampler fit: the prior N(0, I) needs no fitting; fit gmm or two_stage")
     if (args.components is not None and options.kind != "gmm") or (args.regularizer is not None and options.kind != "two_stage"):
         raise BdvaeError(f"sampler fit: --components is for gmm and --regularizer for two_stage, not {options.kind}")
-    run = load_run(args.run)
-    sampler = run.fit_sampler(options.kind, overwrite=args.overwrite,
-                              **{k: v for k, v in dataclasses.asdict(options).items() if k != "kind"})
+    sampler = load_run(args.run).fit_sampler(args.kind, overwrite=args.overwrite, **given)
     print(f"fitted {options.name} ({sampler.latent_dim} latent dimensions); wrote {sampler_paths(args.run, options.name)[0]}")
     print(f"draw from it with: bdvae sample {args.run} --sampler {options.name} --out samples-{options.name}.png")
 

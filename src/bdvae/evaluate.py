@@ -250,8 +250,9 @@ def sampler_scores(run: Run, data: Dataset, intensities: Tensor, test_z: Tensor,
     classifier = load_classifier() if has_reference_classifier(run, data) else None
     real = features_and_logits(classifier, intensities) if classifier is not None else None
     out: dict[str, dict[str, Any]] = {}
+    n = options.samples if classifier is not None else 64  # without scores, only the picture's
     for name, sampler in samplers.items():
-        images = decoded_samples(run, sampler, options.samples, options.seed + 1)
+        images = decoded_samples(run, sampler, n, options.seed + 1)
         quality = None
         if classifier is not None:
             quality = {"samples": options.samples, **score_samples(classifier, real, images),

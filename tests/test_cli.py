@@ -87,6 +87,9 @@ def test_existing_run_directory_is_never_overwritten(trained_run):
     (["sample", "/nonexistent/run", "--out", "x.png"], "not a finished run"),
     (["data", "fetch", "mnist", "--source-dir", "/nonexistent/idx"], "/nonexistent/idx: not a folder"),
     (["teleport"], "invalid choice: 'teleport'"),
+    (["train", "--preset", "qualty"], "unknown preset 'qualty'; valid: quality, reference"),
+    (["compare", "--preset", "qualty", "--out", "x"], "unknown preset 'qualty'; valid: quality, reference"),
+    (["train", "--resume", "x", "--preset", "quality"], "it takes no --preset"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
     result = run_cli(*args, "--data-dir", str(tmp_path)) if args[0] == "data" else run_cli(*args)
@@ -165,3 +168,9 @@ def test_unwritable_output_directory_is_one_line(mnist_dir, tmp_path):
     assert result.returncode == 2
     assert f"{tmp_path / 'a-file' / 'run'}: cannot write there" in result.stderr and result.stderr.count("\n") == 1
     assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def test_train_help_lists_the_presets():
+    result = run_cli("train", "--help")
+    assert result.returncode == 0
+    assert "--preset NAME" in result.stdout and "quality, reference" in " ".join(result.stdout.split())

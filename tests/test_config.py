@@ -1,5 +1,7 @@
 """Config: TOML round trip, overrides, and one-line errors for unknown keys and invalid values."""
 
+import tomllib
+
 import pytest
 
 from bdvae import config as config_lib
@@ -61,3 +63,46 @@ def test_configs_are_frozen():
     config = Config()
     with pytest.raises(AttributeError):
         config.train.epochs = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", config_lib.preset_names())
+def test_every_shipped_preset_is_a_valid_config(name):
+    config = config_lib.load(preset=name)
+    assert isinstance(config, Config)
+    assert config_lib.load(preset=name) == config_lib.from_dict(tomllib.loads(config_lib.preset_text(name)))
+
+
+def test_the_presets_are_reference_and_quality():
+    assert {"reference", "quality"} <= set(config_lib.preset_names())
+    assert config_lib.load(preset="reference") == Config()  # the defaults: every earlier figure still holds
+    quality = config_lib.load(preset="quality")
+    assert quality.model.arch == "resnet" and quality.objective.likelihood == "bernoulli_binarized"
+    assert quality.train.lr_schedule == "cosine"
+
+
+def test_set_and_a_config_file_apply_on_top_of_a_preset(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nbatch_size = 64\n[objective]\nregularizer = \"kl\"\n")
+    quality = config_lib.load(preset="quality")
+    config = config_lib.load(path, ["train.epochs=2", "model.latent_dim=8"], preset="quality")
+    assert config.train.epochs == 2 and config.model.latent_dim == 8  # --set wins over the preset
+    assert config.train.batch_size == 64 and config.objective.regularizer == "kl"  # the file's keys replace the preset's
+    # ... and the preset's other keys of the same sections stay
+    assert config.train.lr_schedule == quality.train.lr_schedule == "cosine"
+    assert config.objective.likelihood == quality.objective.likelihood == "bernoulli_binarized"
+    assert config.model.arch == "resnet" and config.model.widths == quality.model.widths
+
+
+def test_an_unknown_preset_is_a_one_line_error_naming_the_valid_ones():
+    with pytest.raises(BdvaeError) as err:
+        config_lib.load(preset="qualty")
+    assert str(err.value) == f"unknown preset 'qualty'; valid: {', '.join(config_lib.preset_names())}"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.lr_schedule=linear"], "train.lr_schedule must be one of constant, cosine"),
+    (["model.arch=resnet", "model.blocks=-1"], "model.blocks applies to model.arch='resnet' only and must be >= 0"),
+])
+def test_new_fields_are_validated(overrides, message):
+    with pytest.raises(BdvaeError, match=message):
+        config_lib.load(None, overrides)

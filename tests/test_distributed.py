@@ -15,6 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from bdvae.api import load_run
+from bdvae.data import load_dataset
+from bdvae.train import evaluate_terms
 from conftest import assert_rows_close, interrupted_copy, run_cli, run_files, run_rows
 
 
@@ -223,3 +226,20 @@ def test_the_group_is_left_after_a_normal_end_only(monkeypatch):
         with distributed.joined("cpu"):
             raise ValueError("bad data")
     assert len(left) == 1
+
+
+def test_two_processes_evaluate_a_batchnorm_model_with_the_saved_statistics(mnist_dir, tmp_path):
+    """Each rank's last training step moves its own BatchNorm running statistics; the test pass
+    (2,000 images: each rank scores 1,000) must use rank 0's, the ones saved, on every rank."""
+    out = tmp_path / "run"
+    result = run_cli("train", "--data-dir", str(mnist_dir), "--out", str(out), "--preset", "quality", "--quiet",
+                     "--set", "data.train_size=256", "--set", "data.test_size=2000", "--set", "train.epochs=1",
+                     "--set", "train.batch_size=32", "--set", "train.mixed_precision=false",
+                     "--set", "train.threads=1", "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    run = load_run(out)
+    data = load_dataset(run.config.data, log=lambda _: None)
+    again = evaluate_terms(run.model, data.test_images, run.config, seed=run.config.train.seed)
+    row = run_rows(out)[-1]
+    for name in ("recon_nll", "kl", "bhattacharyya"):
+        assert row[f"test_{name}"] == pytest.approx(again[name], rel=1e-5), name

@@ -109,11 +109,16 @@ def test_subpixel_convolution_is_the_transposed_convolution():
         subpixel_convolution(torch.nn.ConvTranspose2d(5, 3, 3, 2, 1))
 
 
-@pytest.mark.parametrize("arch,shape", [("reference", (1, 32, 32)), ("conv", (3, 32, 32)), ("mlp", (1, 28, 28))],
-                         ids=["reference", "conv-rgb", "mlp"])
+@pytest.mark.parametrize("arch,shape", [("reference", (1, 32, 32)), ("conv", (3, 32, 32)), ("mlp", (1, 28, 28)),
+                                        ("resnet", (1, 32, 32))], ids=["reference", "conv-rgb", "mlp", "resnet"])
 def test_the_iwae_decoder_computes_the_models_decoder_and_leaves_the_model_alone(arch, shape):
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=arch), Config().objective, shape).eval()
+    for m in model.modules():  # BatchNorms as a trained model has them, not the identity of a fresh one
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            torch.nn.init.normal_(m.weight)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     z = 3 * torch.randn(50, 16)
     with torch.inference_mode():

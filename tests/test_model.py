@@ -1,4 +1,4 @@
-"""Architectures: the reference layers, shapes for other image sizes, and the MLP variant."""
+"""Architectures: the reference layers, shapes for other image sizes, the MLP and residual variants."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from torch import nn
 
 from bdvae.config import ModelConfig, ObjectiveConfig
 from bdvae.errors import BdvaeError
-from bdvae.model import build_model
+from bdvae.model import ResidualBlock, build_model
 
 
 def _layers(module):
@@ -30,6 +30,10 @@ def test_reference_architecture_is_the_briefs():
     ("conv", (16, 32), (3, 24, 40)),
     ("conv", (8, 16, 32, 64), (1, 64, 64)),
     ("mlp", (64,), (3, 10, 14)),
+    ("resnet", (8, 16), (1, 28, 28)),
+    ("resnet", (8, 16, 32), (3, 32, 32)),
+    ("resnet", (4, 8, 16, 32), (3, 48, 64)),
+    ("resnet", (8,), (2, 6, 10)),
 ])
 def test_shapes_follow_the_data(arch, widths, shape):
     model = build_model(ModelConfig(arch=arch, widths=widths, latent_dim=5), ObjectiveConfig(), shape)
@@ -42,3 +46,65 @@ def test_shapes_follow_the_data(arch, widths, shape):
 def test_conv_needs_divisible_sizes():
     with pytest.raises(BdvaeError, match="divisible by 8"):
         build_model(ModelConfig(), ObjectiveConfig(), (1, 28, 28))
+
+
+def _count(*layers: tuple[str, int, int]) -> int:
+    """Parameters of conv/linear layers (kind, in, out) and of BatchNorms (kind "bn", width)."""
+    total = 0
+    for kind, *sizes in layers:
+        if kind == "bn":
+            total += 2 * sizes[0]  # scale and shift
+        else:
+            c_in, c_out, taps, bias = sizes
+            total += c_in * c_out * taps + (c_out if bias else 0)
+    return total
+
+
+def test_resnet_parameter_count_of_the_quality_preset():
+    # The quality preset's model on 1 x 32 x 32 images: widths 32-64-128, one residual block per
+    # resolution, 32 latent dimensions. 1,302,209 parameters (the README states it).
+    model = build_model(ModelConfig(arch="resnet", widths=(32, 64, 128), blocks=1, latent_dim=32), ObjectiveConfig(),
+                        (1, 32, 32))
+    block = lambda w: [("conv", w, w, 9, False), ("bn", w), ("conv", w, w, 9, False), ("bn", w)]  # noqa: E731
+    encoder = [("conv", 1, 32, 16, False), ("bn", 32), *block(32), ("conv", 32, 64, 16, False), ("bn", 64), *block(64),
+               ("conv", 64, 128, 16, False), ("bn", 128), *block(128), ("linear", 128 * 4 * 4, 64, 1, True)]
+    decoder = [("linear", 32, 128 * 4 * 4, 1, False), ("bn", 128), *block(128), ("conv", 128, 64, 16, False), ("bn", 64),
+               *block(64), ("conv", 64, 32, 16, False), ("bn", 32), *block(32), ("conv", 32, 1, 16, True)]
+    assert sum(p.numel() for p in model.encoder.parameters()) == _count(*encoder)
+    assert sum(p.numel() for p in model.decoder.parameters()) == _count(*decoder)
+    assert sum(p.numel() for p in model.parameters()) == 1_302_209
+
+
+@pytest.mark.parametrize("blocks", [0, 1, 3])
+def test_resnet_blocks_per_resolution(blocks):
+    model = build_model(ModelConfig(arch="resnet", widths=(8, 16), blocks=blocks, latent_dim=4), ObjectiveConfig(),
+                        (1, 16, 16))
+    for half in (model.encoder, model.decoder):
+        assert sum(isinstance(m, ResidualBlock) for m in half) == 2 * blocks
+    assert isinstance(list(model.decoder)[-1], nn.ConvTranspose2d)  # logits: no BatchNorm, no ReLU after them
+
+
+def test_residual_block_starts_as_the_identity_after_relu():
+    # The second BatchNorm's scale starts at zero, so a fresh block is ReLU(x): deep stacks start tame.
+    torch.manual_seed(0)
+    block = ResidualBlock(6).train()
+    x = torch.randn(3, 6, 5, 5)
+    torch.testing.assert_close(block(x), torch.relu(x))
+
+
+def test_resnet_trains_on_a_batch_of_one_image():
+    # A last batch of 1 image must not stop training: every BatchNorm sees more than one pixel.
+    model = build_model(ModelConfig(arch="resnet", widths=(8, 16), latent_dim=4), ObjectiveConfig(), (1, 8, 8)).train()
+    x_logits, *_ = model(torch.rand(1, 1, 8, 8))
+    x_logits.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_resnet_refuses_images_too_small_for_its_batchnorms():
+    with pytest.raises(BdvaeError, match="needs images larger than 4x4"):
+        build_model(ModelConfig(arch="resnet", widths=(8, 16), latent_dim=4), ObjectiveConfig(), (1, 4, 4))
+
+
+def test_model_blocks_only_for_resnet():
+    with pytest.raises(BdvaeError, match="model.blocks applies to model.arch='resnet' only"):
+        ModelConfig(arch="conv", blocks=2)

@@ -31,7 +31,15 @@ def _config(args: argparse.Namespace):  # -> Config; imported lazily like everyt
     overrides = list(args.set or [])
     if args.data_dir is not None:
         overrides.append(f"data.data_dir={json.dumps(str(args.data_dir))}")  # a JSON string is a TOML string
-    return config_lib.load(args.config, overrides)
+    return config_lib.load(args.config, overrides, preset=args.preset)
+
+
+def _add_preset(p: argparse.ArgumentParser) -> None:
+    from bdvae.config import preset_names  # the config module imports no torch
+
+    p.add_argument("--preset", metavar="NAME",
+                   help=f"start from a config shipped with bdvae: {', '.join(preset_names())} "
+                        "(default: reference, the defaults; --config and --set apply on top)")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -47,8 +55,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     shared = ["--device", args.device] + (["--quiet"] if args.quiet else [])
     progress = None if not args.quiet else False
     if args.resume is not None:
-        given = [flag for flag, value in (("--config", args.config), ("--set", args.set), ("--out", args.out),
-                                          ("--data-dir", args.data_dir), ("--overwrite", args.overwrite)) if value]
+        given = [flag for flag, value in (("--preset", args.preset), ("--config", args.config), ("--set", args.set),
+                                          ("--out", args.out), ("--data-dir", args.data_dir),
+                                          ("--overwrite", args.overwrite)) if value]
         if given:
             raise BdvaeError(f"--resume continues a run with its own config; it takes no {', '.join(given)}")
         if (args.nproc or 1) > 1:  # rank 0 of the launched processes prints the run directory
@@ -63,7 +72,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     out = args.out or Path("runs") / f"{config.objective.regularizer}-beta{config.objective.beta:g}-seed{config.train.seed}"
     if (args.nproc or 1) > 1:
         check_run_dir(Path(out), args.overwrite)  # fail before starting the processes
-        given = ([f"--config={args.config}"] if args.config else []) + [f"--set={s}" for s in args.set or []]
+        given = [f"--preset={args.preset}"] if args.preset else []
+        given += ([f"--config={args.config}"] if args.config else []) + [f"--set={s}" for s in args.set or []]
         given += [f"--data-dir={args.data_dir}"] if args.data_dir is not None else []
         given += ["--overwrite"] if args.overwrite else []
         launch(args.nproc, ["train", f"--out={out}", *given, *shared])
@@ -258,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = commands.add_parser("train", help="train a VAE into a run directory")
-    p.add_argument("--config", type=Path, help="a TOML file with [data], [model], [objective], [train] tables")
+    _add_preset(p)
+    p.add_argument("--config", type=Path, help="a TOML file with [data], [model], [objective], [train] tables"
+                                               " (laid over the preset)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
     p.add_argument("--out", type=Path, help="run directory (default: runs/REGULARIZER-betaBETA-seedSEED)")
     p.add_argument("--data-dir", type=Path, help="dataset cache folder (same as --set data.data_dir=...)")
@@ -325,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per configuration (default 3)")
     p.add_argument("--epochs", type=int, help="epochs per run (default: the config's)")
     p.add_argument("--out", type=Path, required=True, help="folder for the runs and the report")
-    p.add_argument("--config", type=Path, help="base TOML config shared by every run")
+    _add_preset(p)
+    p.add_argument("--config", type=Path, help="base TOML config shared by every run (laid over the preset)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a base config value")
     p.add_argument("--data-dir", type=Path, help="dataset cache folder")
     p.add_argument("-k", type=int, default=100, help="IWAE importance samples per image (default 100)")

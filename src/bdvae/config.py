@@ -8,6 +8,7 @@ valid ones. ``None`` means "not set" (TOML has no null: such keys are simply lef
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import tomllib
 import types
@@ -21,11 +22,13 @@ import tomli_w
 from bdvae.errors import BdvaeError
 
 DATASETS = ("mnist", "fashion_mnist", "idx", "npz", "folder")
-ARCHS = ("reference", "conv", "mlp")
+ARCHS = ("reference", "conv", "mlp", "resnet")
 # The reference architecture of the brief: conv widths 32-64-128 and 16 latent dimensions.
 REFERENCE_WIDTHS = (32, 64, 128)
 REFERENCE_LATENT_DIM = 16
-DEFAULT_WIDTHS = {"reference": REFERENCE_WIDTHS, "conv": REFERENCE_WIDTHS, "mlp": (512, 256)}
+DEFAULT_WIDTHS = {"reference": REFERENCE_WIDTHS, "conv": REFERENCE_WIDTHS, "mlp": (512, 256), "resnet": REFERENCE_WIDTHS}
+DEFAULT_RESNET_BLOCKS = 1
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -70,6 +73,7 @@ class ModelConfig:
     arch: str = "reference"  # one of ARCHS
     latent_dim: int = REFERENCE_LATENT_DIM
     widths: tuple[int, ...] | None = None  # conv channels per stride-2 layer, or MLP hidden sizes
+    blocks: int | None = None  # resnet: residual blocks at each resolution (default 1)
 
     def __post_init__(self) -> None:
         _require(self.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
@@ -78,6 +82,8 @@ class ModelConfig:
             _require(len(self.widths) > 0, "model.widths must not be empty")
             for w in self.widths:
                 _positive("model", "widths", w)
+        _require(self.blocks is None or (self.arch == "resnet" and self.blocks >= 0),
+                 f"model.blocks applies to model.arch='resnet' only and must be >= 0, got {self.blocks!r}")
         if self.arch == "reference":
             _require(self.latent_dim == REFERENCE_LATENT_DIM and self.widths in (None, REFERENCE_WIDTHS),
                      "model.arch='reference' fixes latent_dim=16 and widths=[32, 64, 128]; "
@@ -86,6 +92,10 @@ class ModelConfig:
     @property
     def resolved_widths(self) -> tuple[int, ...]:
         return self.widths if self.widths is not None else DEFAULT_WIDTHS[self.arch]
+
+    @property
+    def resolved_blocks(self) -> int:
+        return self.blocks if self.blocks is not None else DEFAULT_RESNET_BLOCKS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,6 +132,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # one of LR_SCHEDULES: "cosine" decays lr to 0 over the epochs
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; default: torch's choice
     checkpoint_every: int = 200  # optimizer steps between training states (0: only at epoch ends)
@@ -131,6 +142,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "lr", "threads"):
             _positive("train", name, getattr(self, name))
+        _require(self.lr_schedule in LR_SCHEDULES,
+                 f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         _require(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every!r}")
         _require(0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed!r}")
         _require(self.threads is None or self.threads <= 1024, f"train.threads must be at most 1024, got {self.threads!r}")
@@ -212,16 +225,45 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a TOML file (optional), apply ``section.key=value`` overrides, validate."""
-    raw: dict[str, Any] = {}
+PRESETS_PACKAGE = "bdvae.presets"  # each NAME.toml in it is a preset: a config file shipped with bdvae
+
+
+def preset_names() -> list[str]:
+    """The presets shipped in the package, sorted."""
+    files = importlib.resources.files(PRESETS_PACKAGE).iterdir()
+    return sorted(f.name.removesuffix(".toml") for f in files if f.name.endswith(".toml"))
+
+
+def preset_text(name: str) -> str:
+    """The TOML text of preset `name`."""
+    names = preset_names()
+    _require(name in names, f"unknown preset {name!r}; valid: {', '.join(names)}")
+    return importlib.resources.files(PRESETS_PACKAGE).joinpath(f"{name}.toml").read_text(encoding="utf-8")
+
+
+def _read_toml(text: str, where: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise BdvaeError(f"{where} is not valid TOML: {e}") from None
+
+
+def load(path: str | Path | None = None, overrides: list[str] = (), preset: str | None = None) -> Config:
+    """Start from a preset (optional), lay a TOML file over it key by key (optional), apply
+    ``section.key=value`` overrides, validate."""
+    raw: dict[str, Any] = {} if preset is None else _read_toml(preset_text(preset), f"preset {preset!r}")
     if path is not None:
         try:
-            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise BdvaeError(f"cannot read config {path}: {e.strerror}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
             raise BdvaeError(f"config {path} is not valid TOML: {e}") from None
+        for section, table in _read_toml(text, f"config {path}").items():
+            if isinstance(table, dict) and isinstance(raw.get(section), dict):
+                raw[section] |= table
+            else:
+                raw[section] = table  # from_dict reports a non-table section
     for text in overrides:
         section, key, value = parse_override(text)
         table = raw.setdefault(section, {})

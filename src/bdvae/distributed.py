@@ -55,6 +55,15 @@ class Context:
         CPUs with AVX512-BF16 (elsewhere bf16 is emulated, slower than fp32)."""
         return mixed_precision and native_bf16(self.device)
 
+    def sync_buffers(self, module: nn.Module) -> None:
+        """Every rank's buffers (BatchNorm's running statistics) set to rank 0's, in place."""
+        if self.world_size == 1:
+            return
+        for buffer in module.buffers():
+            sent = buffer.detach().to(self.device)
+            torch.distributed.broadcast(sent, src=0)
+            buffer.copy_(sent)
+
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         """The sum of `t` over the ranks, on t's device (NCCL reduces on the GPU, so a CPU tensor
         goes there and back); `t` itself in a single process."""
@@ -165,11 +174,13 @@ def wrap(module: nn.Module, ctx: Context) -> nn.Module:
         return module
     ddp = nn.parallel.DistributedDataParallel
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    # The only buffer (a fixed log sigma) never changes: no need to send it before each forward.
+    # Without BatchNorm the only buffer (a fixed log sigma) never changes: no need to send it before
+    # each forward. With it, rank 0's running statistics go to every rank before each forward, so all
+    # evaluate with the statistics that are saved (each normalises its training batch by its own).
     # torch 2.13 renamed the switch; older versions know only broadcast_buffers.
-    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-               else {"broadcast_buffers": False})
-    return ddp(module, device_ids=device_ids, **no_sync)
+    sync = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    switch = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+    return ddp(module, device_ids=device_ids, **{switch: sync})
 
 
 LAUNCHED = "BDVAE_LAUNCHED"  # set by `launch` in the processes it starts: they leave the reporting to it

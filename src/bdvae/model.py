@@ -40,6 +40,56 @@ def conv_decoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_di
     return nn.Sequential(*layers[:-1])  # no ReLU on the logits
 
 
+class ResidualBlock(nn.Module):
+    """x -> ReLU(x + BN(Conv3x3(ReLU(BN(Conv3x3(x)))))): the basic block of He et al. 2016, its
+    second BatchNorm's scale starting at zero so that each block starts as the identity (Goyal et
+    al. 2017). The convolutions have no bias (the BatchNorm after each has one)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.branch = nn.Sequential(
+            nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width))
+        nn.init.zeros_(self.branch[-1].weight)
+        self.out = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(x + self.branch(x))
+
+
+def resnet_encoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim: int,
+                   blocks: int = 1) -> nn.Sequential:
+    """The conv encoder with BatchNorm after each stride-2 convolution and `blocks` residual
+    blocks at each resolution: per width Conv(k4, s2, p1)-BN-ReLU-ResidualBlock x blocks, then
+    Linear(-> 2 D)."""
+    c, h, w = shape
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [nn.Conv2d(c, width, 4, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+        layers += [ResidualBlock(width) for _ in range(blocks)]
+        c = width
+    scale = 2 ** len(widths)
+    layers += [nn.Flatten(), nn.Linear(c * (h // scale) * (w // scale), 2 * latent_dim)]
+    return nn.Sequential(*layers)
+
+
+def resnet_decoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim: int,
+                   blocks: int = 1) -> nn.Sequential:
+    """The encoder's mirror: Linear(D ->)-BN-ReLU, then per width in reverse ResidualBlock x blocks
+    and ConvTranspose(k4, s2, p1), each but the last (which gives the logits) followed by BN-ReLU."""
+    c, h, w = shape
+    scale = 2 ** len(widths)
+    hidden = (widths[-1], h // scale, w // scale)
+    layers: list[nn.Module] = [nn.Linear(latent_dim, math.prod(hidden), bias=False), nn.Unflatten(1, hidden),
+                               nn.BatchNorm2d(widths[-1]), nn.ReLU()]
+    outs = list(reversed(widths[:-1])) + [c]
+    for c_in, c_out in zip(reversed(widths), outs):
+        layers += [ResidualBlock(c_in) for _ in range(blocks)]
+        layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+    layers[-3] = nn.ConvTranspose2d(widths[0], c, 4, 2, 1)  # the logits: a bias, no BN, no ReLU
+    return nn.Sequential(*layers[:-2])
+
+
 def mlp_encoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim: int) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Flatten()]
     n = math.prod(shape)
@@ -62,6 +112,7 @@ ARCHITECTURES = {
     "reference": (conv_encoder, conv_decoder),
     "conv": (conv_encoder, conv_decoder),
     "mlp": (mlp_encoder, mlp_decoder),
+    "resnet": (resnet_encoder, resnet_decoder),
 }
 
 
@@ -103,11 +154,17 @@ def build_model(model: ModelConfig, objective: ObjectiveConfig, shape: tuple[int
     """The VAE for images of `shape` = (C, H, W)."""
     widths = model.resolved_widths
     make_encoder, make_decoder = ARCHITECTURES[model.arch]
-    if make_encoder is conv_encoder:
+    if make_encoder in (conv_encoder, resnet_encoder):
         scale = 2 ** len(widths)
         if shape[1] % scale or shape[2] % scale:
             raise BdvaeError(f"model.arch={model.arch!r} with {len(widths)} stride-2 layers needs image height and "
                              f"width divisible by {scale}, got {shape[1]}x{shape[2]} (set data.pad or data.image_size)")
+        if make_encoder is resnet_encoder and shape[1] * shape[2] < 2 * scale * scale:
+            # BatchNorm in training needs more than one value per channel, even from a batch of 1.
+            raise BdvaeError(f"model.arch='resnet' with {len(widths)} stride-2 layers needs images larger than "
+                             f"{scale}x{scale} (its BatchNorms need more than one pixel at the lowest resolution), "
+                             f"got {shape[1]}x{shape[2]}")
     likelihood = LIKELIHOODS[objective.likelihood]
-    return VAE(make_encoder(shape, widths, model.latent_dim), make_decoder(shape, widths, model.latent_dim),
+    extra = {"blocks": model.resolved_blocks} if model.arch == "resnet" else {}
+    return VAE(make_encoder(shape, widths, model.latent_dim, **extra), make_decoder(shape, widths, model.latent_dim, **extra),
                log_sigma=math.log(objective.sigma), learn_sigma=likelihood.learn_sigma)

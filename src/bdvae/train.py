@@ -55,6 +55,7 @@ def evaluate_terms(model: VAE, images: Tensor, config: Config, seed: int, ctx: C
     several ranks each computes every world_size-th chunk and the sums are all-reduced; every
     rank draws every chunk's noise, so the result does not depend on the world size."""
     model.eval()
+    ctx.sync_buffers(model)  # the ranks' last training step moved their BatchNorm statistics apart
     objective = config.objective
     likelihood = LIKELIHOODS[objective.likelihood]
     gen = torch.Generator().manual_seed(seed)
@@ -76,6 +77,16 @@ def evaluate_terms(model: VAE, images: Tensor, config: Config, seed: int, ctx: C
     model.train()
     return {"recon_nll": recon_nll, "reg": reg, "kl": kl, "bhattacharyya": bd,
             "loss": recon_nll + objective.beta * reg}
+
+
+def lr_at(train: config_lib.TrainConfig, progress: float) -> float:
+    """The learning rate when a fraction `progress` in [0, 1) of the epochs is done: train.lr, or
+    under "cosine" lr (1 + cos(pi progress)) / 2 (Loshchilov & Hutter 2017, without restarts).
+    A function of the images seen, not of the step count, so that it does not depend on the
+    number of processes a resumed run has."""
+    if train.lr_schedule == "cosine":
+        return train.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return train.lr
 
 
 @dataclass
@@ -141,6 +152,8 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, co
             x = to_float(images[batch[part]])  # (B_r, C, H, W)
         eps = torch.randn(len(batch), config.model.latent_dim)[part]  # (B_r, D)
         optimizer.zero_grad(set_to_none=True)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(config.train, (pos.epoch - 1 + start / len(images)) / config.train.epochs)
         beta = beta_at(objective, pos.global_step + 1)
         stacked = backward_shard(loss, x, eps, len(batch), beta, ctx, mixed_precision).cpu()
         # The total gradient norm is NaN or inf if any gradient is; checking it with the loss costs

@@ -174,13 +174,13 @@ def wrap(module: nn.Module, ctx: Context) -> nn.Module:
         return module
     ddp = nn.parallel.DistributedDataParallel
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    # Without BatchNorm the only buffer (a fixed log sigma) never changes: no need to send it before
-    # each forward. With it, rank 0's running statistics go to every rank before each forward, so all
-    # evaluate with the statistics that are saved (each normalises its training batch by its own).
+    # No buffer is sent before each forward: log sigma never changes, and BatchNorm's running
+    # statistics are used only by the test pass, which sets every rank's to rank 0's first
+    # (Context.sync_buffers); a training forward normalises by its own batch.
     # torch 2.13 renamed the switch; older versions know only broadcast_buffers.
-    sync = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-    switch = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
-    return ddp(module, device_ids=device_ids, **{switch: sync})
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+               else {"broadcast_buffers": False})
+    return ddp(module, device_ids=device_ids, **no_sync)
 
 
 LAUNCHED = "BDVAE_LAUNCHED"  # set by `launch` in the processes it starts: they leave the reporting to it

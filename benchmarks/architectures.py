@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from bdvae.config import ModelConfig, ObjectiveConfig
-from bdvae.distributed import native_bf16
-from bdvae.evaluate import IWAE_DECODE_BATCH, iwae_decoder
+from bdvae.devices import native_bf16
+from bdvae.evaluate import IWAE_DECODE_BATCH
+from bdvae.model import iwae_decoder
 from bdvae.model import build_model
 from bdvae.objective import Objective
-from bdvae.train import backward_shard
+from bdvae.training import backward_shard
 from performance import machine  # benchmarks/ is on the path of a script run from it
 
 BATCH = 128  # train.batch_size's default

@@ -26,10 +26,10 @@ import torch
 from bdvae.api import load_run
 from bdvae.config import DataConfig
 from bdvae.data import load_dataset
-from bdvae.distributed import resolve_device
+from bdvae.devices import resolve_device
 from bdvae.evaluate import DEFAULT_K, EvalOptions, iwae_nll, iwae_precision
 from bdvae.likelihoods import LIKELIHOODS
-from bdvae.train import binarized, to_float
+from bdvae.likelihoods import binarized, to_float
 
 
 def iwae_on(run, x: torch.Tensor, options: EvalOptions, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, float]:

@@ -19,7 +19,7 @@ import torch
 from bdvae.config import Config, DataConfig, ModelConfig, TrainConfig
 from bdvae.distributed import Context
 from bdvae.model import build_model
-from bdvae.train import train
+from bdvae.training import train
 
 SIZES = (1000, 5000, 15000, 60000)
 MODELS = {  # name -> (widths, latent_dim), at 15,000 images

@@ -62,7 +62,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bdvae import checkpoint
+from bdvae import rundir
 from bdvae.api import Run, load_run
 from bdvae.config import Config, DataConfig
 from bdvae.data import Dataset, load_dataset
@@ -71,7 +71,9 @@ from bdvae.evaluate import EvalOptions, iwae_nll
 from bdvae.likelihoods import LIKELIHOODS
 from bdvae.model import VAE, build_model
 from bdvae.objective import loss_terms
-from bdvae.train import Position, binarized, evaluate_terms, save_training_state, to_float, train_epoch
+from bdvae.likelihoods import binarized, to_float
+from bdvae.rundir import Position, save_training_state
+from bdvae.training import evaluate_terms, train_epoch
 
 DEFAULT_RUN = Path("runs/compare-bd-kl/runs/bhattacharyya-beta1-seed0")  # the default config, 10 epochs
 # Training contenders: bdvae's train_epoch with its default config ("bdvae") or in a setting
@@ -110,6 +112,7 @@ class BdvaeContender:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.train.lr)
         self.config, self.images, self.run_dir = config, images, run_dir
         self.pos = Position()  # global_step carries over windows, so states are saved at the real rate
+        self.generator = torch.Generator().manual_seed(config.train.seed)  # data order, binarization, noise
         self.model.train()
 
     def window(self, batches: int) -> float:
@@ -120,11 +123,11 @@ class BdvaeContender:
 
         def after_step() -> None:
             if every and pos.global_step % every == 0:
-                save_training_state(self.run_dir, self.model, self.optimizer, pos)
+                save_training_state(self.run_dir, self.model, self.optimizer, pos, self.generator)
 
         t0 = time.perf_counter()
         with tqdm(total=len(images), desc="bdvae", unit="img", leave=False, disable=False) as bar:
-            train_epoch(self.model, self.optimizer, images, self.config, bar, pos, after_step, Context())
+            train_epoch(self.model, self.optimizer, images, self.config, bar, pos, self.generator, after_step, Context())
         return len(images) / (time.perf_counter() - t0)
 
 
@@ -404,7 +407,7 @@ def evaluate_command(run_dir: Path, k: int, test_size: int | None, extra: list[s
     with tempfile.TemporaryDirectory() as tmp:
         copy_dir = Path(tmp) / run_dir.name
         copy_dir.mkdir()
-        for name in (checkpoint.CONFIG_FILE, checkpoint.RUN_FILE, checkpoint.WEIGHTS_FILE):
+        for name in (rundir.CONFIG_FILE, rundir.RUN_FILE, rundir.WEIGHTS_FILE):
             shutil.copy2(run_dir / name, copy_dir / name)
         cmd = ["bdvae", "evaluate", str(copy_dir), "-k", str(k), "--quiet", *extra]
         if test_size is not None:
@@ -546,13 +549,14 @@ def parity(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("fp32", args.setting):
             contender = BdvaeContender(base, config, images, Path(tmp), name)
-            torch.manual_seed(args.seed)  # the same data order and noise for both
+            contender.generator.manual_seed(args.seed)  # the same data order and noise for both
             curves[name] = []
             for epoch in range(1, args.epochs + 1):
                 t0 = time.perf_counter()
                 contender.pos.order, contender.pos.next_start = None, 0
                 with tqdm(total=len(images), desc=f"{name} epoch {epoch}", unit="img", leave=False) as bar:
-                    train_epoch(contender.model, contender.optimizer, images, contender.config, bar, contender.pos)
+                    train_epoch(contender.model, contender.optimizer, images, contender.config, bar, contender.pos,
+                                contender.generator)
                 seconds = time.perf_counter() - t0
                 # The test loss in fp32 whatever the training setting: how good the weights are.
                 test = evaluate_terms(contender.model, data.test_images, config, seed=config.train.seed)

@@ -28,7 +28,9 @@ from bdvae.data import load_dataset
 from bdvae.distributed import Context
 from bdvae.model import build_model
 from bdvae.objective import loss_terms
-from bdvae.train import Position, save_training_state, to_float, train_epoch
+from bdvae.likelihoods import to_float
+from bdvae.rundir import Position, save_training_state
+from bdvae.training import train_epoch
 
 
 def minimal_window(model, optimizer, images, config, steps, start) -> float:
@@ -52,15 +54,16 @@ def bdvae_window(model, optimizer, images, config, steps, run_dir) -> float:
     """`steps` steps through bdvae's own train_epoch (bar, sums, checks, checkpoints); images per second."""
     subset = images[: steps * config.train.batch_size]
     pos = Position()
+    generator = torch.Generator().manual_seed(config.train.seed)
     every = config.train.checkpoint_every
 
     def after_step() -> None:
         if every and pos.global_step % every == 0:
-            save_training_state(run_dir, model, optimizer, pos)
+            save_training_state(run_dir, model, optimizer, pos, generator)
 
     t0 = time.perf_counter()
     with tqdm(total=len(subset), disable=False, leave=False, mininterval=0.5) as bar:
-        train_epoch(model, optimizer, subset, config, bar, pos, after_step)
+        train_epoch(model, optimizer, subset, config, bar, pos, generator, after_step)
     return len(subset) / (time.perf_counter() - t0)
 
 

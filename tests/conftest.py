@@ -42,7 +42,7 @@ def assert_rows_close(rows: list[dict], ref_rows: list[dict], rel: float = 1e-3)
 def interrupted_copy(run_dir: Path, dest: Path) -> Path:
     """A copy of a finished 2-epoch run of 8 steps an epoch and a training state every 3 steps, as
     it was at its second-newest training state (7 steps into epoch 2)."""
-    from bdvae.checkpoint import RUN_FILE, WEIGHTS_FILE, state_paths
+    from bdvae.rundir import RUN_FILE, WEIGHTS_FILE, state_paths
 
     shutil.copytree(run_dir, dest)
     for name in (RUN_FILE, WEIGHTS_FILE):

@@ -11,8 +11,8 @@ from bdvae import metrics
 from bdvae.config import DataConfig
 from bdvae.data import load_dataset
 from bdvae.errors import BdvaeError
-from bdvae.evaluate import blurred, reference_scores
-from bdvae.train import to_float
+from bdvae.classifier import blurred, reference_scores
+from bdvae.likelihoods import to_float
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def test_a_step_on_the_device_leaves_the_cpus_gradient(exact_fp32):
     from bdvae.distributed import Context
     from bdvae.model import build_model
     from bdvae.objective import Objective
-    from bdvae.train import backward_shard
+    from bdvae.training import backward_shard
 
     def step(device: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         config = Config()
@@ -89,7 +89,7 @@ def test_training_on_the_device_is_the_cpu_run(device_run, cpu_run):
 
 
 def test_bf16_autocast_where_the_device_computes_it_natively(mnist_dir, cpu_run, tmp_path):
-    from bdvae.distributed import native_bf16
+    from bdvae.devices import native_bf16
 
     run_dir = _train(mnist_dir, tmp_path / "run", DEVICE)  # train.mixed_precision defaults to true
     native = native_bf16(torch.device(DEVICE))
@@ -115,7 +115,7 @@ def test_the_iwae_on_the_device_is_the_cpus(device_run, exact_fp32):
     from bdvae.api import load_run
     from bdvae.data import load_dataset
     from bdvae.evaluate import EvalOptions, iwae_nll
-    from bdvae.train import to_float
+    from bdvae.likelihoods import to_float
 
     run = load_run(device_run)
     x = to_float(load_dataset(run.config.data, log=lambda _: None).test_images[:40])

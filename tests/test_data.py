@@ -256,7 +256,7 @@ def test_data_fetch_rechecks_the_cache_under_its_lock(mnist_dir, tmp_path):
     import sys
     import time
 
-    from bdvae.locks import file_lock
+    from bdvae.files import file_lock
 
     cache = tmp_path / "cache"
     shutil.copytree(mnist_dir / "mnist", cache / "mnist")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from bdvae.api import load_run
 from bdvae.data import load_dataset
-from bdvae.train import evaluate_terms
+from bdvae.training import evaluate_terms
 from conftest import assert_rows_close, interrupted_copy, run_cli, run_files, run_rows
 
 
@@ -52,7 +52,7 @@ def _gradients(ctx, g: int, beta: float) -> tuple[dict[str, torch.Tensor], torch
     from bdvae.config import Config
     from bdvae.model import build_model
     from bdvae.objective import Objective
-    from bdvae.train import backward_shard
+    from bdvae.training import backward_shard
 
     config = Config()
     torch.manual_seed(0)

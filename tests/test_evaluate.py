@@ -12,11 +12,10 @@ import torch
 from bdvae.api import Run, load_run
 from bdvae.config import Config, ModelConfig
 from bdvae.data import load_dataset
-from bdvae.evaluate import (EvalOptions, evaluate_run, iwae_decoder, iwae_nll, likelihood_note,
-                            subpixel_convolution)
+from bdvae.evaluate import EvalOptions, evaluate_run, iwae_nll
 from bdvae.errors import BdvaeError
-from bdvae.model import build_model
-from bdvae.train import to_float
+from bdvae.likelihoods import LIKELIHOODS, to_float
+from bdvae.model import build_model, iwae_decoder, subpixel_convolution
 from conftest import run_cli
 
 
@@ -83,9 +82,9 @@ def test_evaluate_is_deterministic_given_the_seed(trained_run, tmp_path):
 
 
 def test_binarized_models_are_scored_on_a_once_binarized_test_set():
-    assert "Burda et al. 2015" in likelihood_note("bernoulli_binarized")
-    assert "not a density" in likelihood_note("bernoulli")
-    assert "density of the continuous" in likelihood_note("gaussian")
+    assert "Burda et al. 2015" in LIKELIHOODS["bernoulli_binarized"].note
+    assert "not a density" in LIKELIHOODS["bernoulli"].note
+    assert "density of the continuous" in LIKELIHOODS["gaussian"].note
 
 
 def test_option_ranges():

@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bdvae import checkpoint, config as config_lib, data
+from bdvae import config as config_lib, data, rundir
 from bdvae.classifier import load_classifier
 from bdvae.config import DataConfig
 from bdvae.errors import BdvaeError
@@ -156,7 +156,7 @@ def test_config_values(raw):
 
 def _state_file() -> bytes:
     with tempfile.TemporaryDirectory() as d:
-        path = checkpoint.save_state(Path(d), 3, {"a": torch.arange(6.0), "rng.torch": torch.get_rng_state()[:64]},
+        path = rundir.save_state(Path(d), 3, {"a": torch.arange(6.0), "rng.torch": torch.get_rng_state()[:64]},
                                      {"epoch": 1, "rows": []})
         return path.read_bytes()
 
@@ -165,7 +165,7 @@ def _state_file() -> bytes:
 @given(raw=mutated(_state_file()))
 def test_training_state_loader(folder, raw):
     (folder / "step-000000003.safetensors").write_bytes(raw)
-    _only_our_error(lambda: checkpoint.load_state(folder / "step-000000003.safetensors"))
+    _only_our_error(lambda: rundir.load_state(folder / "step-000000003.safetensors"))
 
 
 def _classifier_file() -> bytes:

@@ -155,7 +155,7 @@ def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint
     import math
 
     import bdvae
-    from bdvae.checkpoint import load_state, state_paths
+    from bdvae.rundir import load_state, state_paths
     from bdvae.errors import BdvaeError
 
     _faulty_loss_terms(monkeypatch, bad_step=12)
@@ -186,7 +186,7 @@ def test_skip_nonfinite_skips_and_counts_the_bad_batch(mnist_dir, tmp_path, monk
 def test_a_checkpoint_from_another_version_is_refused_in_one_line(reference, tmp_path):
     """A training state written by a version whose state lacks fields this one needs."""
 
-    from bdvae.checkpoint import load_state, save_state, state_paths
+    from bdvae.rundir import load_state, save_state, state_paths
 
     out = tmp_path / "old"
     shutil.copytree(reference, out)
@@ -194,7 +194,7 @@ def test_a_checkpoint_from_another_version_is_refused_in_one_line(reference, tmp
     tensors, state = load_state(state_paths(out)[-1])
     for path in state_paths(out):
         path.unlink()
-    del state["rng_numpy"], state["skipped"]  # as an older layout would lack them
+    del state["param_groups"], state["skipped"]  # as an older layout would lack them
     save_state(out, state["global_step"], tensors, {**state, "bdvae_version": "0.0.1"})
     result = run_cli("train", "--resume", str(out), "--quiet")
     assert result.returncode == 2
@@ -205,10 +205,9 @@ def test_a_checkpoint_from_another_version_is_refused_in_one_line(reference, tmp
 def test_a_restored_optimizer_keeps_the_weights_layout_and_values(tmp_path):
     """States are saved contiguous; Adam's moments come back channels-last like the weights they
     follow (as Adam made them before the save), the step count where Adam keeps it."""
-    from bdvae.checkpoint import latest_state
     from bdvae.config import Config
     from bdvae.model import build_model
-    from bdvae.train import Position, restore_training_state, save_training_state
+    from bdvae.rundir import Position, latest_state, restore_training_state, save_training_state
 
     def fresh():
         torch.manual_seed(0)
@@ -218,9 +217,11 @@ def test_a_restored_optimizer_keeps_the_weights_layout_and_values(tmp_path):
     model, optimizer = fresh()
     model.decode(model.encode(torch.rand(4, 1, 32, 32))[0]).sum().backward()
     optimizer.step()
-    save_training_state(tmp_path, model, optimizer, Position(global_step=1))
+    save_training_state(tmp_path, model, optimizer, Position(global_step=1), torch.Generator().manual_seed(3))
     model2, optimizer2 = fresh()
-    restore_training_state(*latest_state(tmp_path, print), model2, optimizer2)
+    restored_generator = torch.Generator()
+    restore_training_state(*latest_state(tmp_path, print), model2, optimizer2, restored_generator)
+    assert restored_generator.get_state().equal(torch.Generator().manual_seed(3).get_state())
     for p, p2 in zip(model.parameters(), model2.parameters()):
         saved, restored = optimizer.state[p], optimizer2.state[p2]
         assert restored["step"].device == saved["step"].device and restored["step"].equal(saved["step"])

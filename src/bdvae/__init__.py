@@ -1,7 +1,17 @@
-"""bdvae: variational auto-encoders regularized by the Bhattacharyya distance to N(0, I)."""
+"""bdvae: variational auto-encoders regularized by the Bhattacharyya distance to N(0, I).
 
-__version__ = "0.1.0"
+`import bdvae` is cheap: the Python API (`bdvae.train`, `bdvae.load_run`, `bdvae.Run`, from
+api.py) and torch with it are imported when first used, so that `bdvae --help` starts at once.
+"""
 
-from bdvae.api import Run, load_run, train  # noqa: E402
+from bdvae._version import __version__
 
 __all__ = ["Run", "load_run", "train", "__version__"]
+
+
+def __getattr__(name: str):  # PEP 562: the API on first use
+    if name in ("Run", "load_run", "train"):
+        from bdvae import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'bdvae' has no attribute {name!r}")

@@ -17,11 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bdvae import checkpoint
+from bdvae import rundir
 from bdvae.config import Config
-from bdvae.model import VAE
-from bdvae.train import to_float
-from bdvae.train import train as _train
+from bdvae.likelihoods import to_float
+from bdvae.training import train as _train
 
 
 def train(config: Config, run_dir: str | Path, overwrite: bool = False, progress: bool | None = None,
@@ -33,22 +32,14 @@ def train(config: Config, run_dir: str | Path, overwrite: bool = False, progress
 
 def _as_float(x: Tensor) -> Tensor:
     """Images as floats in [0, 1]: uint8 pixels are divided by 255; (C, H, W) gets a batch axis."""
-    x = to_float(x) if x.dtype == torch.uint8 else x.float()
+    x = to_float(x)
     return x.unsqueeze(0) if x.dim() == 3 else x
 
 
 @dataclass(frozen=True)
-class Run:
-    """A finished run: its directory, config, facts (run.json) and the trained model (eval mode)."""
-
-    path: Path
-    config: Config
-    facts: dict[str, Any]
-    model: VAE
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.facts["image_shape"])  # type: ignore[return-value]
+class Run(rundir.TrainedRun):
+    """A finished run: its directory, config, facts (run.json) and the trained model (eval mode),
+    with what one does with a trained VAE."""
 
     @torch.inference_mode()
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -92,5 +83,6 @@ class Run:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    model, config, facts = checkpoint.load_model(Path(run_dir))
+    """The finished run in `run_dir`; one line (a BdvaeError) if it is unfinished or damaged."""
+    model, config, facts = rundir.load_model(Path(run_dir))
     return Run(path=Path(run_dir), config=config, facts=facts, model=model)

@@ -12,9 +12,11 @@ the rectified features and 0.03 without.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -22,8 +24,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from bdvae import checkpoint
+from bdvae import metrics
+from bdvae.data import Dataset, load_dataset
 from bdvae.errors import BdvaeError, first_line
+from bdvae.files import atomic_path
+from bdvae.likelihoods import to_float
 
 FEATURES = 128  # width of the penultimate layer
 CLASSES = 10
@@ -67,7 +72,7 @@ def train_classifier(train_images: Tensor, train_labels: Tensor, epochs: int = 4
         for start in tqdm(range(0, len(order), batch_size), desc=f"classifier epoch {epoch + 1}/{epochs}",
                           disable=not progress, leave=False):
             idx = order[start: start + batch_size]
-            loss = F.cross_entropy(model(train_images[idx].float() / 255.0), train_labels[idx].long())
+            loss = F.cross_entropy(model(to_float(train_images[idx])), train_labels[idx].long())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -83,7 +88,7 @@ def features_and_logits(model: Classifier, images: Tensor) -> tuple[Tensor, Tens
     feats, logits = [], []
     for start in range(0, len(images), BATCH):
         x = images[start: start + BATCH]
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        x = to_float(x)
         f = model.body(x)
         feats.append(f)
         logits.append(model.head(F.relu(f)))
@@ -96,7 +101,7 @@ def accuracy(model: Classifier, images: Tensor, labels: Tensor) -> float:
 
 
 def save_classifier(model: Classifier, path: Path, facts: dict[str, object]) -> None:
-    with checkpoint.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
                   metadata={"facts": json.dumps(facts)})
 
@@ -129,9 +134,55 @@ def train_reference(data_dir: Path | None, epochs: int, seed: int, progress: boo
                     log: Callable[[str], None] = print) -> tuple[Classifier, dict[str, object]]:
     """The reference classifier on the full verified MNIST training set, and its test accuracy."""
     from bdvae.config import DataConfig
-    from bdvae.data import load_dataset
 
     data = load_dataset(DataConfig(name="mnist", data_dir=None if data_dir is None else str(data_dir)), log=log)
     model = train_classifier(data.train_images, data.train_labels, epochs=epochs, seed=seed, progress=progress)
     acc = accuracy(model, data.test_images, data.test_labels)
     return model, {"seed": seed, "epochs": epochs, "test_accuracy": round(acc, 4), "data": "mnist 32x32"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample quality, and its scale
+
+
+def score_samples(classifier: Any, real: Tensor | tuple[Tensor, Tensor], fake: Tensor) -> dict[str, Any]:
+    """Sample-quality scores of images `fake` against images `real` (N, 1, 32, 32) in [0, 1],
+    in the reference classifier's feature space; `real` may be given as its features_and_logits."""
+    real_feats, _ = features_and_logits(classifier, real) if isinstance(real, Tensor) else real
+    fake_feats, fake_logits = features_and_logits(classifier, fake)
+    counts, entropy = metrics.class_histogram(fake_logits)
+    precision, recall = metrics.precision_recall(real_feats, fake_feats, k=3)
+    return {"frechet_distance": metrics.frechet_distance(real_feats, fake_feats),
+            "classifier_score": metrics.inception_score(fake_logits), "class_counts": counts,
+            "class_entropy": entropy, "precision": precision, "recall": recall}
+
+
+def blurred(images: Tensor, sigma: float) -> Tensor:
+    """Images (N, 1, H, W) convolved with a Gaussian of `sigma` pixels (zero padding)."""
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    out = F.conv2d(images, kernel.view(1, 1, 1, -1), padding=(0, radius))
+    return F.conv2d(out, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+
+
+def reference_scores(data: Dataset, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """The sample-quality scores on reference sets, to give them a scale: as many real training
+    images as there are test images (real data: what a perfect generator would score), the two
+    halves of the test set against each other (fewer images and, in MNIST, different writers:
+    its first 5,000 images come from other writers than its last), blurred test images, and
+    uniform noise."""
+    classifier = load_classifier()
+    test = to_float(data.test_images)
+    half = len(test) // 2
+    noise = torch.rand(test.shape, generator=torch.Generator().manual_seed(seed))
+    real = features_and_logits(classifier, test)
+    train = to_float(data.train_images[:len(test)])
+    return {
+        f"{len(train):,} training images": score_samples(classifier, real, train),
+        "test half vs other half": score_samples(classifier, test[:half], test[half:]),
+        "test blurred, sigma 1 px": score_samples(classifier, real, blurred(test, 1.0)),
+        "test blurred, sigma 2 px": score_samples(classifier, real, blurred(test, 2.0)),
+        "uniform noise": score_samples(classifier, real, noise),
+    }

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from bdvae.errors import BdvaeError
 
@@ -43,9 +44,10 @@ def _add_preset(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from bdvae.checkpoint import check_run_dir
-    from bdvae.distributed import check_gpus, is_main_process, launch, launched_by_torchrun
-    from bdvae.train import check_resumable, resume, train
+    from bdvae.devices import check_gpus
+    from bdvae.distributed import is_main_process, launch, launched_by_torchrun
+    from bdvae.rundir import check_new, check_resumable
+    from bdvae.training import resume, train
 
     if args.nproc is not None and not 1 <= args.nproc <= 1024:
         raise BdvaeError(f"--nproc must be between 1 and 1024, got {args.nproc}")
@@ -71,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = _config(args)
     out = args.out or Path("runs") / f"{config.objective.regularizer}-beta{config.objective.beta:g}-seed{config.train.seed}"
     if (args.nproc or 1) > 1:
-        check_run_dir(Path(out), args.overwrite)  # fail before starting the processes
+        check_new(Path(out), args.overwrite)  # fail before starting the processes
         given = [f"--preset={args.preset}"] if args.preset else []
         given += ([f"--config={args.config}"] if args.config else []) + [f"--set={s}" for s in args.set or []]
         given += [f"--data-dir={args.data_dir}"] if args.data_dir is not None else []
@@ -116,7 +118,8 @@ def cmd_sampler_fit(args: argparse.Namespace) -> None:
     import dataclasses
 
     from bdvae.api import load_run
-    from bdvae.samplers import parse_name, sampler_paths
+    from bdvae.rundir import sampler_paths
+    from bdvae.samplers import parse_name
 
     named = parse_name(args.kind)  # "gmm" or "gmm-20"; the flags below override what a name spells
     given = {key: value for key, value in (("components", args.components), ("regularizer", args.regularizer),
@@ -134,11 +137,10 @@ def cmd_sampler_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_sampler_list(args: argparse.Namespace) -> None:
-    from bdvae.checkpoint import RUN_FILE
+    from bdvae.rundir import check_finished
     from bdvae.samplers import fitted_names, read_facts
 
-    if not (args.run / RUN_FILE).is_file():
-        raise BdvaeError(f"{args.run}: not a finished run (no {RUN_FILE})")
+    check_finished(args.run)
     names = fitted_names(args.run)
     print(f"{'sampler':<20} {'fitted on':<26} {'seed':>5} {'seconds':>8}")
     print(f"{'prior':<20} {'(N(0, I): nothing to fit)':<26} {'-':>5} {'-':>8}")
@@ -202,14 +204,56 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from bdvae.evaluate import EvalOptions, evaluate_run, format_table
+    from bdvae.evaluate import EvalOptions, evaluate_run
 
     options = EvalOptions(k=args.k, samples=args.samples, test_size=args.test_size, seed=args.seed,
                           max_batch=args.max_batch, pictures=not args.no_pictures, precision=args.precision,
                           samplers=tuple(_csv(args.samplers, str, "--samplers")))
+    from bdvae.rundir import METRICS_FILE
+
     result = evaluate_run(args.run, options, progress=None if not args.quiet else False, device=args.device)
     print(format_table(result))
-    print(f"wrote {args.run / 'metrics.json'} ({result['seconds']:.0f} s)")
+    print(f"wrote {args.run / METRICS_FILE} ({result['seconds']:.0f} s)")
+
+
+def format_table(m: dict[str, Any]) -> str:
+    """The headline numbers of a metrics dict, one per line, for the terminal."""
+    pm, sq = m["prior_match"], m["sample_quality"]
+    rows = [
+        ("test images", f"{m['test_images']}"),
+        ("reconstruction NLL (nats)", f"{m['reconstruction']['nll']['mean']:.2f}"),
+        ("reconstruction MSE per pixel", f"{m['reconstruction']['mse_per_pixel']['mean']:.5f}"),
+        ("KL(q(z|x) || N(0,I)) (nats)", f"{m['divergences']['kl']['mean']:.2f}  ({m['divergences']['kl_dim_mean']:.3f} per dim)"),
+        ("BD(q(z|x), N(0,I)) (nats)", f"{m['divergences']['bhattacharyya']['mean']:.2f}  "
+                                      f"({m['divergences']['bhattacharyya_dim_mean']:.3f} per dim)"),
+        ("negative ELBO (nats)", f"{m['neg_elbo']['mean']:.2f}"),
+        (f"-ln p(x), IWAE K={m['iwae_nll']['k']}, {m['iwae_nll'].get('precision', 'fp32')} on "
+         f"{m['iwae_nll'].get('device', 'cpu')} (nats)", f"{m['iwae_nll']['mean']:.2f} ± {m['iwae_nll']['std_error']:.2f}"),
+        ("  note", m["likelihood_note"]),
+        ("aggregate posterior: |mean|", f"{pm['mean_norm']:.3f}"),
+        ("  covariance eigenvalues", f"{pm['cov_eigenvalue_min']:.3f} .. {pm['cov_eigenvalue_max']:.3f}"),
+        ("  MMD² to N(0,I) (null)", f"{pm['mmd2']:.5f}  ({pm['mmd2_null']:.5f})"),
+        ("  active units", f"{pm['active_units']} of {len(pm['per_dim']['mean'])}"),
+    ]
+    if sq is not None:
+        rows += [
+            ("samples: Fréchet distance", f"{sq['frechet_distance']:.2f}"),
+            ("  classifier score (max 10)", f"{sq['classifier_score']:.2f}"),
+            ("  class entropy (max 2.303)", f"{sq['class_entropy']:.3f}"),
+            ("  precision / recall (k=3)", f"{sq['precision']:.3f} / {sq['recall']:.3f}"),
+        ]
+    else:
+        rows.append(("samples", "no sample-quality scores: the reference classifier knows 32x32 MNIST only"))
+    for name, entry in m.get("samplers", {}).items():
+        density = entry["test_latent_log_density"]
+        rows.append((f"sampler {name}: test-latent ln p(z)", f"{density['mean']:.2f} ± {density['std_error']:.2f}"))
+        q = entry["sample_quality"]
+        if q is not None and name != "prior":
+            rows += [(f"  Fréchet (prior / this: {entry['frechet_ratio']:.2f}x)", f"{q['frechet_distance']:.2f}"),
+                     ("  classifier score, entropy", f"{q['classifier_score']:.2f}, {q['class_entropy']:.3f}"),
+                     ("  precision / recall (k=3)", f"{q['precision']:.3f} / {q['recall']:.3f}")]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
 def cmd_classifier_train(args: argparse.Namespace) -> None:
@@ -228,7 +272,7 @@ def cmd_classifier_train(args: argparse.Namespace) -> None:
 def cmd_classifier_scales(args: argparse.Namespace) -> None:
     from bdvae.config import DataConfig
     from bdvae.data import load_dataset
-    from bdvae.evaluate import reference_scores
+    from bdvae.classifier import reference_scores
 
     data = load_dataset(DataConfig(name="mnist", data_dir=None if args.data_dir is None else str(args.data_dir)))
     print(f"{'reference set (against the test set)':<36} {'Fréchet':>9} {'score':>6} {'entropy':>7} {'precision':>9} {'recall':>6}")
@@ -260,7 +304,7 @@ def _add_precision_and_device(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bdvae import __version__
+    from bdvae._version import __version__
     from bdvae.data import KNOWN
 
     parser = _Parser(prog="bdvae", description="VAEs regularized by the Bhattacharyya distance to N(0, I).")

@@ -15,28 +15,17 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bdvae import config as config_lib
-from bdvae.checkpoint import CONFIG_FILE, RUN_FILE, WEIGHTS_FILE
-from bdvae.config import Config
+from bdvae import rundir
+from bdvae.config import Config, absolute_paths
 from bdvae.errors import BdvaeError
-from bdvae.evaluate import METRICS_FILE, EvalOptions, evaluate_run
-from bdvae.locks import file_lock
-from bdvae.train import absolute_paths, resume, train
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One configuration and seed: where its run lives and its evaluation."""
-
-    regularizer: str
-    beta: float
-    seed: int
-    run_dir: Path
-    metrics: dict[str, Any]
+from bdvae.evaluate import EvalOptions, evaluate_run
+from bdvae.files import file_lock
+from bdvae.report import Entry, write_report
+from bdvae.training import resume, train
 
 
 REQUIRED_KEYS = {"reconstruction", "divergences", "neg_elbo", "iwae_nll", "prior_match", "sample_quality", "samplers",
@@ -62,18 +51,14 @@ def planned_config(base: Config, regularizer: str, beta: float, seed: int, epoch
     return absolute_paths(dataclasses.replace(base, objective=objective, train=train_cfg))
 
 
-def _finished(run_dir: Path) -> bool:
-    return all((run_dir / name).is_file() for name in (CONFIG_FILE, RUN_FILE, WEIGHTS_FILE))
-
-
 def ensure_trained(config: Config, run_dir: Path, progress: bool | None, log: Callable[[str], None],
                    device: str = "auto") -> None:
     """Train `run_dir`, resume it, or reuse it if it already holds a finished run of exactly `config`."""
-    if (run_dir / CONFIG_FILE).is_file():
-        existing = config_lib.load(run_dir / CONFIG_FILE)
+    if rundir.is_started(run_dir):
+        existing = rundir.read_config(run_dir)
         if config_lib.to_dict(existing) != config_lib.to_dict(config):
             raise BdvaeError(f"{run_dir}: holds a run with a different config; choose another --out or move that run away")
-        if _finished(run_dir):
+        if rundir.is_finished(run_dir):
             log(f"{run_dir.name}: finished run reused")
         else:
             log(f"{run_dir.name}: resuming an unfinished run")
@@ -98,16 +83,14 @@ def _same_fits(run_dir: Path, scored: dict[str, Any], names: tuple[str, ...]) ->
 def ensure_evaluated(run_dir: Path, options: EvalOptions, progress: bool | None,
                      log: Callable[[str], None], device: str = "auto") -> dict[str, Any]:
     """The run's metrics.json if it was computed with `options`, else a fresh evaluation."""
-    path = run_dir / METRICS_FILE
-    if path.is_file():
-        try:
-            metrics = json.loads(path.read_text(encoding="utf-8"))
-            asked = json.loads(json.dumps(dataclasses.asdict(options)))  # as JSON holds it: tuples become lists
-            if (isinstance(metrics, dict) and metrics.get("options") == asked
-                    and REQUIRED_KEYS <= metrics.keys() and _same_fits(run_dir, metrics["samplers"], options.samplers)):
-                return metrics
-        except (ValueError, OSError, BdvaeError, KeyError, TypeError):  # JSONDecodeError is a ValueError
-            pass  # a damaged or foreign file, or one scored with other fits, is simply computed again
+    try:
+        metrics = rundir.read_metrics(run_dir)
+        asked = json.loads(json.dumps(dataclasses.asdict(options)))  # as JSON holds it: tuples become lists
+        if (isinstance(metrics, dict) and metrics.get("options") == asked
+                and REQUIRED_KEYS <= metrics.keys() and _same_fits(run_dir, metrics["samplers"], options.samplers)):
+            return metrics
+    except (ValueError, OSError, BdvaeError, KeyError, TypeError):  # JSONDecodeError is a ValueError
+        pass  # a damaged or foreign file, or one scored with other fits, is simply computed again
     log(f"{run_dir.name}: evaluating")
     return evaluate_run(run_dir, options, progress=progress, log=log, device=device)
 
@@ -148,8 +131,7 @@ def compare(base: Config, regularizers: list[str], betas: list[float], seeds: in
     """Train and evaluate every configuration for seeds 0 .. seeds-1 (`jobs` of them at once, in
     separate processes that share the CPU cores and, on CUDA, take the GPUs in turn); write the
     report into `out`. `device` ("auto", "cpu" or "cuda") trains and evaluates every run."""
-    from bdvae.distributed import device_type
-    from bdvae.report import write_report
+    from bdvae.devices import device_type
 
     if not regularizers or not betas or seeds <= 0:
         raise BdvaeError("compare needs at least one regularizer, one beta and one seed")

@@ -274,3 +274,12 @@ def load(path: str | Path | None = None, overrides: list[str] = (), preset: str 
 
 def dumps(config: Config) -> str:
     return tomli_w.dumps(to_dict(config))
+
+
+def absolute_paths(config: Config) -> Config:
+    """The same config with its data paths made absolute, so that the saved config.toml still
+    finds the data when `bdvae reconstruct` runs from another folder."""
+    data = config.data
+    resolved = {k: str(Path(v).expanduser().absolute()) for k in ("path", "labels_path", "data_dir")
+                if (v := getattr(data, k)) is not None}
+    return dataclasses.replace(config, data=dataclasses.replace(data, **resolved))

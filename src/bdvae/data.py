@@ -34,7 +34,7 @@ from torch import Tensor
 
 from bdvae.config import DataConfig
 from bdvae.errors import BdvaeError, first_line
-from bdvae.locks import file_lock
+from bdvae.files import file_lock
 
 SPLITS = ("train_images", "train_labels", "test_images", "test_labels")
 IDX_NAMES = {

@@ -6,6 +6,7 @@ z (B, D) to x_logits (B, C, H, W). ``build_model`` turns a config into modules.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -168,3 +169,65 @@ def build_model(model: ModelConfig, objective: ObjectiveConfig, shape: tuple[int
     extra = {"blocks": model.resolved_blocks} if model.arch == "resnet" else {}
     return VAE(make_encoder(shape, widths, model.latent_dim, **extra), make_decoder(shape, widths, model.latent_dim, **extra),
                log_sigma=math.log(objective.sigma), learn_sigma=likelihood.learn_sigma)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder rewritten for the IWAE's many decodes
+
+
+def has_subpixel_form(module: nn.Module) -> bool:
+    """Whether `module` is a transposed convolution that subpixel_convolution can rewrite: the
+    kernel 4, stride 2, padding 1 of every conv decoder here."""
+    return (isinstance(module, nn.ConvTranspose2d) and module.kernel_size == (4, 4) and module.stride == (2, 2)
+            and module.padding == (1, 1) and module.output_padding == (0, 0) and module.dilation == (1, 1)
+            and module.groups == 1)
+
+
+def subpixel_convolution(deconv: nn.ConvTranspose2d) -> nn.Sequential:
+    """The same map as `deconv`, a ConvTranspose2d(kernel 4, stride 2, padding 1), as a 3x3
+    convolution to 4x the channels followed by a pixel shuffle (Shi et al. 2016, "Is the
+    deconvolution layer the same as a convolutional layer?").
+
+    Output pixel (2m + a, 2n + b) of the transposed convolution sums input pixels (m + dy, n + dx)
+    times kernel taps (ky, kx): for a = 0, dy = 0 with ky = 1 and dy = -1 with ky = 3; for a = 1,
+    dy = 1 with ky = 0 and dy = 0 with ky = 2 (the same for columns). Each of the 4 output phases
+    is thus a convolution with 4 of the 9 taps of a 3x3 window; PixelShuffle(2) interleaves the
+    phases, output channel c of phase (a, b) being conv channel 4c + 2a + b.
+    """
+    if not has_subpixel_form(deconv):
+        raise ValueError(f"subpixel_convolution handles ConvTranspose2d(k=4, s=2, p=1) only, got {deconv}")
+    c_in, c_out = deconv.in_channels, deconv.out_channels
+    taps = {0: ((0, 1), (-1, 3)), 1: ((1, 0), (0, 2))}  # output phase -> (input offset, kernel tap) pairs
+    weight = deconv.weight.new_zeros(c_out, 2, 2, c_in, 3, 3)
+    for a in (0, 1):
+        for b in (0, 1):
+            for dy, ky in taps[a]:
+                for dx, kx in taps[b]:
+                    weight[:, a, b, :, dy + 1, dx + 1] = deconv.weight[:, :, ky, kx].T
+    conv = nn.Conv2d(c_in, 4 * c_out, 3, padding=1, bias=deconv.bias is not None,
+                     dtype=deconv.weight.dtype, device=deconv.weight.device)
+    with torch.no_grad():
+        conv.weight.copy_(weight.reshape(4 * c_out, c_in, 3, 3))
+        if deconv.bias is not None:
+            conv.bias.copy_(deconv.bias.repeat_interleave(4))
+    return nn.Sequential(conv, nn.PixelShuffle(2))
+
+
+def iwae_decoder(model: VAE) -> nn.Module:
+    """The model's decoder rebuilt for the IWAE's many decodes, computing the same function. A
+    copy, so that the run's model is left as it was, and on 2 CPU cores:
+    - in channels-last layout, where oneDNN's convolutions need no layout reorders (1.18x in fp32
+      on the whole IWAE);
+    - each transposed convolution to at most 4 channels (the one producing the image) in its
+      sub-pixel form: oneDNN runs a deconvolution with so few output channels at a few percent of
+      its speed (1.13x);
+    - ReLUs in place, as no gradient is kept (1.08x in fp32).
+    In fp32 the logits differ from the model's by rounding only (another summation order)."""
+    decoder = copy.deepcopy(model.decoder)
+    for name, module in list(decoder.named_modules()):
+        if has_subpixel_form(module) and module.out_channels <= 4:
+            parent, _, child = name.rpartition(".")  # (nn.Module.set_submodule needs torch 2.5)
+            setattr(decoder.get_submodule(parent), child, subpixel_convolution(module))
+        elif isinstance(module, nn.ReLU):
+            module.inplace = True
+    return decoder.to(memory_format=torch.channels_last)

@@ -19,6 +19,18 @@ from bdvae.regularizers import Regularizer, bind
 
 
 @dataclass(frozen=True)
+class ImageTerms:
+    """One batch's terms per image, in fp32: recon_nll and reg (B,), and the posterior's mu,
+    logvar and its draw z (B, D)."""
+
+    recon_nll: Tensor
+    reg: Tensor
+    mu: Tensor
+    logvar: Tensor
+    z: Tensor
+
+
+@dataclass(frozen=True)
 class LossTerms:
     """Batch means of the objective and its two terms (0-dim tensors)."""
 
@@ -45,15 +57,22 @@ def _at_least_fp32(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def image_terms(model: VAE, x: Tensor, objective: ObjectiveConfig, eps: Tensor | None = None) -> ImageTerms:
+    """The reparameterised pass (VAE.forward, noise `eps` (B, D) or fresh) over one batch x
+    (B, C, H, W) with values in [0, 1] (already binarized if need be), and its terms per image. The
+    terms are computed in fp32 also when the model runs under autocast."""
+    x_logits, mu, logvar, z = (_at_least_fp32(t) for t in model(x, eps))
+    recon_nll = LIKELIHOODS[objective.likelihood].nll(x_logits, x, model.log_sigma)
+    return ImageTerms(recon_nll=recon_nll, reg=regularizer(objective)(mu, logvar), mu=mu, logvar=logvar, z=z)
+
+
 def loss_sums(model: VAE, x: Tensor, objective: ObjectiveConfig, eps: Tensor | None = None,
               beta: float | None = None) -> Tensor:
     """The objective summed over one batch x (B, C, H, W) with values in [0, 1] (already binarized
     if need be): (3,) = [loss, recon_nll, reg] sums over the images. `beta` (default: objective.beta)
-    is the regularizer's weight, as beta_at gives it during warm-up. The terms are computed in fp32
-    also when the model runs under autocast."""
-    x_logits, mu, logvar, _ = (_at_least_fp32(t) for t in model(x, eps))
-    recon_nll = LIKELIHOODS[objective.likelihood].nll(x_logits, x, model.log_sigma).sum()
-    reg = regularizer(objective)(mu, logvar).sum()
+    is the regularizer's weight, as beta_at gives it during warm-up."""
+    terms = image_terms(model, x, objective, eps)
+    recon_nll, reg = terms.recon_nll.sum(), terms.reg.sum()
     beta = objective.beta if beta is None else beta
     return torch.stack([recon_nll + beta * reg, recon_nll, reg])
 

@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bdvae.checkpoint import atomic_path
+from bdvae.files import atomic_path
 
 GAP = 2  # pixels of black between tiles
+PICTURE_COUNT = 64  # images in each of a run's three pictures (an 8 x 8 grid)
 
 
 def grid(images: Tensor, ncol: int | None = None) -> np.ndarray:
@@ -37,6 +38,22 @@ def save_grid(images: Tensor, path: Path, ncol: int | None = None, scale: int = 
         array = array.repeat(scale, axis=0).repeat(scale, axis=1)
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
+
+
+def save_run_pictures(model: torch.nn.Module, originals: Tensor, originals_path: Path, reconstructions_path: Path,
+                      samples_path: Path, seed: int) -> None:
+    """The three pictures of every run: the test images `originals` (B, C, H, W) in [0, 1]; the
+    decoder's mean at the posterior mean mu of each, at the same grid position; and the decoder's
+    means of PICTURE_COUNT draws z ~ N(0, I) (seeded by `seed`)."""
+    model.eval()
+    with torch.inference_mode():
+        mu, _ = model.encode(originals)
+        reconstructions = model.decode_mean(mu)
+        z = torch.randn(PICTURE_COUNT, mu.shape[1], generator=torch.Generator().manual_seed(seed))
+        samples = model.decode_mean(z)
+    save_grid(originals, originals_path)
+    save_grid(reconstructions, reconstructions_path)
+    save_grid(samples, samples_path)
 
 
 def pyplot():

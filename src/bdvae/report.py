@@ -13,13 +13,24 @@ import base64
 import html
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from bdvae import checkpoint, pictures
+from bdvae import pictures, rundir
+from bdvae.files import write_text
 
-if TYPE_CHECKING:
-    from bdvae.compare import Entry
+
+@dataclass(frozen=True)
+class Entry:
+    """One configuration and seed of a comparison: where its run lives and its evaluation."""
+
+    regularizer: str
+    beta: float
+    seed: int
+    run_dir: Path
+    metrics: dict[str, Any]
+
 
 # (column, path into metrics.json, decimals); "↓" lower is better, "↑" higher is better.
 COLUMNS: tuple[tuple[str, tuple[str, ...], int], ...] = (
@@ -46,8 +57,8 @@ SAMPLER_COLUMNS: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("test-latent ln p(z) ↑", ("test_latent_log_density", "mean"), 2),
     ("Fréchet prior / this ↑", ("frechet_ratio",), 2),
 )
-PICTURES = (("originals", "originals.png"), ("reconstructions", "reconstructions.png"),
-            ("samples from N(0, I)", "samples.png"), ("latent histograms", "eval/latent_histograms.png"))
+PICTURES = (("originals", rundir.ORIGINALS), ("reconstructions", rundir.RECONSTRUCTIONS),
+            ("samples from N(0, I)", rundir.SAMPLES), ("latent histograms", rundir.LATENT_HISTOGRAMS))
 
 
 def _get(metrics: dict[str, Any], path: tuple[str, ...]) -> float | None:
@@ -163,7 +174,7 @@ def _first_runs(entries: Sequence[Entry]) -> list[tuple[str, Entry]]:
 def _sampler_pictures(entries: Sequence[Entry]) -> list[tuple[str, str]]:
     """(sampler, picture path in a run) for the samples of each sampler, when any was fitted."""
     names = sampler_names(entries)
-    return [(f"samples from {name}", f"eval/samples-{name}.png") for name in names] if len(names) > 1 else []
+    return [(f"samples from {name}", rundir.samples_picture(name)) for name in names] if len(names) > 1 else []
 
 
 SAMPLERS_NOTE = ("Fitted samplers draw z from a density fitted to the aggregate posterior q(z) on the training "
@@ -270,6 +281,6 @@ def write_report(out: Path, entries: Sequence[Entry]) -> tuple[Path, Path]:
     """Write OUT/rate_distortion.png, OUT/report.md and OUT/report.html; return the two reports."""
     rows = summary_rows(entries)
     save_rate_distortion(rows, out / "rate_distortion.png")
-    checkpoint.write_text(out / "report.md", markdown(entries, rows, out))
-    checkpoint.write_text(out / "report.html", html_page(entries, rows, out))
+    write_text(out / "report.md", markdown(entries, rows, out))
+    write_text(out / "report.html", html_page(entries, rows, out))
     return out / "report.md", out / "report.html"

@@ -31,10 +31,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from bdvae import checkpoint, metrics
+from bdvae import metrics, rundir
+from bdvae.files import atomic_path, write_json
+from bdvae.likelihoods import binarized, to_float
 from bdvae.errors import BdvaeError, first_line
 
-SAMPLERS_DIR = "samplers"
 FIT_ON = ("sample", "mean")
 ENCODE_BATCH = 1000
 DEFAULT_COMPONENTS = 10
@@ -349,12 +350,6 @@ def canonical_names(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(["prior", *(parse_name(n).name for n in names)]))
 
 
-def sampler_paths(run_dir: Path, name: str) -> tuple[Path, Path]:
-    """RUN/samplers/NAME.safetensors and RUN/samplers/NAME.json."""
-    folder = Path(run_dir) / SAMPLERS_DIR
-    return folder / f"{name}.safetensors", folder / f"{name}.json"
-
-
 def _digest(arrays: dict[str, Tensor]) -> str:
     h = hashlib.sha256()
     for key in sorted(arrays):
@@ -365,27 +360,26 @@ def _digest(arrays: dict[str, Tensor]) -> str:
 
 
 def is_fitted(run_dir: Path, name: str) -> bool:
-    return name == "prior" or all(p.is_file() for p in sampler_paths(run_dir, name))
+    return name == "prior" or all(p.is_file() for p in rundir.sampler_paths(run_dir, name))
 
 
 def fitted_names(run_dir: Path) -> list[str]:
     """The samplers fitted in a run directory, sorted (the prior, never stored, not among them)."""
-    folder = Path(run_dir) / SAMPLERS_DIR
-    return sorted(p.stem for p in folder.glob("*.json") if (folder / f"{p.stem}.safetensors").is_file())
+    return rundir.sampler_names(run_dir)
 
 
 def save_sampler(run_dir: Path, sampler: Sampler, options: FitOptions, latents: int, seconds: float) -> Path:
     """Write RUN/samplers/NAME.safetensors, then NAME.json (the sampler counts as fitted once both are there)."""
-    weights_path, json_path = sampler_paths(run_dir, options.name)
+    weights_path, json_path = rundir.sampler_paths(run_dir, options.name)
     weights_path.parent.mkdir(exist_ok=True)
     json_path.unlink(missing_ok=True)  # a refit: the old JSON must not vouch for the new arrays, even for a moment
     arrays = {k: v.detach().contiguous().cpu() for k, v in sampler.arrays().items()}
-    with checkpoint.atomic_path(weights_path) as tmp:
+    with atomic_path(weights_path) as tmp:
         save_file(arrays, str(tmp))
     facts = {"name": options.name, "kind": options.kind, "latent_dim": sampler.latent_dim,
              "fit": {"seed": options.seed, "fit_on": options.fit_on, "latents": latents},
              "params": sampler.params(), "sha256": _digest(arrays), "seconds": round(seconds, 2)}
-    checkpoint.write_text(json_path, json.dumps(facts, indent=2) + "\n")
+    write_json(json_path, facts)
     return weights_path
 
 
@@ -398,7 +392,7 @@ def fit_command(run_dir: Path, options: FitOptions) -> str:
 
 def read_facts(run_dir: Path, name: str) -> dict[str, Any]:
     """The JSON beside a fitted sampler; one line if it is missing or damaged."""
-    _, json_path = sampler_paths(run_dir, name)
+    _, json_path = rundir.sampler_paths(run_dir, name)
     if not json_path.is_file():
         raise BdvaeError(f"{run_dir}: no fitted sampler {name!r}; fit it with: {fit_command(run_dir, parse_name(name))}")
     try:
@@ -420,7 +414,7 @@ def load_sampler(run_dir: Path, name: str, latent_dim: int) -> Sampler:
     if options.kind == "prior":
         return Prior(latent_dim)
     name = options.name  # "gmm" is stored as gmm-10
-    weights_path, json_path = sampler_paths(run_dir, name)
+    weights_path, json_path = rundir.sampler_paths(run_dir, name)
     facts = read_facts(run_dir, name)
     if facts["kind"] != options.kind or facts["kind"] not in SAMPLERS:
         raise BdvaeError(f"{json_path}: describes a sampler of kind {facts['kind']!r}, not {options.kind!r}")
@@ -441,8 +435,6 @@ def training_latents(model: nn.Module, images: Tensor, binarize: bool, fit_on: s
     """The latents a sampler is fitted on: per training image (uint8, (N, C, H, W)) one draw
     z ~ q(z|x) (``fit_on="sample"``, pythae's protocol) or its mean mu; (N, D) float32. A binarized
     model sees binarized images, as in training, drawn with the same seed."""
-    from bdvae.train import binarized, to_float
-
     gen = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, len(images), ENCODE_BATCH):
@@ -461,7 +453,7 @@ def fit_sampler(run_dir: Path, model: nn.Module, binarize: bool, train_images: T
     if options.kind == "prior":
         raise BdvaeError("the prior N(0, I) needs no fitting; fit gmm or two_stage")
     if is_fitted(run_dir, options.name) and not overwrite:
-        raise BdvaeError(f"{sampler_paths(run_dir, options.name)[0]}: fitted already; pass --overwrite to fit it again")
+        raise BdvaeError(f"{rundir.sampler_paths(run_dir, options.name)[0]}: fitted already; pass --overwrite to fit it again")
     started = time.perf_counter()
     z = training_latents(model, train_images, binarize, options.fit_on, options.seed)
     what = "posterior means" if options.fit_on == "mean" else "one z ~ q(z|x) per training image"

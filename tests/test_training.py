@@ -12,7 +12,7 @@ from bdvae import config as config_lib
 from bdvae.config import TrainConfig
 from bdvae.data import load_dataset
 from bdvae.model import build_model
-from bdvae.train import evaluate_terms, lr_at, train
+from bdvae.training import evaluate_terms, lr_at, train
 
 
 def test_constant_schedule_keeps_the_learning_rate():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bdvae import checkpoint
+from bdvae import files, rundir
 from bdvae.errors import BdvaeError
 
 
@@ -16,17 +16,17 @@ def test_overwrite_removes_the_old_runs_outputs_and_keeps_other_files(tmp_path):
                  "checkpoints/step-000000010.safetensors", "config.toml", "my-notes.txt"):
         (run / name).write_text("old")
     with pytest.raises(BdvaeError, match="run directory exists"):
-        checkpoint.prepare_run_dir(run, overwrite=False)
+        rundir.prepare(run, overwrite=False)
     assert (run / "run.json").exists()  # refused: nothing touched
-    checkpoint.prepare_run_dir(run, overwrite=True)
+    rundir.prepare(run, overwrite=True)
     assert sorted(p.name for p in run.iterdir()) == ["config.toml", "my-notes.txt"]  # config.toml is rewritten next
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_no_temporary(tmp_path):
     target = tmp_path / "f.txt"
-    checkpoint.write_text(target, "first")
+    files.write_text(target, "first")
     with pytest.raises(RuntimeError):
-        with checkpoint.atomic_path(target) as tmp:
+        with files.atomic_path(target) as tmp:
             tmp.write_text("half")
             raise RuntimeError("killed midway")
     assert target.read_text() == "first"

@@ -1,51 +1,35 @@
 """Training: Adam over shuffled mini-batches drawn by indexing one in-memory uint8 tensor.
 
 After each epoch the loss terms on the training set (running means) and on the test set go to
-metrics.jsonl and loss_curve.png; at the end the weights, the config and the three pictures are
-written into the run directory.
+the run directory's metrics log and loss curve; at the end the weights, the config and the three
+pictures (rundir.py names every file). Every random draw of training comes from one
+torch.Generator, whose state is part of the training state, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bdvae import checkpoint, distributed, pictures
-from bdvae import config as config_lib
-from bdvae.config import Config
+from bdvae import distributed, pictures, rundir
+from bdvae.config import Config, TrainConfig, absolute_paths
 from bdvae.data import Dataset, load_dataset
 from bdvae.distributed import Context, shard
 from bdvae.errors import BdvaeError, first_line
-from bdvae.likelihoods import LIKELIHOODS
+from bdvae.likelihoods import LIKELIHOODS, to_float
 from bdvae.model import VAE, build_model
 from bdvae.objective import Objective, beta_at, regularizer
 from bdvae.regularizers import REGULARIZERS
+from bdvae.rundir import Position
 
-METRICS_FILE = "metrics.jsonl"
-PICTURE_COUNT = 64  # images in originals.png, reconstructions.png and samples.png (an 8 x 8 grid)
-EVAL_BATCH = 1000
+EVAL_BATCH = 1000  # test images per forward pass of the epoch's test pass
 POSTFIX_EVERY = 25  # steps between progress-bar updates (each one synchronises on the loss)
-
-
-def to_float(x: Tensor) -> Tensor:
-    """uint8 pixels -> floats in [0, 1]."""
-    return x.float().div_(255.0)
-
-
-def binarized(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """x ~ Bernoulli(intensity): dynamic binarization (Salakhutdinov & Murray 2008)."""
-    return torch.bernoulli(x, generator=generator)
 
 
 @torch.inference_mode()
@@ -61,9 +45,7 @@ def evaluate_terms(model: VAE, images: Tensor, config: Config, seed: int, ctx: C
     gen = torch.Generator().manual_seed(seed)
     sums = torch.zeros(4, dtype=torch.float64)  # recon_nll, reg, kl, bhattacharyya
     for i, start in enumerate(range(0, len(images), EVAL_BATCH)):
-        x = to_float(images[start: start + EVAL_BATCH])
-        if likelihood.binarize:
-            x = binarized(x, gen)
+        x = likelihood.targets(images[start: start + EVAL_BATCH], gen)
         eps = torch.randn(len(x), config.model.latent_dim, generator=gen)
         if i % ctx.world_size != ctx.rank:
             continue
@@ -79,7 +61,7 @@ def evaluate_terms(model: VAE, images: Tensor, config: Config, seed: int, ctx: C
             "loss": recon_nll + objective.beta * reg}
 
 
-def lr_at(train: config_lib.TrainConfig, progress: float) -> float:
+def lr_at(train: TrainConfig, progress: float) -> float:
     """The learning rate when a fraction `progress` in [0, 1) of the epochs is done: train.lr, or
     under "cosine" lr (1 + cos(pi progress)) / 2 (Loshchilov & Hutter 2017, without restarts).
     A function of the images seen, not of the step count, so that it does not depend on the
@@ -87,21 +69,6 @@ def lr_at(train: config_lib.TrainConfig, progress: float) -> float:
     if train.lr_schedule == "cosine":
         return train.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     return train.lr
-
-
-@dataclass
-class Position:
-    """Where training stands: the next epoch (1-based), the next image of that epoch's order, the
-    optimizer steps taken, the epoch's data order and running sums, and the finished epochs' rows."""
-
-    epoch: int = 1
-    next_start: int = 0
-    global_step: int = 0
-    order: Tensor | None = None  # this epoch's permutation; None before it is drawn
-    totals: Tensor = dataclasses.field(default_factory=lambda: torch.zeros(3))  # loss, recon_nll, reg sums
-    rows: list[dict[str, float]] = dataclasses.field(default_factory=list)
-    skipped: int = 0  # batches of this epoch skipped for a non-finite loss or gradient
-    skipped_images: int = 0
 
 
 class NonFiniteError(BdvaeError):
@@ -125,18 +92,19 @@ def backward_shard(loss: nn.Module, x: Tensor, eps: Tensor, total: int, beta: fl
 
 
 def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, config: Config, bar: tqdm,
-                pos: Position, after_step: Callable[[], None] = lambda: None, ctx: Context = Context(),
-                loss: nn.Module | None = None) -> dict[str, float]:
+                pos: Position, generator: torch.Generator, after_step: Callable[[], None] = lambda: None,
+                ctx: Context = Context(), loss: nn.Module | None = None) -> dict[str, float]:
     """Continue the epoch at `pos` to its end, updating `pos` after every step (then `after_step`
-    may save it); returns the running means of the terms over the epoch. `loss` is the Objective
+    may save it); returns the running means of the terms over the epoch. Every random draw (the
+    epoch's order, binarization, the noise eps) comes from `generator`. `loss` is the Objective
     to differentiate (wrapped for several ranks; default: Objective(model)). Each step takes a
     global batch of batch_size images per rank."""
     objective, batch_size = config.objective, config.train.batch_size * ctx.world_size
-    binarize = LIKELIHOODS[objective.likelihood].binarize
+    likelihood = LIKELIHOODS[objective.likelihood]
     loss = Objective(model, objective) if loss is None else loss
     mixed_precision = ctx.bf16_autocast(config.train.mixed_precision)
-    if pos.order is None:  # a new epoch: drawn from the global RNG, which a checkpoint restores
-        pos.order, pos.totals, pos.next_start = torch.randperm(len(images)), torch.zeros(3), 0
+    if pos.order is None:  # a new epoch: drawn from the generator, whose state a checkpoint holds
+        pos.order, pos.totals, pos.next_start = torch.randperm(len(images), generator=generator), torch.zeros(3), 0
         pos.skipped = pos.skipped_images = 0
     bar.update(pos.next_start)
     while pos.next_start < len(images):
@@ -146,11 +114,11 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, co
         # Every rank draws the whole global batch's noise, so the ranks' RNGs stay in lockstep and
         # the noise does not depend on how the batch is split; only this rank's images are loaded,
         # except for binarization, whose draws need every image of the batch.
-        if binarize:
-            x = binarized(to_float(images[batch]))[part]
+        if likelihood.binarize:
+            x = likelihood.targets(images[batch], generator)[part]
         else:
             x = to_float(images[batch[part]])  # (B_r, C, H, W)
-        eps = torch.randn(len(batch), config.model.latent_dim)[part]  # (B_r, D)
+        eps = torch.randn(len(batch), config.model.latent_dim, generator=generator)[part]  # (B_r, D)
         optimizer.zero_grad(set_to_none=True)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(config.train, (pos.epoch - 1 + start / len(images)) / config.train.epochs)
@@ -183,78 +151,19 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, co
     return {"loss": loss_sum, "recon_nll": recon, "reg": reg, "skipped_batches": pos.skipped}
 
 
-def save_training_state(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer, pos: Position) -> None:
-    """Everything `resume` needs to continue exactly: weights, Adam's moments and step counts, the
-    torch, numpy and Python RNG states, the epoch's data order and running sums, and the rows so far."""
-    opt = optimizer.state_dict()
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors |= {f"optimizer.{i}.{name}": t for i, st in opt["state"].items() for name, t in st.items()}
-    tensors |= {"rng.torch": torch.get_rng_state(), "totals": pos.totals}
-    if pos.order is not None:
-        tensors["order"] = pos.order
-    np_state = np.random.get_state()
-    state = {"epoch": pos.epoch, "next_start": pos.next_start, "global_step": pos.global_step, "rows": pos.rows,
-             "skipped": pos.skipped, "skipped_images": pos.skipped_images,
-             "param_groups": opt["param_groups"],
-             "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "rng_python": random.getstate()}
-    checkpoint.save_state(run_dir, pos.global_step, tensors, state)
-
-
-def restore_training_state(tensors: dict[str, Tensor], state: dict, model: VAE,
-                           optimizer: torch.optim.Optimizer) -> Position:
-    """The inverse of save_training_state: loads weights, optimizer and RNGs; returns the position."""
-    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
-    opt_state: dict[int, dict[str, Tensor]] = {}
-    for key, t in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            opt_state.setdefault(int(index), {})[name] = t
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    for param, moments in optimizer.state.items():  # saved contiguous: the moments go back to the
-        for name, t in moments.items():           # weights' layout (channels-last), as Adam made them
-            if name != "step":                    # (the step count stays where Adam keeps it)
-                moments[name] = torch.empty_like(param).copy_(t)
-    torch.set_rng_state(tensors["rng.torch"])
-    name, keys, *rest = state["rng_numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    version, internal, gauss = state["rng_python"]
-    random.setstate((version, tuple(internal), gauss))
-    return Position(epoch=state["epoch"], next_start=state["next_start"], global_step=state["global_step"],
-                    order=tensors.get("order"), totals=tensors["totals"].clone(), rows=state["rows"],
-                    skipped=state["skipped"], skipped_images=state["skipped_images"])
-
-
-def write_pictures(model: VAE, data: Dataset, run_dir: Path, seed: int) -> None:
-    """originals.png: the first 64 test images; reconstructions.png: the decoder's mean at the
-    posterior mean mu of each, at the same grid position; samples.png: decoder means of z ~ N(0, I)."""
-    model.eval()
-    with torch.inference_mode():
-        originals = to_float(data.test_images[:PICTURE_COUNT])
-        mu, _ = model.encode(originals)
-        reconstructions = model.decode_mean(mu)
-        z = torch.randn(PICTURE_COUNT, mu.shape[1], generator=torch.Generator().manual_seed(seed))
-        samples = model.decode_mean(z)
-    pictures.save_grid(originals, run_dir / "originals.png")
-    pictures.save_grid(reconstructions, run_dir / "reconstructions.png")
-    pictures.save_grid(samples, run_dir / "samples.png")
-
-
-def absolute_paths(config: Config) -> Config:
-    """The same config with its data paths made absolute, so that the saved config.toml still
-    finds the data when `bdvae reconstruct` runs from another folder."""
-    data = config.data
-    resolved = {k: str(Path(v).expanduser().absolute()) for k in ("path", "labels_path", "data_dir")
-                if (v := getattr(data, k)) is not None}
-    return dataclasses.replace(config, data=dataclasses.replace(data, **resolved))
-
-
-def _setup(config: Config, ctx: Context, log: Callable[[str], None]) -> tuple[Dataset, VAE]:
-    """Threads, data, and the freshly initialised model (seeded by train.seed, alike on every rank)."""
+def _setup(config: Config, ctx: Context, log: Callable[[str], None]) -> tuple[Dataset, VAE, torch.Generator]:
+    """Threads, data, the freshly initialised model and the generator training draws from, all
+    seeded by train.seed, alike on every rank. The generator continues the stream that seeded the
+    weights (torch.manual_seed(seed), then the initialisation's draws), so runs are those of the
+    versions that drew from torch's global generator, bit for bit."""
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
     data = load_dataset(config.data, log=log)
     torch.manual_seed(config.train.seed)
-    return data, build_model(config.model, config.objective, data.shape).to(ctx.device)
+    model = build_model(config.model, config.objective, data.shape).to(ctx.device)
+    generator = torch.Generator()
+    generator.set_state(torch.get_rng_state())
+    return data, model, generator
 
 
 def _quiet(_: str) -> None:
@@ -271,21 +180,13 @@ def train(config: Config, run_dir: Path, overwrite: bool = False, progress: bool
     run_dir = Path(run_dir)
     with distributed.joined(device) as ctx:
         if ctx.is_main:
-            checkpoint.check_run_dir(run_dir, overwrite)  # before the slow parts, and before anything is written
+            rundir.check_new(run_dir, overwrite)  # before the slow parts, and before anything is written
         config = absolute_paths(config)
-        data, model = _setup(config, ctx, log if ctx.is_main else _quiet)
+        data, model, generator = _setup(config, ctx, log if ctx.is_main else _quiet)
         if ctx.is_main:
-            checkpoint.prepare_run_dir(run_dir, overwrite)  # only once data and model are known to be good
-            checkpoint.write_text(run_dir / checkpoint.CONFIG_FILE, config_lib.dumps(config))  # what --resume reads
-        return _fit(config, run_dir, data, model, None, ctx, progress, log)
-
-
-def check_resumable(run_dir: Path) -> None:
-    """An error unless `run_dir` holds a started, unfinished run."""
-    if not (run_dir / checkpoint.CONFIG_FILE).is_file():
-        raise BdvaeError(f"{run_dir}: nothing to resume (no {checkpoint.CONFIG_FILE})")
-    if (run_dir / checkpoint.RUN_FILE).is_file():
-        raise BdvaeError(f"{run_dir}: the run is finished already; nothing to resume")
+            rundir.prepare(run_dir, overwrite)  # only once data and model are known to be good
+            rundir.write_config(run_dir, config)  # what --resume reads
+        return _fit(config, run_dir, data, model, generator, None, ctx, progress, log)
 
 
 def resume(run_dir: Path, progress: bool | None = None, log: Callable[[str], None] = print,
@@ -296,33 +197,34 @@ def resume(run_dir: Path, progress: bool | None = None, log: Callable[[str], Non
     resume with 1, or the other way, at the same image of the same epoch; train.batch_size being
     per process, the global batch then changes, so the rest is another run from that point."""
     run_dir = Path(run_dir)
-    check_resumable(run_dir)
+    rundir.check_resumable(run_dir)
     with distributed.joined(device) as ctx:
         log = log if ctx.is_main else _quiet
-        config = config_lib.load(run_dir / checkpoint.CONFIG_FILE)
-        data, model = _setup(config, ctx, log)
-        state = checkpoint.latest_state(run_dir, log)
+        config = rundir.read_config(run_dir)
+        data, model, generator = _setup(config, ctx, log)
+        state = rundir.latest_state(run_dir, log)
         if state is None:
             log(f"{run_dir}: no training state saved yet; starting from the beginning")
-        return _fit(config, run_dir, data, model, state, ctx, progress, log)
+        return _fit(config, run_dir, data, model, generator, state, ctx, progress, log)
 
 
-def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[dict, dict] | None, ctx: Context,
-         progress: bool | None, log: Callable[[str], None]) -> Path:
+def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: torch.Generator,
+         state: tuple[dict, dict] | None, ctx: Context, progress: bool | None, log: Callable[[str], None]) -> Path:
     """The training loop from a fresh start (`state` None) or a saved training state."""
     # Channels-last: oneDNN's convolutions then need no layout reorders (1.1x in fp32, 1.13x in
     # bf16 on the reference model; README, Performance). Weights on disk stay in the usual layout.
     model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    states = run_dir / rundir.STATES_DIR
     try:
-        pos = Position() if state is None else restore_training_state(*state, model, optimizer)
+        pos = Position() if state is None else rundir.restore_training_state(*state, model, optimizer, generator)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:  # a state from another model or version
-        raise BdvaeError(f"{run_dir / checkpoint.STATES_DIR}: the checkpoint does not fit this run's config "
+        raise BdvaeError(f"{states}: the checkpoint does not fit this run's config "
                          f"or this version of bdvae ({first_line(e)})") from None
     n = len(data.train_images)
     if pos.order is not None and (len(pos.order) != n or not 0 <= pos.next_start <= n):
-        raise BdvaeError(f"{run_dir / checkpoint.STATES_DIR}: the checkpoint was taken on {len(pos.order)} training "
-                         f"images, the data now gives {n}; was {run_dir / checkpoint.CONFIG_FILE} edited?")
+        raise BdvaeError(f"{states}: the checkpoint was taken on {len(pos.order)} training "
+                         f"images, the data now gives {n}; was {run_dir / rundir.CONFIG_FILE} edited?")
     if not ctx.is_main:
         log, progress = _quiet, False
     if state is not None:
@@ -338,7 +240,7 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[
 
     def after_step() -> None:
         if ctx.is_main and every and pos.global_step % every == 0 and pos.next_start < n:
-            save_training_state(run_dir, model, optimizer, pos)
+            rundir.save_training_state(run_dir, model, optimizer, pos, generator)
 
     model.train()
     while pos.epoch <= config.train.epochs:
@@ -346,12 +248,13 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[
         with tqdm(total=n, desc=f"epoch {epoch}/{config.train.epochs}", unit="img",
                   disable=None if progress is None else not progress, leave=False) as bar:
             try:
-                train_means = train_epoch(model, optimizer, data.train_images, config, bar, pos, after_step, ctx, loss)
+                train_means = train_epoch(model, optimizer, data.train_images, config, bar, pos, generator,
+                                          after_step, ctx, loss)
             except NonFiniteError as e:
-                kept = checkpoint.state_paths(run_dir)
+                kept = rundir.state_paths(run_dir)
                 where = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint was saved yet"
                 raise BdvaeError(f"{e}; training stopped and {where}; to skip such batches instead, set "
-                                 f"skip_nonfinite = true under [train] in {run_dir / checkpoint.CONFIG_FILE} "
+                                 f"skip_nonfinite = true under [train] in {run_dir / rundir.CONFIG_FILE} "
                                  "and run bdvae train --resume") from None
         skipped = train_means.pop("skipped_batches")
         if skipped:
@@ -362,19 +265,21 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, state: tuple[
         pos.rows.append(row)
         pos.epoch, pos.next_start, pos.order = epoch + 1, 0, None
         if ctx.is_main:
-            checkpoint.write_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in pos.rows))
-            pictures.save_loss_curves(pos.rows, run_dir / "loss_curve.png")
-            save_training_state(run_dir, model, optimizer, pos)  # the epoch's end, its row included
+            rundir.write_metrics_log(run_dir, pos.rows)
+            pictures.save_loss_curves(pos.rows, run_dir / rundir.LOSS_CURVE)
+            rundir.save_training_state(run_dir, model, optimizer, pos, generator)  # the epoch's end, its row included
         log(f"epoch {epoch}: train loss {row['train_loss']:.2f} (recon {row['train_recon_nll']:.2f}, "
             f"reg {row['train_reg']:.2f}); test loss {row['test_loss']:.2f} (recon {row['test_recon_nll']:.2f}, "
             f"KL {row['test_kl']:.2f}, BD {row['test_bhattacharyya']:.2f}); {row['seconds']:.1f} s")
 
     if ctx.is_main:
         model.cpu()
-        checkpoint.save_run(run_dir, model, config, {
+        rundir.save_run(run_dir, model, config, {
             "image_shape": list(data.shape), "data_source": data.source, "epochs": config.train.epochs,
             "train_images": n, "test_images": len(data.test_images), "processes": ctx.world_size,
             "device": ctx.device.type, "precision": "bf16 autocast" if mixed_precision else "fp32",
             "seconds": round(sum(r["seconds"] for r in pos.rows), 1)})
-        write_pictures(model, data, run_dir, seed=config.train.seed)
+        pictures.save_run_pictures(model, to_float(data.test_images[:pictures.PICTURE_COUNT]),
+                                   run_dir / rundir.ORIGINALS, run_dir / rundir.RECONSTRUCTIONS,
+                                   run_dir / rundir.SAMPLES, seed=config.train.seed)
     return run_dir

@@ -1,0 +1,333 @@
+"""The run directory: the one module that knows its file names, whether a run is finished or can
+be resumed, and the format of a training state.
+
+Layout (README, "The run directory"):
+    config.toml        the resolved config (written first); enough, with run.json, to rebuild the model
+    run.json           bdvae version, image shape (C, H, W), data source, epochs done, wall time
+    model.safetensors  the VAE's weights (written last, with run.json: a run without them is unfinished)
+    metrics.jsonl      one row per epoch; loss_curve.png plots them
+    originals.png, reconstructions.png, samples.png   the three pictures of every run
+    checkpoints/       the newest training states (step-NNNNNNNNN.safetensors), for `train --resume`
+    metrics.json, eval/   written by `bdvae evaluate`
+    samplers/          latent samplers fitted after training (NAME.safetensors + NAME.json)
+Every file is written through files.atomic_path. A training state is one safetensors file:
+tensors (weights, optimizer moments, the training generator's state, the epoch's data order)
+plus JSON metadata, sealed by a sha256 over both that is checked on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from bdvae import config as config_lib
+from bdvae._version import __version__
+from bdvae.config import Config
+from bdvae.errors import BdvaeError, first_line
+from bdvae.files import atomic_path, write_json, write_text
+from bdvae.model import VAE, build_model
+
+CONFIG_FILE = "config.toml"
+RUN_FILE = "run.json"
+WEIGHTS_FILE = "model.safetensors"
+METRICS_LOG = "metrics.jsonl"  # training: a row per epoch
+METRICS_FILE = "metrics.json"  # evaluation
+LOSS_CURVE = "loss_curve.png"
+ORIGINALS, RECONSTRUCTIONS, SAMPLES = "originals.png", "reconstructions.png", "samples.png"
+STATES_DIR = "checkpoints"
+EVAL_DIR = "eval"
+# The evaluation's pictures, as paths relative to the run directory (the report links them so).
+LATENT_HISTOGRAMS, LATENT_MEANS = f"{EVAL_DIR}/latent_histograms.png", f"{EVAL_DIR}/latent_means.png"
+INTERPOLATION, TRAVERSAL = f"{EVAL_DIR}/interpolation.png", f"{EVAL_DIR}/traversal.png"
+SAMPLERS_DIR = "samplers"
+KEEP_STATES = 2  # the newest and the one before it, in case the newest is damaged
+
+# What --overwrite removes (config.toml is written anew at once): nothing of the old run (its
+# weights, its metrics, a finished marker) may be mistaken for the new one's. Other files stay.
+RUN_OUTPUTS = (RUN_FILE, WEIGHTS_FILE, METRICS_LOG, METRICS_FILE, LOSS_CURVE, ORIGINALS, RECONSTRUCTIONS, SAMPLES)
+RUN_OUTPUT_DIRS = (STATES_DIR, EVAL_DIR)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a folder holds
+
+
+def is_started(run_dir: Path) -> bool:
+    """Whether training has begun here: config.toml is written first."""
+    return (Path(run_dir) / CONFIG_FILE).is_file()
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether a training ended here: run.json and the weights are written last."""
+    return all((Path(run_dir) / name).is_file() for name in (CONFIG_FILE, RUN_FILE, WEIGHTS_FILE))
+
+
+def check_finished(run_dir: Path) -> None:
+    """An error naming the first missing file unless `run_dir` holds a finished run."""
+    for name in (CONFIG_FILE, RUN_FILE, WEIGHTS_FILE):
+        if not (Path(run_dir) / name).is_file():
+            raise BdvaeError(f"{run_dir}: not a finished run (no {name})")
+
+
+def check_resumable(run_dir: Path) -> None:
+    """An error unless `run_dir` holds a started, unfinished run."""
+    if not is_started(run_dir):
+        raise BdvaeError(f"{run_dir}: nothing to resume (no {CONFIG_FILE})")
+    if (Path(run_dir) / RUN_FILE).is_file():
+        raise BdvaeError(f"{run_dir}: the run is finished already; nothing to resume")
+
+
+def check_new(run_dir: Path, overwrite: bool) -> None:
+    """An existing non-empty run directory is an error unless `overwrite`; touches nothing."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise BdvaeError(f"{run_dir}: exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        raise BdvaeError(f"{run_dir}: run directory exists; pass --overwrite to replace it or choose another --out")
+
+
+def prepare(run_dir: Path, overwrite: bool) -> None:
+    """Create the run directory (checked again) and make sure it can be written; with `overwrite`,
+    remove the old run's outputs first (files a user added are left alone)."""
+    check_new(run_dir, overwrite)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in RUN_OUTPUTS:
+            (run_dir / name).unlink(missing_ok=True)
+        for name in RUN_OUTPUT_DIRS:
+            if (run_dir / name).is_dir():
+                shutil.rmtree(run_dir / name)
+        probe = tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-")
+        probe.close()
+    except OSError as e:
+        raise BdvaeError(f"{run_dir}: cannot write there ({e.strerror})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Config, weights, facts, metrics
+
+
+def read_config(run_dir: Path) -> Config:
+    return config_lib.load(Path(run_dir) / CONFIG_FILE)
+
+
+def write_config(run_dir: Path, config: Config) -> None:
+    write_text(run_dir / CONFIG_FILE, config_lib.dumps(config))
+
+
+def save_run(run_dir: Path, model: nn.Module, config: Config, facts: dict[str, Any]) -> None:
+    """The end of a training: the weights, the config and run.json (whose presence marks it finished)."""
+    with atomic_path(run_dir / WEIGHTS_FILE) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"bdvae_version": __version__})
+    write_config(run_dir, config)
+    write_json(run_dir / RUN_FILE, {"bdvae_version": __version__, **facts})
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A finished run as loaded: its directory, config, facts (run.json) and model (eval mode)."""
+
+    path: Path
+    config: Config
+    facts: dict[str, Any]
+    model: VAE
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.facts["image_shape"])  # type: ignore[return-value]
+
+
+def load(run_dir: Path) -> TrainedRun:
+    """The finished run in `run_dir`; one line if it is unfinished or damaged."""
+    model, config, facts = load_model(run_dir)
+    return TrainedRun(path=Path(run_dir), config=config, facts=facts, model=model)
+
+
+def load_model(run_dir: Path) -> tuple[VAE, Config, dict[str, Any]]:
+    """The trained VAE of a run directory (in eval mode), its config and run facts."""
+    run_dir = Path(run_dir)
+    check_finished(run_dir)
+    config = read_config(run_dir)
+    try:
+        facts = json.loads((run_dir / RUN_FILE).read_text())
+        shape = tuple(int(n) for n in facts["image_shape"])
+        if len(shape) != 3 or min(shape) <= 0:
+            raise ValueError(f"image_shape {list(shape)} is not 3 positive sizes")
+    except (ValueError, KeyError, TypeError) as e:
+        raise BdvaeError(f"{run_dir / RUN_FILE}: damaged ({e})") from None
+    model = build_model(config.model, config.objective, shape)  # type: ignore[arg-type]
+    try:
+        model.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)))
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise BdvaeError(f"{run_dir / WEIGHTS_FILE}: does not fit this run's model ({first_line(e)})") from None
+    model.eval()
+    return model, config, facts
+
+
+def write_metrics_log(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """metrics.jsonl: one JSON object per epoch."""
+    write_text(run_dir / METRICS_LOG, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    write_json(Path(run_dir) / METRICS_FILE, metrics)
+
+
+def read_metrics(run_dir: Path) -> Any:
+    """The evaluation's metrics.json as JSON holds it; None when there is none, ValueError (or
+    OSError) when it cannot be read."""
+    path = Path(run_dir) / METRICS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def samples_picture(name: str) -> str:
+    """eval/samples-NAME.png: the first draws of sampler NAME that the evaluation scored."""
+    return f"{EVAL_DIR}/samples-{name}.png"
+
+
+def eval_pictures(run_dir: Path) -> list[str]:
+    """The evaluation's pictures in a run directory, relative to it, sorted."""
+    return sorted(f"{EVAL_DIR}/{p.name}" for p in (Path(run_dir) / EVAL_DIR).glob("*.png"))
+
+
+def sampler_paths(run_dir: Path, name: str) -> tuple[Path, Path]:
+    """RUN/samplers/NAME.safetensors and RUN/samplers/NAME.json."""
+    folder = Path(run_dir) / SAMPLERS_DIR
+    return folder / f"{name}.safetensors", folder / f"{name}.json"
+
+
+def sampler_names(run_dir: Path) -> list[str]:
+    """The samplers stored in a run directory (both files there), sorted."""
+    folder = Path(run_dir) / SAMPLERS_DIR
+    return sorted(p.stem for p in folder.glob("*.json") if (folder / f"{p.stem}.safetensors").is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# Training states
+
+
+@dataclass
+class Position:
+    """Where training stands: the next epoch (1-based), the next image of that epoch's order, the
+    optimizer steps taken, the epoch's data order and running sums, and the finished epochs' rows."""
+
+    epoch: int = 1
+    next_start: int = 0
+    global_step: int = 0
+    order: Tensor | None = None  # this epoch's permutation; None before it is drawn
+    totals: Tensor = dataclasses.field(default_factory=lambda: torch.zeros(3))  # loss, recon_nll, reg sums
+    rows: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    skipped: int = 0  # batches of this epoch skipped for a non-finite loss or gradient
+    skipped_images: int = 0
+
+
+# The generator's state keeps the name it had when training drew from torch's global generator,
+# whose state it was: a state saved then resumes exactly as before.
+GENERATOR_KEY = "rng.torch"
+
+
+def _digest(tensors: dict[str, Tensor], state_json: str) -> str:
+    """sha256 over every tensor (name, dtype, shape, bytes, in name order) and the JSON state."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(state_json.encode())
+    return h.hexdigest()
+
+
+def state_paths(run_dir: Path) -> list[Path]:
+    """The training states of a run, oldest first."""
+    return sorted((Path(run_dir) / STATES_DIR).glob("step-*.safetensors"))
+
+
+def save_state(run_dir: Path, step: int, tensors: dict[str, Tensor], state: dict[str, Any]) -> Path:
+    """Write a training state as RUN/checkpoints/step-STEP.safetensors; keep only the newest KEEP_STATES."""
+    folder = Path(run_dir) / STATES_DIR
+    folder.mkdir(exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    state_json = json.dumps(state)
+    path = folder / f"step-{step:09d}.safetensors"
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"state": state_json, "sha256": _digest(tensors, state_json),
+                                               "bdvae_version": __version__})
+    for old in state_paths(run_dir)[:-KEEP_STATES]:
+        old.unlink()
+    return path
+
+
+def load_state(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors and JSON state of a training state file, after checking its sha256."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        state_json, expected = meta["state"], meta["sha256"]
+        if _digest(tensors, state_json) != expected:
+            raise ValueError("checksum mismatch")
+        return tensors, json.loads(state_json)
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise BdvaeError(f"{path}: damaged checkpoint ({first_line(e)})") from None
+
+
+def latest_state(run_dir: Path, log: Callable[[str], None]) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """The newest training state that loads and verifies; damaged ones are reported and skipped."""
+    for path in reversed(state_paths(run_dir)):
+        try:
+            return load_state(path)
+        except BdvaeError as e:
+            log(f"{e}; using the one before it")
+    return None
+
+
+def save_training_state(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, pos: Position,
+                        generator: torch.Generator) -> Path:
+    """Everything a resumed training needs to continue exactly: weights, Adam's moments and step
+    counts, the state of the generator training draws from, the epoch's data order and running
+    sums, and the rows so far."""
+    opt = optimizer.state_dict()
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {f"optimizer.{i}.{name}": t for i, st in opt["state"].items() for name, t in st.items()}
+    tensors |= {GENERATOR_KEY: generator.get_state(), "totals": pos.totals}
+    if pos.order is not None:
+        tensors["order"] = pos.order
+    state = {"epoch": pos.epoch, "next_start": pos.next_start, "global_step": pos.global_step, "rows": pos.rows,
+             "skipped": pos.skipped, "skipped_images": pos.skipped_images, "param_groups": opt["param_groups"]}
+    return save_state(run_dir, pos.global_step, tensors, state)
+
+
+def restore_training_state(tensors: dict[str, Tensor], state: dict[str, Any], model: nn.Module,
+                           optimizer: torch.optim.Optimizer, generator: torch.Generator) -> Position:
+    """The inverse of save_training_state: loads weights, optimizer and generator; returns the
+    position. A state from another model or layout raises RuntimeError, KeyError, ValueError or
+    TypeError."""
+    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state: dict[int, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[name] = t
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    for param, moments in optimizer.state.items():  # saved contiguous: the moments go back to the
+        for name, t in moments.items():           # weights' layout (channels-last), as Adam made them
+            if name != "step":                    # (the step count stays where Adam keeps it)
+                moments[name] = torch.empty_like(param).copy_(t)
+    generator.set_state(tensors[GENERATOR_KEY])
+    return Position(epoch=state["epoch"], next_start=state["next_start"], global_step=state["global_step"],
+                    order=tensors.get("order"), totals=tensors["totals"].clone(), rows=state["rows"],
+                    skipped=state["skipped"], skipped_images=state["skipped_images"])

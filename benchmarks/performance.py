@@ -534,7 +534,7 @@ def train_child(args: argparse.Namespace) -> None:
 
 def bdvae_child(args: argparse.Namespace) -> None:
     """Internal: bdvae's command line in this fresh process, its peak RSS reported at exit."""
-    from bdvae.cli import main as bdvae_main
+    from bdvae.__main__ import main as bdvae_main
 
     report_peak_at_exit()
     sys.exit(bdvae_main(args.bdvae_args))

@@ -21,7 +21,8 @@ import torch
 from bdvae.api import load_run
 from bdvae.data import load_dataset
 from bdvae.likelihoods import LIKELIHOODS
-from bdvae.samplers import Prior, fit_sampler, parse_name
+from bdvae.rundir import fit_sampler
+from bdvae.samplers import Prior, parse_name
 from performance import machine  # benchmarks/ is on the path of a script run from it
 
 DRAWS = 10000

@@ -11,9 +11,8 @@ import torch
 
 from bdvae.api import load_run
 from bdvae.errors import BdvaeError
-from bdvae.rundir import sampler_paths
-from bdvae.samplers import (SAMPLERS, FitOptions, GaussianMixture, Prior, TwoStage, canonical_names, load_sampler,
-                            parse_name, save_sampler)
+from bdvae.rundir import load_sampler, sampler_paths, save_sampler
+from bdvae.samplers import SAMPLERS, FitOptions, GaussianMixture, Prior, TwoStage, canonical_names, parse_name
 from conftest import run_cli
 
 MEANS = torch.tensor([[-4.0, 0.0], [3.0, 3.0], [3.0, -3.0]], dtype=torch.float64)

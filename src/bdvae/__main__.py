@@ -1,5 +1,463 @@
+"""The `bdvae` command (`python -m bdvae`, and the `bdvae` script): parses arguments and calls
+the library; nothing else.
+
+``COMMANDS`` maps each sub-command (``bdvae sampler fit``: a dict within it) to a plain function
+with typed keyword arguments, which checks what only a command line can get wrong and calls the
+library; ``build_parser`` declares the flags, whose names are those arguments; ``main`` parses
+and calls. Every BdvaeError (bad input, bad data, an existing run directory) becomes one line on
+stderr and exit code 2, as do argument errors. Heavy imports (torch) happen inside the function
+that needs them: `bdvae --help` imports none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
 import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
-from bdvae.cli import main
+from bdvae.errors import BdvaeError
 
-sys.exit(main())
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports an error in one line (no usage block) and exits with 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        command = self.prog.removeprefix("bdvae").strip()  # "train", "data fetch", or "" at the top
+        raise BdvaeError(f"{command}: {message}" if command else message)
+
+
+def _config(preset: str | None, config_file: Path | None, overrides: list[str] | None, data_dir: Path | None):
+    """The config of --preset, --config, --set and --data-dir (train and compare share them)."""
+    from bdvae import config as config_lib
+
+    overrides = list(overrides or [])
+    if data_dir is not None:
+        overrides.append(f"data.data_dir={json.dumps(str(data_dir))}")  # a JSON string is a TOML string
+    return config_lib.load(config_file, overrides, preset=preset)
+
+
+def _check_out(path: Path, overwrite: bool, suffix: str | None = ".png") -> None:
+    """--out must name a file (with `suffix`, if given) in an existing folder, new unless `overwrite`."""
+    if path.is_dir():
+        raise BdvaeError(f"--out {path}: is a folder; name a file")
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise BdvaeError(f"--out {path}: must be a {suffix} file")
+    if not path.parent.is_dir():
+        raise BdvaeError(f"--out {path}: folder {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise BdvaeError(f"--out {path}: file exists; pass --overwrite to replace it")
+
+
+def _csv(text: str, kind: Callable[[str], object], what: str) -> list:
+    try:
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BdvaeError(f"{what}: expected a comma-separated list, got {text!r}") from None
+    if not values:
+        raise BdvaeError(f"{what}: empty list")
+    return values
+
+
+def _progress(quiet: bool) -> bool | None:
+    """The library's `progress`: a bar on a terminal unless --quiet."""
+    return None if not quiet else False
+
+
+def format_table(m: dict[str, Any]) -> str:
+    """The headline numbers of a metrics dict, one per line, for the terminal."""
+    pm, sq = m["prior_match"], m["sample_quality"]
+    rows = [
+        ("test images", f"{m['test_images']}"),
+        ("reconstruction NLL (nats)", f"{m['reconstruction']['nll']['mean']:.2f}"),
+        ("reconstruction MSE per pixel", f"{m['reconstruction']['mse_per_pixel']['mean']:.5f}"),
+        ("KL(q(z|x) || N(0,I)) (nats)", f"{m['divergences']['kl']['mean']:.2f}  ({m['divergences']['kl_dim_mean']:.3f} per dim)"),
+        ("BD(q(z|x), N(0,I)) (nats)", f"{m['divergences']['bhattacharyya']['mean']:.2f}  "
+                                      f"({m['divergences']['bhattacharyya_dim_mean']:.3f} per dim)"),
+        ("negative ELBO (nats)", f"{m['neg_elbo']['mean']:.2f}"),
+        (f"-ln p(x), IWAE K={m['iwae_nll']['k']}, {m['iwae_nll'].get('precision', 'fp32')} on "
+         f"{m['iwae_nll'].get('device', 'cpu')} (nats)", f"{m['iwae_nll']['mean']:.2f} ± {m['iwae_nll']['std_error']:.2f}"),
+        ("  note", m["likelihood_note"]),
+        ("aggregate posterior: |mean|", f"{pm['mean_norm']:.3f}"),
+        ("  covariance eigenvalues", f"{pm['cov_eigenvalue_min']:.3f} .. {pm['cov_eigenvalue_max']:.3f}"),
+        ("  MMD² to N(0,I) (null)", f"{pm['mmd2']:.5f}  ({pm['mmd2_null']:.5f})"),
+        ("  active units", f"{pm['active_units']} of {len(pm['per_dim']['mean'])}"),
+    ]
+    if sq is not None:
+        rows += [
+            ("samples: Fréchet distance", f"{sq['frechet_distance']:.2f}"),
+            ("  classifier score (max 10)", f"{sq['classifier_score']:.2f}"),
+            ("  class entropy (max 2.303)", f"{sq['class_entropy']:.3f}"),
+            ("  precision / recall (k=3)", f"{sq['precision']:.3f} / {sq['recall']:.3f}"),
+        ]
+    else:
+        rows.append(("samples", "no sample-quality scores: the reference classifier knows 32x32 MNIST only"))
+    for name, entry in m.get("samplers", {}).items():
+        density = entry["test_latent_log_density"]
+        rows.append((f"sampler {name}: test-latent ln p(z)", f"{density['mean']:.2f} ± {density['std_error']:.2f}"))
+        q = entry["sample_quality"]
+        if q is not None and name != "prior":
+            rows += [(f"  Fréchet (prior / this: {entry['frechet_ratio']:.2f}x)", f"{q['frechet_distance']:.2f}"),
+                     ("  classifier score, entropy", f"{q['classifier_score']:.2f}, {q['class_entropy']:.3f}"),
+                     ("  precision / recall (k=3)", f"{q['precision']:.3f} / {q['recall']:.3f}")]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands
+
+
+def train(*, preset: str | None, config_file: Path | None, overrides: list[str] | None, out: Path | None,
+          data_dir: Path | None, overwrite: bool, resume: Path | None, device: str, nproc: int | None,
+          quiet: bool) -> None:
+    from bdvae.devices import check_gpus
+    from bdvae.distributed import is_main_process, launch, launched_by_torchrun
+    from bdvae.rundir import check_new, check_resumable
+    from bdvae.training import resume as resume_run, train as train_run
+
+    if nproc is not None and not 1 <= nproc <= 1024:
+        raise BdvaeError(f"--nproc must be between 1 and 1024, got {nproc}")
+    if nproc is not None and launched_by_torchrun():
+        raise BdvaeError("--nproc: this process was started by torchrun already; use one or the other")
+    check_gpus(device, nproc or 1)  # a bad --device, or too few GPUs, fail here, before any process starts
+    shared = ["--device", device] + (["--quiet"] if quiet else [])
+    if resume is not None:
+        given = [flag for flag, value in (("--preset", preset), ("--config", config_file), ("--set", overrides),
+                                          ("--out", out), ("--data-dir", data_dir), ("--overwrite", overwrite)) if value]
+        if given:
+            raise BdvaeError(f"--resume continues a run with its own config; it takes no {', '.join(given)}")
+        if (nproc or 1) > 1:  # rank 0 of the launched processes prints the run directory
+            check_resumable(resume)
+            launch(nproc, ["train", "--resume", str(resume), *shared])
+            return
+        resume_run(resume, progress=_progress(quiet), device=device)
+        if is_main_process():
+            print(f"run directory: {resume}")
+        return
+    config = _config(preset, config_file, overrides, data_dir)
+    out = out or Path("runs") / f"{config.objective.regularizer}-beta{config.objective.beta:g}-seed{config.train.seed}"
+    if (nproc or 1) > 1:
+        check_new(Path(out), overwrite)  # fail before starting the processes
+        given = [f"--preset={preset}"] if preset else []
+        given += ([f"--config={config_file}"] if config_file else []) + [f"--set={s}" for s in overrides or []]
+        given += [f"--data-dir={data_dir}"] if data_dir is not None else []
+        given += ["--overwrite"] if overwrite else []
+        launch(nproc, ["train", f"--out={out}", *given, *shared])
+        return
+    train_run(config, Path(out), overwrite=overwrite, progress=_progress(quiet), device=device)
+    if is_main_process():
+        print(f"run directory: {out}")
+
+
+def sample(*, run: Path, n: int, out: Path, seed: int | None, sampler: str, overwrite: bool) -> None:
+    from bdvae.api import load_run
+    from bdvae.pictures import save_grid
+    from bdvae.samplers import parse_name
+
+    if n <= 0:
+        raise BdvaeError(f"-n must be positive, got {n}")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise BdvaeError(f"--seed must be in [0, 2**63), got {seed}")
+    sampler = parse_name(sampler).name  # an unknown name fails before anything is read
+    _check_out(out, overwrite)
+    save_grid(load_run(run).sample(n, seed=seed, sampler=sampler), out)
+    source = "N(0, I)" if sampler == "prior" else f"the fitted sampler {sampler}"
+    print(f"wrote {n} samples from {source} to {out}")
+
+
+def sampler_fit(*, run: Path, kind: str, components: int | None, regularizer: str | None, seed: int | None,
+                fit_on: str | None, overwrite: bool) -> None:
+    import dataclasses
+
+    from bdvae.api import load_run
+    from bdvae.rundir import sampler_paths
+    from bdvae.samplers import parse_name
+
+    named = parse_name(kind)  # "gmm" or "gmm-20"; the flags below override what a name spells
+    given = {key: value for key, value in (("components", components), ("regularizer", regularizer),
+                                           ("seed", seed), ("fit_on", fit_on)) if value is not None}
+    options = dataclasses.replace(named, **given)
+    if "-" in kind and options.name != named.name:
+        raise BdvaeError(f"sampler fit: {kind} and the options given name another sampler, {options.name}")
+    if options.kind == "prior":
+        raise BdvaeError("sampler fit: the prior N(0, I) needs no fitting; fit gmm or two_stage")
+    if (components is not None and options.kind != "gmm") or (regularizer is not None and options.kind != "two_stage"):
+        raise BdvaeError(f"sampler fit: --components is for gmm and --regularizer for two_stage, not {options.kind}")
+    fitted = load_run(run).fit_sampler(kind, overwrite=overwrite, **given)
+    print(f"fitted {options.name} ({fitted.latent_dim} latent dimensions); wrote {sampler_paths(run, options.name)[0]}")
+    print(f"draw from it with: bdvae sample {run} --sampler {options.name} --out samples-{options.name}.png")
+
+
+def sampler_list(*, run: Path) -> None:
+    from bdvae.rundir import check_finished, fitted_names, read_facts
+
+    check_finished(run)
+    print(f"{'sampler':<20} {'fitted on':<26} {'seed':>5} {'seconds':>8}")
+    print(f"{'prior':<20} {'(N(0, I): nothing to fit)':<26} {'-':>5} {'-':>8}")
+    for name in fitted_names(run):
+        facts = read_facts(run, name)
+        fit = facts["fit"]
+        on = f"{fit['latents']} {'means' if fit['fit_on'] == 'mean' else 'z ~ q(z|x)'}"
+        print(f"{name:<20} {on:<26} {fit['seed']:>5} {facts.get('seconds', 0):>8.1f}")
+
+
+def reconstruct(*, run: Path, n: int, ncol: int, out: Path, overwrite: bool) -> None:
+    from bdvae.api import load_run
+    from bdvae.data import load_dataset
+    from bdvae.pictures import save_grid, side_by_side_rows
+
+    if n <= 0 or ncol <= 0:
+        raise BdvaeError(f"-n and --ncol must be positive, got {n} and {ncol}")
+    _check_out(out, overwrite)
+    trained = load_run(run)
+    x = load_dataset(trained.config.data).test_images[:n]
+    save_grid(side_by_side_rows(x, trained.reconstruct, ncol), out, ncol=ncol)
+    print(f"wrote {len(x)} test images (odd rows) and their reconstructions (even rows) to {out}")
+
+
+def evaluate(*, run: Path, k: int, samples: int, test_size: int | None, seed: int, max_batch: int,
+             no_pictures: bool, samplers: str, precision: str, device: str, quiet: bool) -> None:
+    from bdvae.evaluate import EvalOptions, evaluate_run
+    from bdvae.rundir import METRICS_FILE
+
+    options = EvalOptions(k=k, samples=samples, test_size=test_size, seed=seed, max_batch=max_batch,
+                          pictures=not no_pictures, precision=precision,
+                          samplers=tuple(_csv(samplers, str, "--samplers")))
+    result = evaluate_run(run, options, progress=_progress(quiet), device=device)
+    print(format_table(result))
+    print(f"wrote {run / METRICS_FILE} ({result['seconds']:.0f} s)")
+
+
+def compare(*, regularizers: str, beta: str, seeds: int, epochs: int | None, out: Path, preset: str | None,
+            config_file: Path | None, overrides: list[str] | None, data_dir: Path | None, k: int, samples: int,
+            test_size: int | None, samplers: str, precision: str, device: str, jobs: int, quiet: bool) -> None:
+    from bdvae.compare import compare as compare_runs
+    from bdvae.evaluate import EvalOptions
+
+    base = _config(preset, config_file, overrides, data_dir)
+    regularizer_list = _csv(regularizers, str, "--regularizers")
+    betas = _csv(beta, float, "--beta")
+    if seeds <= 0 or (epochs is not None and epochs <= 0):
+        raise BdvaeError(f"--seeds and --epochs must be positive, got {seeds} and {epochs}")
+    options = EvalOptions(k=k, samples=samples, test_size=test_size, precision=precision,
+                          samplers=tuple(_csv(samplers, str, "--samplers")))
+    compare_runs(base, regularizer_list, betas, seeds, out, epochs=epochs, options=options, progress=_progress(quiet),
+                 jobs=jobs, device=device)
+    print(f"wrote {out / 'report.md'} and {out / 'report.html'}")
+
+
+def classifier_train(*, out: Path, epochs: int, seed: int, data_dir: Path | None, overwrite: bool, quiet: bool) -> None:
+    from bdvae.classifier import save_classifier, train_reference
+
+    if not 0 <= seed < 2**63:
+        raise BdvaeError(f"--seed must be in [0, 2**63), got {seed}")
+    _check_out(out, overwrite, suffix=None)
+    if epochs <= 0:
+        raise BdvaeError(f"--epochs must be positive, got {epochs}")
+    model, facts = train_reference(data_dir, epochs=epochs, seed=seed, progress=not quiet)
+    save_classifier(model, out, facts)
+    print(f"test accuracy {facts['test_accuracy']:.2%}; wrote {out}")
+
+
+def classifier_scales(*, data_dir: Path | None) -> None:
+    from bdvae.classifier import reference_scores
+    from bdvae.config import DataConfig
+    from bdvae.data import load_dataset
+
+    data = load_dataset(DataConfig(name="mnist", data_dir=None if data_dir is None else str(data_dir)))
+    print(f"{'reference set (against the test set)':<36} {'Fréchet':>9} {'score':>6} {'entropy':>7} {'precision':>9} {'recall':>6}")
+    for name, s in reference_scores(data).items():
+        print(f"{name:<36} {s['frechet_distance']:>9.2f} {s['classifier_score']:>6.2f} {s['class_entropy']:>7.3f} "
+              f"{s['precision']:>9.3f} {s['recall']:>6.3f}")
+
+
+def data_fetch(*, name: str, data_dir: Path | None, source_dir: Path | None, force: bool) -> None:
+    from bdvae.data import fetch
+
+    # Every array is checked again, also when the cache was already there.
+    folder = fetch(name, data_dir=data_dir, source_dir=source_dir, force=force or bool(source_dir), recheck=True)
+    print(f"{name}: verified arrays in {folder}")
+
+
+Command = Callable[..., None]
+COMMANDS: dict[str, Command | dict[str, Command]] = {
+    "train": train,
+    "sample": sample,
+    "sampler": {"fit": sampler_fit, "list": sampler_list},
+    "reconstruct": reconstruct,
+    "evaluate": evaluate,
+    "compare": compare,
+    "classifier": {"train": classifier_train, "scales": classifier_scales},
+    "data": {"fetch": data_fetch},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The flags: each one's dest is the name of its command function's argument
+
+DEFAULT_COMPONENTS = 10  # samplers.DEFAULT_COMPONENTS, spelled here so that --help needs no torch
+SAMPLERS_HELP = ("comma-separated latent samplers whose samples are scored: prior, gmm-K, two_stage[-REGULARIZER]; "
+                 "those not fitted yet are fitted first, with seed 0 (default prior)")
+DEVICE_HELP = "auto (a CUDA GPU when there is one), cpu or cuda (default auto)"
+
+
+def _add_preset(p: argparse.ArgumentParser) -> None:
+    from bdvae.config import preset_names  # the config module imports no torch
+
+    p.add_argument("--preset", metavar="NAME",
+                   help=f"start from a config shipped with bdvae: {', '.join(preset_names())} "
+                        "(default: reference, the defaults; --config and --set apply on top)")
+
+
+def _add_precision_and_device(p: argparse.ArgumentParser, what: str) -> None:
+    """evaluate's and compare's --precision and --device; `what` the device runs."""
+    p.add_argument("--precision", default="auto", help="IWAE decoder arithmetic: auto (bf16 where the device computes "
+                   "it natively, else fp32), fp32 or bf16 (default auto)")
+    p.add_argument("--device", default="auto", help=f"{what}: {DEVICE_HELP}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bdvae._version import __version__
+    from bdvae.data import KNOWN  # the data module imports no torch either
+
+    parser = _Parser(prog="bdvae", description="VAEs regularized by the Bhattacharyya distance to N(0, I).")
+    parser.add_argument("--version", action="version", version=f"bdvae {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = commands.add_parser("train", help="train a VAE into a run directory")
+    _add_preset(p)
+    p.add_argument("--config", type=Path, dest="config_file", help="a TOML file with [data], [model], [objective], [train] tables"
+                                               " (laid over the preset)")
+    p.add_argument("--set", action="append", dest="overrides", metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+    p.add_argument("--out", type=Path, help="run directory (default: runs/REGULARIZER-betaBETA-seedSEED)")
+    p.add_argument("--data-dir", type=Path, help="dataset cache folder (same as --set data.data_dir=...)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an existing run directory")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run from its newest good checkpoint")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N data-parallel processes on this machine (launches torchrun)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = commands.add_parser("sample", help="decode z ~ N(0, I) into a grid of images")
+    p.add_argument("run", type=Path)
+    p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--seed", type=int, default=None, help="seed of the draws (default: random)")
+    p.add_argument("--sampler", default="prior", help="prior (N(0, I), default) or a sampler fitted in the run "
+                   "with `bdvae sampler fit`, e.g. gmm-10 or two_stage")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+    p = commands.add_parser("sampler", help="latent samplers fitted to a run's aggregate posterior q(z)")
+    sampler_commands = p.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    p = sampler_commands.add_parser("fit", help="fit a sampler on the run's training latents; store it in RUN/samplers/")
+    p.add_argument("run", type=Path)
+    p.add_argument("kind", help="gmm (a Gaussian mixture, full covariances) or two_stage (a second VAE); "
+                   "a name such as gmm-20 or two_stage-kl spells its option")
+    p.add_argument("--components", type=int, help=f"gmm: mixture components (default {DEFAULT_COMPONENTS})")
+    p.add_argument("--regularizer", help="two_stage: the second VAE's regularizer (default bhattacharyya)")
+    p.add_argument("--seed", type=int, help="seed of the draws z ~ q(z|x) and of the fit (default 0)")
+    p.add_argument("--fit-on", choices=("sample", "mean"),
+                   help="sample: one z ~ q(z|x) per training image (default); mean: the posterior means")
+    p.add_argument("--overwrite", action="store_true", help="replace a sampler of that name fitted before")
+    p = sampler_commands.add_parser("list", help="the samplers fitted in a run directory")
+    p.add_argument("run", type=Path)
+
+    p = commands.add_parser("reconstruct", help="test images and their reconstructions, in alternating rows")
+    p.add_argument("run", type=Path)
+    p.add_argument("-n", type=int, default=32, help="number of test images (default 32)")
+    p.add_argument("--ncol", type=int, default=8, help="images per row (default 8)")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+    p = commands.add_parser("evaluate", help="test-set metrics of a run: likelihood, divergences, prior match, samples")
+    p.add_argument("run", type=Path)
+    p.add_argument("-k", type=int, default=100, help="importance samples per image for -ln p(x) (default 100)")
+    p.add_argument("--samples", type=int, default=10000, help="images decoded from N(0, I) for sample quality (default 10000)")
+    p.add_argument("--test-size", type=int, help="only the first N test images (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation's random draws (default 0)")
+    p.add_argument("--max-batch", type=int, default=1000,
+                   help="most latents decoded at once (default 1000; on a CPU the IWAE decodes at most 256 anyway)")
+    p.add_argument("--no-pictures", action="store_true", help="skip the pictures in RUN/eval/")
+    p.add_argument("--samplers", default="prior", help=SAMPLERS_HELP)
+    _add_precision_and_device(p, "where the IWAE runs (the rest of the evaluation stays on the CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = commands.add_parser("compare", help="train and evaluate regularizers x betas x seeds; write a report")
+    p.add_argument("--regularizers", default="bhattacharyya,kl", help="comma-separated (default bhattacharyya,kl)")
+    p.add_argument("--beta", default="1", help="comma-separated betas (default 1); several draw rate-distortion curves")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per configuration (default 3)")
+    p.add_argument("--epochs", type=int, help="epochs per run (default: the config's)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the runs and the report")
+    _add_preset(p)
+    p.add_argument("--config", type=Path, dest="config_file", help="base TOML config shared by every run (laid over the preset)")
+    p.add_argument("--set", action="append", dest="overrides", metavar="SECTION.KEY=VALUE", help="override a base config value")
+    p.add_argument("--data-dir", type=Path, help="dataset cache folder")
+    p.add_argument("-k", type=int, default=100, help="IWAE importance samples per image (default 100)")
+    p.add_argument("--samples", type=int, default=10000, help="samples for the sample-quality scores (default 10000)")
+    p.add_argument("--test-size", type=int, help="evaluate on the first N test images only (default: all)")
+    p.add_argument("--samplers", default="prior", help=SAMPLERS_HELP)
+    _add_precision_and_device(p, "where the runs train and their IWAE runs")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train and evaluate N configurations at once, in separate processes (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = commands.add_parser("classifier", help="the reference MNIST classifier behind the sample-quality scores")
+    classifier_commands = p.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    p = classifier_commands.add_parser("train", help="train it reproducibly on MNIST and save it as safetensors")
+    p.add_argument("--out", type=Path, required=True, help="safetensors file to write")
+    p.add_argument("--epochs", type=int, default=4, help="epochs (default 4, as the shipped weights)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0, as the shipped weights)")
+    p.add_argument("--data-dir", type=Path, help="dataset cache folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = classifier_commands.add_parser("scales", help="the sample-quality scores of reference image sets")
+    p.add_argument("--data-dir", type=Path, help="dataset cache folder")
+
+    p = commands.add_parser("data", help="datasets")
+    data_commands = p.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    p = data_commands.add_parser("fetch", help="download, verify and cache a dataset")
+    p.add_argument("name", choices=sorted(KNOWN))
+    p.add_argument("--data-dir", type=Path, help="cache folder (default: $BDVAE_DATA_DIR or ~/.cache/bdvae)")
+    p.add_argument("--source-dir", type=Path, help="take the four IDX files from this folder instead of downloading")
+    p.add_argument("--force", action="store_true", help="fetch again even if the cache is filled")
+    return parser
+
+
+def _report(message: str) -> None:
+    """The one-line error on stderr; in a process of a multi-process run, as distributed.py says."""
+    if "RANK" in os.environ:  # started by torchrun (the only case that imports torch for an error)
+        from bdvae.distributed import report_error
+
+        report_error(message)
+    else:
+        print(f"bdvae: error: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = vars(build_parser().parse_args(argv))
+        command: Any = COMMANDS[args.pop("command")]
+        if isinstance(command, dict):
+            command = command[args.pop("subcommand")]
+        command(**args)
+    except BdvaeError as e:
+        _report(str(e))
+        return 2
+    except OSError as e:  # a full disk, a folder that became unwritable: say which file, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        _report(f"{where}{e.strerror or e}")
+        return 2
+    except KeyboardInterrupt:
+        # One line, not one per process: rank 0 of a torchrun job says it, or `launch` for its workers.
+        if os.environ.get("RANK", "0") == "0" and "BDVAE_LAUNCHED" not in os.environ:
+            print("bdvae: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

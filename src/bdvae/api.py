@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ from torch import Tensor
 
 from bdvae import rundir
 from bdvae.config import Config
-from bdvae.likelihoods import to_float
+from bdvae.data import load_dataset
+from bdvae.likelihoods import LIKELIHOODS, to_float
+from bdvae.samplers import Sampler, parse_name
 from bdvae.training import train as _train
 
 
@@ -61,25 +64,17 @@ class Run(rundir.TrainedRun):
     def sample(self, n: int, seed: int | None = None, sampler: str = "prior") -> Tensor:
         """Decode n draws of z from `sampler`: "prior" (N(0, I)) or a sampler fitted in the run
         directory (`bdvae sampler fit`, e.g. "gmm-10"); (n, C, H, W) in [0, 1]."""
-        from bdvae.samplers import load_sampler
-
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        return self.decode(load_sampler(self.path, sampler, self.config.model.latent_dim).sample(n, gen))
+        return self.decode(rundir.load_sampler(self.path, sampler, self.config.model.latent_dim).sample(n, gen))
 
-    def fit_sampler(self, kind: str, *, overwrite: bool = False, **options: Any) -> Any:  # -> Sampler
+    def fit_sampler(self, kind: str, *, overwrite: bool = False, **options: Any) -> Sampler:
         """Fit a latent sampler on the run's training latents, store it in RUN/samplers/ and return
         it. `kind` is a kind ("gmm") or a name ("gmm-20"); `options` are samplers.FitOptions fields
         (components, regularizer, seed, fit_on) and override what a name spells."""
-        import dataclasses
-
-        from bdvae.data import load_dataset
-        from bdvae.likelihoods import LIKELIHOODS
-        from bdvae.samplers import fit_sampler, parse_name
-
         fit_options = dataclasses.replace(parse_name(kind), **options)
         data = load_dataset(self.config.data)
         binarize = LIKELIHOODS[self.config.objective.likelihood].binarize
-        return fit_sampler(self.path, self.model, binarize, data.train_images, fit_options, overwrite=overwrite)
+        return rundir.fit_sampler(self.path, self.model, binarize, data.train_images, fit_options, overwrite=overwrite)
 
 
 def load_run(run_dir: str | Path) -> Run:

@@ -73,10 +73,8 @@ def ensure_trained(config: Config, run_dir: Path, progress: bool | None, log: Ca
 def _same_fits(run_dir: Path, scored: dict[str, Any], names: tuple[str, ...]) -> bool:
     """Whether metrics["samplers"] scored exactly the samplers fitted in the run now (a refit with
     --overwrite makes other arrays, and so another sha256)."""
-    from bdvae.samplers import is_fitted, read_facts
-
-    return all(name == "prior" or (is_fitted(run_dir, name)
-                                   and scored[name]["fit"]["sha256"] == read_facts(run_dir, name)["sha256"])
+    return all(name == "prior" or (rundir.is_fitted(run_dir, name)
+                                   and scored[name]["fit"]["sha256"] == rundir.read_facts(run_dir, name)["sha256"])
                for name in names)
 
 

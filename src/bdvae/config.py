@@ -21,13 +21,6 @@ import tomli_w
 
 from bdvae.errors import BdvaeError
 
-DATASETS = ("mnist", "fashion_mnist", "idx", "npz", "folder")
-ARCHS = ("reference", "conv", "mlp", "resnet")
-# The reference architecture of the brief: conv widths 32-64-128 and 16 latent dimensions.
-REFERENCE_WIDTHS = (32, 64, 128)
-REFERENCE_LATENT_DIM = 16
-DEFAULT_WIDTHS = {"reference": REFERENCE_WIDTHS, "conv": REFERENCE_WIDTHS, "mlp": (512, 256), "resnet": REFERENCE_WIDTHS}
-DEFAULT_RESNET_BLOCKS = 1
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -44,7 +37,7 @@ def _positive(section: str, name: str, value: int | float | None) -> None:
 class DataConfig:
     """Which images to train on and how to prepare them."""
 
-    name: str = "mnist"  # one of DATASETS
+    name: str = "mnist"  # a key of data.DATASETS
     path: str | None = None  # mnist/fashion_mnist: a folder with the 4 IDX files; else the data file/folder
     labels_path: str | None = None  # idx: the label file that goes with `path`
     data_dir: str | None = None  # cache folder for mnist/fashion_mnist (default: see data.default_data_dir)
@@ -56,46 +49,61 @@ class DataConfig:
     channels: int | None = None  # folder: 1 (grayscale) or 3 (RGB); default from the images
 
     def __post_init__(self) -> None:
+        from bdvae.data import DATASETS  # the registry; data.py imports nothing from here
+
         _require(self.name in DATASETS, f"data.name must be one of {', '.join(DATASETS)}, got {self.name!r}")
         for name in ("train_size", "test_size", "image_size"):
             _positive("data", name, getattr(self, name))
         _require(0 < self.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {self.test_fraction!r}")
         _require(self.pad is None or self.pad >= 0, f"data.pad must be >= 0, got {self.pad!r}")
         _require(self.channels in (None, 1, 3), f"data.channels must be 1 or 3, got {self.channels!r}")
-        _require(self.name not in ("idx", "npz", "folder") or self.path is not None,
-                 f"data.name={self.name!r} needs data.path")
+        _require(not DATASETS[self.name].needs_path or self.path is not None, f"data.name={self.name!r} needs data.path")
+
+
+def _architectures() -> dict[str, Any]:
+    # Imported when a config is checked: model.py holds the registry and imports nothing from here.
+    from bdvae.model import ARCHITECTURES
+
+    return ARCHITECTURES
+
+
+def _toml_value(value: Any) -> str:
+    return f"[{', '.join(map(str, value))}]" if isinstance(value, tuple) else repr(value)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """The encoder/decoder architecture."""
+    """The encoder/decoder architecture: an entry of model.ARCHITECTURES and what it takes."""
 
-    arch: str = "reference"  # one of ARCHS
-    latent_dim: int = REFERENCE_LATENT_DIM
+    arch: str = "reference"  # a key of model.ARCHITECTURES
+    latent_dim: int = 16
     widths: tuple[int, ...] | None = None  # conv channels per stride-2 layer, or MLP hidden sizes
-    blocks: int | None = None  # resnet: residual blocks at each resolution (default 1)
+    blocks: int | None = None  # an option of resnet: residual blocks at each resolution (default 1)
 
     def __post_init__(self) -> None:
-        _require(self.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        archs = _architectures()
+        _require(self.arch in archs, f"model.arch must be one of {', '.join(archs)}, got {self.arch!r}")
         _positive("model", "latent_dim", self.latent_dim)
         if self.widths is not None:
             _require(len(self.widths) > 0, "model.widths must not be empty")
             for w in self.widths:
                 _positive("model", "widths", w)
-        _require(self.blocks is None or (self.arch == "resnet" and self.blocks >= 0),
-                 f"model.blocks applies to model.arch='resnet' only and must be >= 0, got {self.blocks!r}")
-        if self.arch == "reference":
-            _require(self.latent_dim == REFERENCE_LATENT_DIM and self.widths in (None, REFERENCE_WIDTHS),
-                     "model.arch='reference' fixes latent_dim=16 and widths=[32, 64, 128]; "
-                     "use model.arch='conv' to change them")
+        for name in sorted({option for entry in archs.values() for option in entry.options}):
+            value = getattr(self, name)
+            takers = " or ".join(repr(a) for a, entry in archs.items() if name in entry.options)
+            _require(value is None or (name in archs[self.arch].options and value >= 0),
+                     f"model.{name} applies to model.arch={takers} only and must be >= 0, got {value!r}")
+        fixed = archs[self.arch].fixed
+        if fixed:
+            given = {"latent_dim": self.latent_dim, "widths": self.resolved_widths}
+            _require(all(given[k] == v for k, v in fixed.items()),
+                     f"model.arch={self.arch!r} fixes "
+                     + " and ".join(f"{k}={_toml_value(v)}" for k, v in fixed.items())
+                     + f"; use model.arch={archs[self.arch].unfixed!r} to change them")
 
     @property
     def resolved_widths(self) -> tuple[int, ...]:
-        return self.widths if self.widths is not None else DEFAULT_WIDTHS[self.arch]
-
-    @property
-    def resolved_blocks(self) -> int:
-        return self.blocks if self.blocks is not None else DEFAULT_RESNET_BLOCKS
+        return self.widths if self.widths is not None else _architectures()[self.arch].default_widths
 
 
 @dataclass(frozen=True, kw_only=True)

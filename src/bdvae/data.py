@@ -1,9 +1,10 @@
 """Datasets: fetch, verify, cache, and load into memory as one uint8 tensor (N, C, H, W).
 
-MNIST and Fashion-MNIST are verified against the sha256 of their decoded uint8 arrays, so one
-table of checksums serves every source (IDX files gzipped or not, an .npz, the classic pickle)
-and no re-compressed copy is refused for its gzip bytes. Verified arrays are cached as .npy files
-under ``default_data_dir()``; the cache is checked again on every load.
+Every `data.name` is an entry of ``DATASETS``: how its images are read, and whether it needs
+`data.path`. MNIST and Fashion-MNIST (``KNOWN``) are verified against the sha256 of their decoded
+uint8 arrays, so one table of checksums serves every source (IDX files gzipped or not, an .npz,
+the classic pickle) and no re-compressed copy is refused for its gzip bytes. Verified arrays are
+cached as .npy files under ``default_data_dir()``; the cache is checked again on every load.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from bdvae.config import DataConfig
+if TYPE_CHECKING:  # torch is imported where tensors are made: `bdvae --help` lists the datasets without it
+    from torch import Tensor
+
 from bdvae.errors import BdvaeError, first_line
 from bdvae.files import file_lock
 
@@ -502,25 +503,68 @@ def split(arrays: dict[str, np.ndarray | None], test_fraction: float, name: str)
             "test_images": images[test], "test_labels": labels[test]}
 
 
-def load_arrays(cfg: DataConfig, log: Callable[[str], None]) -> tuple[dict[str, np.ndarray], str]:
-    if cfg.name in KNOWN:
-        known = KNOWN[cfg.name]
+# ---------------------------------------------------------------------------------------------
+# The registry of data.name: each reads a config.DataConfig's images as raw arrays (a train/test
+# split, or {images, labels} that `split` holds out a test set from), the name `split` reports
+# problems under, and a description of the source.
+
+Arrays = dict[str, "np.ndarray | None"]
+
+
+def _known(name: str) -> Callable[[Any, Callable[[str], None]], tuple[Arrays, str, str]]:
+    def load(cfg: Any, log: Callable[[str], None]) -> tuple[Arrays, str, str]:
         data_dir = Path(cfg.data_dir) if cfg.data_dir else None
-        folder = fetch(cfg.name, data_dir, Path(cfg.path) if cfg.path else None, log=log)
-        arrays, source = read_cache(known, folder)
-        return split(arrays, cfg.test_fraction, cfg.name), f"{cfg.name} ({source})"
-    path = Path(cfg.path)  # type: ignore[arg-type]  # validated: these datasets need a path
-    if cfg.name == "idx":
-        raw = {"images": read_idx(path), "labels": read_idx(Path(cfg.labels_path)) if cfg.labels_path else None}
-    elif cfg.name == "npz":
-        raw = load_npz(path)
-    else:
-        raw = load_folder(path, cfg.image_size, cfg.channels)
-    return split(raw, cfg.test_fraction, str(path)), f"{cfg.name} {path}"
+        folder = fetch(name, data_dir, Path(cfg.path) if cfg.path else None, log=log)
+        arrays, source = read_cache(KNOWN[name], folder)
+        return arrays, name, f"{name} ({source})"
+
+    return load
 
 
-def load_dataset(cfg: DataConfig, log: Callable[[str], None] = print) -> Dataset:
-    """The configured images as uint8 (N, C, H, W) tensors, subset and padded as configured."""
+def _idx(cfg: Any, log: Callable[[str], None]) -> tuple[Arrays, str, str]:
+    path, labels = Path(cfg.path), read_idx(Path(cfg.labels_path)) if cfg.labels_path else None
+    return {"images": read_idx(path), "labels": labels}, str(path), f"idx {path}"
+
+
+def _npz(cfg: Any, log: Callable[[str], None]) -> tuple[Arrays, str, str]:
+    path = Path(cfg.path)
+    return load_npz(path), str(path), f"npz {path}"
+
+
+def _folder(cfg: Any, log: Callable[[str], None]) -> tuple[Arrays, str, str]:
+    path = Path(cfg.path)
+    return load_folder(path, cfg.image_size, cfg.channels), str(path), f"folder {path}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """An entry of DATASETS: how to read the images of one `data.name`."""
+
+    load: Callable[[Any, Callable[[str], None]], tuple[Arrays, str, str]]  # (DataConfig, log) -> arrays, name, source
+    needs_path: bool  # data.path must name the file or folder
+
+
+DATASETS: dict[str, Source] = {
+    "mnist": Source(_known("mnist"), needs_path=False),  # data.path: optionally, a folder of the 4 IDX files
+    "fashion_mnist": Source(_known("fashion_mnist"), needs_path=False),
+    "idx": Source(_idx, needs_path=True),  # an image IDX file, and data.labels_path
+    "npz": Source(_npz, needs_path=True),
+    "folder": Source(_folder, needs_path=True),
+}
+
+
+def load_arrays(cfg: Any, log: Callable[[str], None]) -> tuple[dict[str, np.ndarray], str]:
+    """The train/test arrays of a config.DataConfig (not imported: config.py asks DATASETS), and
+    a description of their source."""
+    raw, name, source = DATASETS[cfg.name].load(cfg, log)
+    return split(raw, cfg.test_fraction, str(name)), source
+
+
+def load_dataset(cfg: Any, log: Callable[[str], None] = print) -> Dataset:
+    """The images a config.DataConfig describes, as uint8 (N, C, H, W) tensors, subset and padded
+    as configured."""
+    import torch
+
     arrays, source = load_arrays(cfg, log)
     train_x, test_x = arrays["train_images"][: cfg.train_size], arrays["test_images"][: cfg.test_size]
     pad = cfg.pad

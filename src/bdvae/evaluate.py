@@ -29,7 +29,7 @@ from bdvae.likelihoods import LIKELIHOODS, to_float
 from bdvae.model import iwae_decoder
 from bdvae.objective import image_terms, regularizer
 from bdvae.rundir import TrainedRun
-from bdvae.samplers import Sampler, canonical_names, ensure_samplers, read_facts
+from bdvae.samplers import Sampler, canonical_names
 
 BATCH = 1000  # test images per forward pass (no gradient is kept)
 DEFAULT_K = 100
@@ -174,7 +174,7 @@ def sampler_scores(run: TrainedRun, data: Dataset, intensities: Tensor, test_z: 
                        "classifier": classifier_facts()}
         density = sampler.log_density(test_z, torch.Generator().manual_seed(options.seed + 3))
         out[name] = {"sample_quality": quality, "test_latent_log_density": mean_and_error(density),
-                     "fit": None if name == "prior" else read_facts(run.path, name)}
+                     "fit": None if name == "prior" else rundir.read_facts(run.path, name)}
         if pictures_to is not None:
             path = pictures_to / rundir.samples_picture(name)
             path.parent.mkdir(exist_ok=True)
@@ -230,7 +230,7 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
         raise BdvaeError(f"{run_dir}: evaluation needs at least {MIN_IMAGES} test images, the data has {len(data.test_images)}")
     likelihood = LIKELIHOODS[objective.likelihood]
     # Before the IWAE's minutes: a damaged or mismatched sampler file fails here, in one line.
-    samplers = ensure_samplers(run.path, run.model, likelihood.binarize, data.train_images, options.samplers,
+    samplers = rundir.ensure_samplers(run.path, run.model, likelihood.binarize, data.train_images, options.samplers,
                                run.config.model.latent_dim, log)
     intensities = to_float(data.test_images)
     gen = torch.Generator().manual_seed(options.seed)

@@ -1,20 +1,26 @@
 """Encoder, decoder and VAE modules: no losses, no I/O.
 
 The encoder maps x (B, C, H, W) to the posterior parameters mu, logvar (B, D); the decoder maps
-z (B, D) to x_logits (B, C, H, W). ``build_model`` turns a config into modules.
+z (B, D) to x_logits (B, C, H, W). Each architecture is an entry of ``ARCHITECTURES`` that carries
+what the rest of bdvae asks of it: its builders, default widths, the options and fixed values it
+takes from the config, and the image shapes it accepts. ``build_model`` turns a config into modules.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bdvae.config import ModelConfig, ObjectiveConfig
 from bdvae.errors import BdvaeError
 from bdvae.likelihoods import LIKELIHOODS
+
+Shape = tuple[int, int, int]  # (C, H, W)
 
 
 def conv_encoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim: int) -> nn.Sequential:
@@ -109,11 +115,52 @@ def mlp_decoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim
     return nn.Sequential(*layers, nn.Linear(n, math.prod(shape)), nn.Unflatten(1, shape))
 
 
-ARCHITECTURES = {
-    "reference": (conv_encoder, conv_decoder),
-    "conv": (conv_encoder, conv_decoder),
-    "mlp": (mlp_encoder, mlp_decoder),
-    "resnet": (resnet_encoder, resnet_decoder),
+def strided_shape_problem(shape: Shape, widths: tuple[int, ...]) -> str | None:
+    """What stops a stack of stride-2 layers, one per width, from taking images of `shape`."""
+    scale = 2 ** len(widths)
+    if shape[1] % scale or shape[2] % scale:
+        return (f"with {len(widths)} stride-2 layers needs image height and width divisible by {scale}, got "
+                f"{shape[1]}x{shape[2]} (set data.pad or data.image_size)")
+    return None
+
+
+def resnet_shape_problem(shape: Shape, widths: tuple[int, ...]) -> str | None:
+    """The stride-2 rule, and more than one pixel at the lowest resolution: BatchNorm in training
+    needs more than one value per channel, even from a batch of 1."""
+    scale = 2 ** len(widths)
+    if problem := strided_shape_problem(shape, widths):
+        return problem
+    if shape[1] * shape[2] < 2 * scale * scale:
+        return (f"with {len(widths)} stride-2 layers needs images larger than {scale}x{scale} (its BatchNorms need "
+                f"more than one pixel at the lowest resolution), got {shape[1]}x{shape[2]}")
+    return None
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """An entry of ARCHITECTURES: what builds the encoder and the decoder, and what they take."""
+
+    encoder: Callable[..., nn.Module]  # (shape, widths, latent_dim, **options) -> x (B, C, H, W) to (B, 2 D)
+    decoder: Callable[..., nn.Module]  # (shape, widths, latent_dim, **options) -> z (B, D) to x_logits
+    default_widths: tuple[int, ...]  # model.widths when the config leaves it out
+    # ModelConfig fields the builders take besides widths and latent_dim, with their defaults.
+    options: dict[str, int] = field(default_factory=dict)
+    # ModelConfig fields whose value the architecture fixes, and the one to use to change them.
+    fixed: dict[str, Any] = field(default_factory=dict)
+    unfixed: str | None = None
+    shape_problem: Callable[[Shape, tuple[int, ...]], str | None] = lambda shape, widths: None  # None: it fits
+
+
+REFERENCE_WIDTHS = (32, 64, 128)
+ARCHITECTURES: dict[str, Architecture] = {
+    # The brief's design, what every benchmark compares: conv widths 32-64-128, 16 latent dimensions.
+    "reference": Architecture(conv_encoder, conv_decoder, REFERENCE_WIDTHS,
+                              fixed={"latent_dim": 16, "widths": REFERENCE_WIDTHS}, unfixed="conv",
+                              shape_problem=strided_shape_problem),
+    "conv": Architecture(conv_encoder, conv_decoder, REFERENCE_WIDTHS, shape_problem=strided_shape_problem),
+    "mlp": Architecture(mlp_encoder, mlp_decoder, (512, 256)),
+    "resnet": Architecture(resnet_encoder, resnet_decoder, REFERENCE_WIDTHS, options={"blocks": 1},
+                           shape_problem=resnet_shape_problem),
 }
 
 
@@ -151,23 +198,18 @@ class VAE(nn.Module):
         return self.decode(z), mu, logvar, z
 
 
-def build_model(model: ModelConfig, objective: ObjectiveConfig, shape: tuple[int, int, int]) -> VAE:
-    """The VAE for images of `shape` = (C, H, W)."""
+def build_model(model: Any, objective: Any, shape: Shape) -> VAE:
+    """The VAE that `model` (a config.ModelConfig, validated) and `objective` (a
+    config.ObjectiveConfig) describe for images of `shape`; one line if the architecture cannot
+    take that shape. (The configs are not imported: config.py asks this module's registry.)"""
+    arch = ARCHITECTURES[model.arch]
     widths = model.resolved_widths
-    make_encoder, make_decoder = ARCHITECTURES[model.arch]
-    if make_encoder in (conv_encoder, resnet_encoder):
-        scale = 2 ** len(widths)
-        if shape[1] % scale or shape[2] % scale:
-            raise BdvaeError(f"model.arch={model.arch!r} with {len(widths)} stride-2 layers needs image height and "
-                             f"width divisible by {scale}, got {shape[1]}x{shape[2]} (set data.pad or data.image_size)")
-        if make_encoder is resnet_encoder and shape[1] * shape[2] < 2 * scale * scale:
-            # BatchNorm in training needs more than one value per channel, even from a batch of 1.
-            raise BdvaeError(f"model.arch='resnet' with {len(widths)} stride-2 layers needs images larger than "
-                             f"{scale}x{scale} (its BatchNorms need more than one pixel at the lowest resolution), "
-                             f"got {shape[1]}x{shape[2]}")
+    if problem := arch.shape_problem(shape, widths):
+        raise BdvaeError(f"model.arch={model.arch!r} {problem}")
+    options = {name: default if getattr(model, name) is None else getattr(model, name)
+               for name, default in arch.options.items()}
     likelihood = LIKELIHOODS[objective.likelihood]
-    extra = {"blocks": model.resolved_blocks} if model.arch == "resnet" else {}
-    return VAE(make_encoder(shape, widths, model.latent_dim, **extra), make_decoder(shape, widths, model.latent_dim, **extra),
+    return VAE(arch.encoder(shape, widths, model.latent_dim, **options), arch.decoder(shape, widths, model.latent_dim, **options),
                log_sigma=math.log(objective.sigma), learn_sigma=likelihood.learn_sigma)
 
 

@@ -7,6 +7,7 @@ per-example weight, independent of the batch size, and beta = 1 with D = KL give
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +41,9 @@ class LossTerms:
 
 
 def regularizer(objective: ObjectiveConfig, name: str | None = None) -> Regularizer:
-    """The regularizer `name` (default: the objective's own), its parameters taken from `objective`."""
-    return bind(name or objective.regularizer, alpha=objective.alpha)
+    """The regularizer `name` (default: the objective's own), with the parameters it declares taken
+    from the fields of `objective` of the same names (renyi: alpha)."""
+    return bind(name or objective.regularizer, **dataclasses.asdict(objective))
 
 
 def beta_at(objective: ObjectiveConfig, step: int) -> float:

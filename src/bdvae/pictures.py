@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 
 from bdvae.files import atomic_path
+from bdvae.likelihoods import to_float
 
 GAP = 2  # pixels of black between tiles
 PICTURE_COUNT = 64  # images in each of a run's three pictures (an 8 x 8 grid)
@@ -38,6 +40,18 @@ def save_grid(images: Tensor, path: Path, ncol: int | None = None, scale: int = 
         array = array.repeat(scale, axis=0).repeat(scale, axis=1)
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
+
+
+def side_by_side_rows(images: Tensor, reconstruct: Callable[[Tensor], Tensor], ncol: int) -> Tensor:
+    """Rows that alternate: `ncol` of the uint8 `images` (N, C, H, W), then their reconstructions by
+    `reconstruct` (floats in [0, 1] to floats in [0, 1]), and so on; the last pair of rows padded
+    with blank tiles. For save_grid(..., ncol=ncol)."""
+    rows = []
+    for start in range(0, len(images), ncol):
+        chunk = to_float(images[start: start + ncol])
+        blank = torch.zeros(ncol - len(chunk), *chunk.shape[1:])
+        rows += [torch.cat([chunk, blank]), torch.cat([reconstruct(chunk), blank])]
+    return torch.cat(rows)
 
 
 def save_run_pictures(model: torch.nn.Module, originals: Tensor, originals_path: Path, reconstructions_path: Path,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -127,7 +127,7 @@ def wasserstein(mu: Tensor, logvar: Tensor) -> Tensor:
     return (mu.square() + torch.expm1(0.5 * logvar).square()).sum(-1)
 
 
-def bind(name: str, **available: float) -> Regularizer:
+def bind(name: str, **available: Any) -> Regularizer:
     """REGULARIZERS[name] with its parameters (PARAMETERS[name]) taken from `available`:
     ``bind("renyi", alpha=0.3, ...)(mu, logvar)``."""
     fn = REGULARIZERS[name]

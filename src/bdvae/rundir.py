@@ -9,7 +9,7 @@ Layout (README, "The run directory"):
     originals.png, reconstructions.png, samples.png   the three pictures of every run
     checkpoints/       the newest training states (step-NNNNNNNNN.safetensors), for `train --resume`
     metrics.json, eval/   written by `bdvae evaluate`
-    samplers/          latent samplers fitted after training (NAME.safetensors + NAME.json)
+    samplers/          latent samplers fitted after training (NAME.safetensors, then NAME.json)
 Every file is written through files.atomic_path. A training state is one safetensors file:
 tensors (weights, optimizer moments, the training generator's state, the epoch's data order)
 plus JSON metadata, sealed by a sha256 over both that is checked on load.
@@ -22,6 +22,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from bdvae.config import Config
 from bdvae.errors import BdvaeError, first_line
 from bdvae.files import atomic_path, write_json, write_text
 from bdvae.model import VAE, build_model
+from bdvae.samplers import SAMPLERS, FitOptions, Sampler, fit, fit_command, parse_name
 
 CONFIG_FILE = "config.toml"
 RUN_FILE = "run.json"
@@ -112,6 +114,18 @@ def prepare(run_dir: Path, overwrite: bool) -> None:
         probe.close()
     except OSError as e:
         raise BdvaeError(f"{run_dir}: cannot write there ({e.strerror})") from None
+
+
+def _digest(tensors: dict[str, Tensor], text: str = "") -> str:
+    """sha256 over every tensor (name, dtype, shape, bytes, in name order), then `text`: what
+    seals a training state (with its JSON state) and a sampler's arrays (alone)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(text.encode())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,16 +216,107 @@ def eval_pictures(run_dir: Path) -> list[str]:
     return sorted(f"{EVAL_DIR}/{p.name}" for p in (Path(run_dir) / EVAL_DIR).glob("*.png"))
 
 
+# ---------------------------------------------------------------------------------------------
+# Fitted latent samplers: RUN/samplers/NAME.safetensors (the arrays), then NAME.json (kind,
+# options, what it was fitted on, the arrays' sha256), written in that order: a sampler without
+# its JSON is not fitted.
+
+
 def sampler_paths(run_dir: Path, name: str) -> tuple[Path, Path]:
     """RUN/samplers/NAME.safetensors and RUN/samplers/NAME.json."""
     folder = Path(run_dir) / SAMPLERS_DIR
     return folder / f"{name}.safetensors", folder / f"{name}.json"
 
 
-def sampler_names(run_dir: Path) -> list[str]:
-    """The samplers stored in a run directory (both files there), sorted."""
+def fitted_names(run_dir: Path) -> list[str]:
+    """The samplers fitted in a run directory, sorted (the prior, never stored, not among them)."""
     folder = Path(run_dir) / SAMPLERS_DIR
     return sorted(p.stem for p in folder.glob("*.json") if (folder / f"{p.stem}.safetensors").is_file())
+
+
+def is_fitted(run_dir: Path, name: str) -> bool:
+    return name == "prior" or all(p.is_file() for p in sampler_paths(run_dir, name))
+
+
+def save_sampler(run_dir: Path, sampler: Sampler, options: FitOptions, latents: int, seconds: float) -> Path:
+    """Write RUN/samplers/NAME.safetensors, then NAME.json (the sampler counts as fitted once both are there)."""
+    weights_path, json_path = sampler_paths(run_dir, options.name)
+    weights_path.parent.mkdir(exist_ok=True)
+    json_path.unlink(missing_ok=True)  # a refit: the old JSON must not vouch for the new arrays, even for a moment
+    arrays = {k: v.detach().contiguous().cpu() for k, v in sampler.arrays().items()}
+    with atomic_path(weights_path) as tmp:
+        save_file(arrays, str(tmp))
+    facts = {"name": options.name, "kind": options.kind, "latent_dim": sampler.latent_dim,
+             "fit": {"seed": options.seed, "fit_on": options.fit_on, "latents": latents},
+             "params": sampler.params(), "sha256": _digest(arrays), "seconds": round(seconds, 2)}
+    write_json(json_path, facts)
+    return weights_path
+
+
+def read_facts(run_dir: Path, name: str) -> dict[str, Any]:
+    """The JSON beside a fitted sampler; one line if it is missing or damaged."""
+    _, json_path = sampler_paths(run_dir, name)
+    if not json_path.is_file():
+        raise BdvaeError(f"{run_dir}: no fitted sampler {name!r}; fit it with: {fit_command(run_dir, parse_name(name))}")
+    try:
+        facts = json.loads(json_path.read_text(encoding="utf-8"))
+        missing = {"kind", "latent_dim", "sha256", "fit", "params"} - set(facts) if isinstance(facts, dict) else {"everything"}
+        if not missing:
+            missing = {"seed", "fit_on", "latents"} - set(facts["fit"]) if isinstance(facts["fit"], dict) else {"fit"}
+        if missing or not isinstance(facts["params"], dict):
+            raise ValueError(f"no {', '.join(sorted(missing or {'params'}))}")
+    except (ValueError, OSError) as e:
+        raise BdvaeError(f"{json_path}: damaged ({first_line(e)})") from None
+    return facts
+
+
+def load_sampler(run_dir: Path, name: str, latent_dim: int) -> Sampler:
+    """The sampler `name` of a run whose latents have `latent_dim` dimensions: the prior, or a
+    fitted one from RUN/samplers/, checked against its sha256 and the latent size."""
+    options = parse_name(name)
+    if options.kind == "prior":
+        return SAMPLERS["prior"](latent_dim)
+    name = options.name  # "gmm" is stored as gmm-10
+    weights_path, json_path = sampler_paths(run_dir, name)
+    facts = read_facts(run_dir, name)
+    if facts["kind"] != options.kind or facts["kind"] not in SAMPLERS:
+        raise BdvaeError(f"{json_path}: describes a sampler of kind {facts['kind']!r}, not {options.kind!r}")
+    if facts["latent_dim"] != latent_dim:
+        raise BdvaeError(f"{json_path}: fitted for {facts['latent_dim']} latent dimensions, this run's model "
+                         f"has {latent_dim}; fit it again with bdvae sampler fit --overwrite")
+    try:
+        arrays = load_file(str(weights_path))
+        if _digest(arrays) != facts["sha256"]:
+            raise ValueError("checksum mismatch")
+        return SAMPLERS[options.kind].from_arrays(latent_dim, arrays, facts["params"])
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise BdvaeError(f"{weights_path}: damaged sampler file ({first_line(e)})") from None
+
+
+def fit_sampler(run_dir: Path, model: nn.Module, binarize: bool, train_images: Tensor, options: FitOptions,
+                log: Callable[[str], None] = print, overwrite: bool = False) -> Sampler:
+    """Fit the sampler `options` describes on the run's training latents and store it in
+    RUN/samplers/. An existing one is an error unless `overwrite`."""
+    if options.kind != "prior" and is_fitted(run_dir, options.name) and not overwrite:
+        raise BdvaeError(f"{sampler_paths(run_dir, options.name)[0]}: fitted already; pass --overwrite to fit it again")
+    started = time.perf_counter()
+    sampler, latents = fit(model, binarize, train_images, options, log)
+    save_sampler(run_dir, sampler, options, latents, time.perf_counter() - started)
+    return sampler
+
+
+def ensure_samplers(run_dir: Path, model: nn.Module, binarize: bool, train_images: Tensor, names: tuple[str, ...],
+                    latent_dim: int, log: Callable[[str], None] = print) -> dict[str, Sampler]:
+    """The samplers `names` of a run, by name: loaded where fitted, else fitted with their default
+    options (seed 0) and stored first."""
+    out: dict[str, Sampler] = {}
+    for name in names:
+        options = parse_name(name)
+        if is_fitted(run_dir, options.name):
+            out[name] = load_sampler(run_dir, options.name, latent_dim)
+        else:
+            out[name] = fit_sampler(run_dir, model, binarize, train_images, options, log)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,17 +341,6 @@ class Position:
 # The generator's state keeps the name it had when training drew from torch's global generator,
 # whose state it was: a state saved then resumes exactly as before.
 GENERATOR_KEY = "rng.torch"
-
-
-def _digest(tensors: dict[str, Tensor], state_json: str) -> str:
-    """sha256 over every tensor (name, dtype, shape, bytes, in name order) and the JSON state."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    h.update(state_json.encode())
-    return h.hexdigest()
 
 
 def state_paths(run_dir: Path) -> list[Path]:

@@ -9,32 +9,25 @@ fitted to q(z) after training, on one draw z ~ q(z|x) per training image (or the
 
 ``SAMPLERS`` maps a kind to its class. A sampler's name is its kind with its options: ``prior``,
 ``gmm-10`` (a 10-component Gaussian mixture), ``two_stage`` (a second VAE regularized by BD) or
-``two_stage-kl`` (by another regularizer). A fitted sampler lives in RUN/samplers/ as NAME.safetensors
-(its arrays: never a pickle, so drawing from it needs only torch) and NAME.json beside it (kind,
-options, what it was fitted on, the sha256 of the arrays), written in that order: a sampler without
-its JSON is not fitted.
+``two_stage-kl`` (by another regularizer). A fitted sampler is stored in the run directory (rundir.py: its
+arrays as safetensors, never a pickle, so drawing from it needs only torch, and a JSON of its
+kind, options, what it was fitted on and the arrays' sha256).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from bdvae import metrics, rundir
-from bdvae.files import atomic_path, write_json
-from bdvae.likelihoods import binarized, to_float
+from bdvae import metrics
 from bdvae.errors import BdvaeError, first_line
+from bdvae.likelihoods import binarized, to_float
 
 FIT_ON = ("sample", "mean")
 ENCODE_BATCH = 1000
@@ -350,86 +343,6 @@ def canonical_names(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(["prior", *(parse_name(n).name for n in names)]))
 
 
-def _digest(arrays: dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(arrays):
-        t = arrays[key].detach().contiguous().cpu()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def is_fitted(run_dir: Path, name: str) -> bool:
-    return name == "prior" or all(p.is_file() for p in rundir.sampler_paths(run_dir, name))
-
-
-def fitted_names(run_dir: Path) -> list[str]:
-    """The samplers fitted in a run directory, sorted (the prior, never stored, not among them)."""
-    return rundir.sampler_names(run_dir)
-
-
-def save_sampler(run_dir: Path, sampler: Sampler, options: FitOptions, latents: int, seconds: float) -> Path:
-    """Write RUN/samplers/NAME.safetensors, then NAME.json (the sampler counts as fitted once both are there)."""
-    weights_path, json_path = rundir.sampler_paths(run_dir, options.name)
-    weights_path.parent.mkdir(exist_ok=True)
-    json_path.unlink(missing_ok=True)  # a refit: the old JSON must not vouch for the new arrays, even for a moment
-    arrays = {k: v.detach().contiguous().cpu() for k, v in sampler.arrays().items()}
-    with atomic_path(weights_path) as tmp:
-        save_file(arrays, str(tmp))
-    facts = {"name": options.name, "kind": options.kind, "latent_dim": sampler.latent_dim,
-             "fit": {"seed": options.seed, "fit_on": options.fit_on, "latents": latents},
-             "params": sampler.params(), "sha256": _digest(arrays), "seconds": round(seconds, 2)}
-    write_json(json_path, facts)
-    return weights_path
-
-
-def fit_command(run_dir: Path, options: FitOptions) -> str:
-    """The `bdvae sampler fit` command line that fits the sampler `options` names."""
-    extra = {"gmm": f" --components {options.components}",
-             "two_stage": f" --regularizer {options.regularizer}" if options.regularizer != DEFAULT_REGULARIZER else ""}
-    return f"bdvae sampler fit {run_dir} {options.kind}{extra.get(options.kind, '')}"
-
-
-def read_facts(run_dir: Path, name: str) -> dict[str, Any]:
-    """The JSON beside a fitted sampler; one line if it is missing or damaged."""
-    _, json_path = rundir.sampler_paths(run_dir, name)
-    if not json_path.is_file():
-        raise BdvaeError(f"{run_dir}: no fitted sampler {name!r}; fit it with: {fit_command(run_dir, parse_name(name))}")
-    try:
-        facts = json.loads(json_path.read_text(encoding="utf-8"))
-        missing = {"kind", "latent_dim", "sha256", "fit", "params"} - set(facts) if isinstance(facts, dict) else {"everything"}
-        if not missing:
-            missing = {"seed", "fit_on", "latents"} - set(facts["fit"]) if isinstance(facts["fit"], dict) else {"fit"}
-        if missing or not isinstance(facts["params"], dict):
-            raise ValueError(f"no {', '.join(sorted(missing or {'params'}))}")
-    except (ValueError, OSError) as e:
-        raise BdvaeError(f"{json_path}: damaged ({first_line(e)})") from None
-    return facts
-
-
-def load_sampler(run_dir: Path, name: str, latent_dim: int) -> Sampler:
-    """The sampler `name` of a run whose latents have `latent_dim` dimensions: the prior, or a
-    fitted one from RUN/samplers/, checked against its sha256 and the latent size."""
-    options = parse_name(name)
-    if options.kind == "prior":
-        return Prior(latent_dim)
-    name = options.name  # "gmm" is stored as gmm-10
-    weights_path, json_path = rundir.sampler_paths(run_dir, name)
-    facts = read_facts(run_dir, name)
-    if facts["kind"] != options.kind or facts["kind"] not in SAMPLERS:
-        raise BdvaeError(f"{json_path}: describes a sampler of kind {facts['kind']!r}, not {options.kind!r}")
-    if facts["latent_dim"] != latent_dim:
-        raise BdvaeError(f"{json_path}: fitted for {facts['latent_dim']} latent dimensions, this run's model "
-                         f"has {latent_dim}; fit it again with bdvae sampler fit --overwrite")
-    try:
-        arrays = load_file(str(weights_path))
-        if _digest(arrays) != facts["sha256"]:
-            raise ValueError("checksum mismatch")
-        return SAMPLERS[options.kind].from_arrays(latent_dim, arrays, facts["params"])
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise BdvaeError(f"{weights_path}: damaged sampler file ({first_line(e)})") from None
-
-
 @torch.inference_mode()
 def training_latents(model: nn.Module, images: Tensor, binarize: bool, fit_on: str, seed: int) -> Tensor:
     """The latents a sampler is fitted on: per training image (uint8, (N, C, H, W)) one draw
@@ -446,32 +359,20 @@ def training_latents(model: nn.Module, images: Tensor, binarize: bool, fit_on: s
     return torch.cat(out)
 
 
-def fit_sampler(run_dir: Path, model: nn.Module, binarize: bool, train_images: Tensor, options: FitOptions,
-                log: Callable[[str], None] = print, overwrite: bool = False) -> Sampler:
-    """Fit the sampler `options` describes on the run's training latents and store it in
-    RUN/samplers/. An existing one is an error unless `overwrite`."""
+def fit(model: nn.Module, binarize: bool, train_images: Tensor, options: FitOptions,
+        log: Callable[[str], None] = print) -> tuple[Sampler, int]:
+    """The sampler `options` describes, fitted on the training latents of `model`; and how many
+    latents it saw."""
     if options.kind == "prior":
         raise BdvaeError("the prior N(0, I) needs no fitting; fit gmm or two_stage")
-    if is_fitted(run_dir, options.name) and not overwrite:
-        raise BdvaeError(f"{rundir.sampler_paths(run_dir, options.name)[0]}: fitted already; pass --overwrite to fit it again")
-    started = time.perf_counter()
     z = training_latents(model, train_images, binarize, options.fit_on, options.seed)
     what = "posterior means" if options.fit_on == "mean" else "one z ~ q(z|x) per training image"
     log(f"fitting {options.name} on {len(z)} latents ({what}, seed {options.seed})")
-    sampler = SAMPLERS[options.kind].fit(z, options, log)
-    save_sampler(run_dir, sampler, options, len(z), time.perf_counter() - started)
-    return sampler
+    return SAMPLERS[options.kind].fit(z, options, log), len(z)
 
 
-def ensure_samplers(run_dir: Path, model: nn.Module, binarize: bool, train_images: Tensor, names: tuple[str, ...],
-                    latent_dim: int, log: Callable[[str], None] = print) -> dict[str, Sampler]:
-    """The samplers `names` of a run, by name: loaded where fitted, else fitted with their default
-    options (seed 0) and stored first."""
-    out: dict[str, Sampler] = {}
-    for name in names:
-        options = parse_name(name)
-        if is_fitted(run_dir, options.name):
-            out[name] = load_sampler(run_dir, options.name, latent_dim)
-        else:
-            out[name] = fit_sampler(run_dir, model, binarize, train_images, options, log)
-    return out
+def fit_command(run_dir: Path, options: FitOptions) -> str:
+    """The `bdvae sampler fit` command line that fits the sampler `options` names."""
+    extra = {"gmm": f" --components {options.components}",
+             "two_stage": f" --regularizer {options.regularizer}" if options.regularizer != DEFAULT_REGULARIZER else ""}
+    return f"bdvae sampler fit {run_dir} {options.kind}{extra.get(options.kind, '')}"

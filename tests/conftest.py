@@ -75,3 +75,16 @@ def trained_run(mnist_dir, tmp_path_factory) -> Path:
                      "--set", "train.batch_size=64")
     assert result.returncode == 0, result.stderr
     return run_dir
+
+
+# Fixtures that train or evaluate on the real MNIST (seconds to tens of seconds, once per session
+# or module): every test that needs one is `slow`, as are the tests marked so because they train
+# by themselves. `python -m pytest -m "not slow"` leaves them all out.
+TRAINING_FIXTURES = {"trained_run", "evaluated", "compared", "reference", "single", "two_processes", "cpu_run",
+                     "device_run"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -20,6 +20,7 @@ def mnist(mnist_dir):
     return load_dataset(DataConfig(data_dir=str(mnist_dir)), log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_training_is_reproducible_and_depends_on_the_seed(mnist):
     x, y = mnist.train_images[:1024], mnist.train_labels[:1024]
     before = torch.randn(3)  # the global RNG must not be consumed or reseeded by training
@@ -35,6 +36,7 @@ def test_training_is_reproducible_and_depends_on_the_seed(mnist):
     assert torch.equal(torch.randn(3), after_a) and not torch.equal(before, after_a)
 
 
+@pytest.mark.slow
 def test_shipped_weights_reach_99_percent_on_the_test_set(mnist):
     model = clf.load_classifier()
     assert clf.accuracy(model, mnist.test_images, mnist.test_labels) >= 0.99
@@ -54,6 +56,7 @@ def test_save_load_round_trip_and_a_foreign_file_is_refused(tmp_path):
         clf.load_classifier(tmp_path / "junk.safetensors")
 
 
+@pytest.mark.slow
 def test_frechet_distance_is_zero_for_a_set_with_itself_and_grows_with_blur(mnist):
     model = clf.load_classifier()
     test = to_float(mnist.test_images[:3000])
@@ -63,6 +66,7 @@ def test_frechet_distance_is_zero_for_a_set_with_itself_and_grows_with_blur(mnis
     assert 0 < distances[0] < distances[1] < distances[2]
 
 
+@pytest.mark.slow
 def test_reference_scores_order_real_blurred_and_noise(mnist):
     scores = reference_scores(mnist)
     halves, blur1, noise = (scores[k] for k in ("test half vs other half", "test blurred, sigma 1 px", "uniform noise"))

@@ -22,6 +22,7 @@ def _tiles(array):
     return np.stack([array[2 + r * 34: 2 + r * 34 + 32, 2 + c * 34: 2 + c * 34 + 32] for r in range(8) for c in range(8)])
 
 
+@pytest.mark.slow
 def test_run_directory_holds_every_file(trained_run):
     names = {p.name for p in trained_run.iterdir()}
     assert {"config.toml", "run.json", "model.safetensors", "metrics.jsonl", "loss_curve.png",
@@ -51,6 +52,7 @@ def test_each_reconstruction_is_closest_to_its_own_original(trained_run):
     assert (mse.argmin(axis=1) == np.arange(64)).all()
 
 
+@pytest.mark.slow
 def test_sample_is_reproducible_with_a_seed(trained_run, tmp_path):
     for name in ("a.png", "b.png"):
         result = run_cli("sample", str(trained_run), "-n", "16", "--seed", "3", "--out", str(tmp_path / name))

@@ -27,6 +27,7 @@ def compared(mnist_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_every_configuration_and_seed_is_trained_evaluated_and_reported(compared):
     runs = sorted(p.name for p in (compared / "runs").iterdir() if not p.name.startswith("."))
     assert runs == ["bhattacharyya-beta1-seed0", "bhattacharyya-beta1-seed1", "kl-beta1-seed0", "kl-beta1-seed1"]
@@ -43,6 +44,7 @@ def test_every_configuration_and_seed_is_trained_evaluated_and_reported(compared
     assert (compared / "rate_distortion.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_jobs_train_configurations_in_parallel_processes_with_the_same_results(compared, mnist_dir, tmp_path):
     out = tmp_path / "parallel"
     result = _compare(mnist_dir, out, "--jobs", "2")
@@ -67,6 +69,7 @@ def test_jobs_train_configurations_in_parallel_processes_with_the_same_results(c
     assert (out / "report.md").read_text().count(" ± ") == (compared / "report.md").read_text().count(" ± ")
 
 
+@pytest.mark.slow
 def test_finished_runs_are_reused_and_unfinished_ones_resumed(compared, mnist_dir):
     weights = compared / "runs" / "kl-beta1-seed0" / "model.safetensors"
     before = weights.read_bytes(), weights.stat().st_mtime_ns
@@ -121,6 +124,7 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert "| bhattacharyya | 1 | 2 | 12.00 ± 2.83 |" in table and "| kl | 1 | 1 | 7.00 |" in table
 
 
+@pytest.mark.slow
 def test_two_compare_jobs_on_one_folder_train_each_run_once(mnist_dir, tmp_path):
     import subprocess
     import sys

@@ -248,6 +248,7 @@ def test_two_processes_filling_one_cache_end_with_one_verified_copy(mnist_dir, t
     assert sorted(p.name for p in cache.iterdir()) == [".mnist.lock", "mnist"]  # no half-written copies left
 
 
+@pytest.mark.slow
 def test_data_fetch_rechecks_the_cache_under_its_lock(mnist_dir, tmp_path):
     """`data fetch` reads a filled cache again under the lock that a forced fetch replaces the
     folder under, so it never reads a folder that another process is swapping out."""
@@ -353,3 +354,13 @@ def test_no_source_reachable_is_one_error_listing_each(tmp_path, loopback_server
     with pytest.raises(BdvaeError, match="could not fetch mnist: download from .*nothing-here.*; download from .*mnist.npz"):
         data.fetch("mnist", tmp_path / "cache")
     assert not (tmp_path / "cache" / "mnist").exists()
+
+
+@pytest.mark.parametrize("name", list(data.DATASETS))
+def test_every_dataset_says_whether_it_needs_a_path(name):
+    """The config asks the registry: data.path is required exactly where the entry needs one."""
+    if data.DATASETS[name].needs_path:
+        with pytest.raises(BdvaeError, match=f"data.name={name!r} needs data.path"):
+            DataConfig(name=name)
+    else:
+        assert DataConfig(name=name).path is None

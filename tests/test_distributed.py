@@ -78,6 +78,7 @@ def _rank_main(rank: int, world_size: int, port: int, g: int, out: str) -> None:
 
 
 @pytest.mark.parametrize("g", [64, 7], ids=["even-shards", "uneven-shards"])
+@pytest.mark.slow
 def test_gradient_averaged_over_two_ranks_equals_the_single_process_gradient(g, tmp_path):
     from bdvae.distributed import Context
 
@@ -123,6 +124,7 @@ def two_processes(mnist_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_same_files_and_metrics_as_one_with_the_same_global_batch(single, two_processes):
     assert run_files(two_processes) == run_files(single)  # the same outputs and checkpoints (same steps)
     assert_rows_close(run_rows(two_processes), run_rows(single))
@@ -132,6 +134,7 @@ def test_two_processes_write_the_same_files_and_metrics_as_one_with_the_same_glo
         torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_two_torchrun_agents_as_two_machines_meet_over_loopback(single, mnist_dir, tmp_path):
     """The README's several-machines command, with both "machines" on 127.0.0.1: a real c10d
     rendezvous of 2 agents, one process each."""
@@ -147,6 +150,7 @@ def test_two_torchrun_agents_as_two_machines_meet_over_loopback(single, mnist_di
     assert_rows_close(run_rows(out), run_rows(single))
 
 
+@pytest.mark.slow
 def test_two_processes_in_bf16_train_the_run_of_one_up_to_bf16_rounding(mnist_dir, tmp_path):
     """The default arithmetic on CPUs with native bf16 (elsewhere both runs are fp32) runs under
     DDP; bf16 rounds differently for batches of 32 and 64 (0.7% apart at most here). The exact
@@ -161,6 +165,7 @@ def test_two_processes_in_bf16_train_the_run_of_one_up_to_bf16_rounding(mnist_di
 
 
 @pytest.mark.parametrize("resume_with", [1, 2])
+@pytest.mark.slow
 def test_a_checkpoint_resumes_with_another_number_of_processes(resume_with, single, two_processes, tmp_path):
     started = two_processes if resume_with == 1 else single
     run_dir = interrupted_copy(started, tmp_path / "run")
@@ -176,6 +181,7 @@ def test_a_checkpoint_resumes_with_another_number_of_processes(resume_with, sing
     assert outputs == [name for name in run_files(started) if not name.startswith("checkpoints/")]
 
 
+@pytest.mark.slow
 def test_nproc_errors_are_one_line_and_start_nothing(tmp_path):
     result = run_cli("train", "--nproc", "0", "--out", str(tmp_path / "a"))
     assert result.returncode == 2 and result.stderr == "bdvae: error: --nproc must be between 1 and 1024, got 0\n"
@@ -228,6 +234,7 @@ def test_the_group_is_left_after_a_normal_end_only(monkeypatch):
     assert len(left) == 1
 
 
+@pytest.mark.slow
 def test_two_processes_evaluate_a_batchnorm_model_with_the_saved_statistics(mnist_dir, tmp_path):
     """Each rank's last training step moves its own BatchNorm running statistics; the test pass
     (2,000 images: each rank scores 1,000) must use rank 0's, the ones saved, on every rank."""

@@ -15,6 +15,7 @@ from bdvae.data import load_dataset
 from bdvae.evaluate import EvalOptions, evaluate_run, iwae_nll
 from bdvae.errors import BdvaeError
 from bdvae.likelihoods import LIKELIHOODS, to_float
+from bdvae.metrics import FIGURES, figure_value, missing_figures
 from bdvae.model import build_model, iwae_decoder, subpixel_convolution
 from conftest import run_cli
 
@@ -28,6 +29,7 @@ def evaluated(trained_run, tmp_path_factory):
     return run_dir, result.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_writes_metrics_and_pictures(evaluated):
     run_dir, stdout = evaluated
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -171,3 +173,24 @@ def test_bad_input_is_one_line(args, message):
     result = run_cli(*args)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("figure", FIGURES, ids=lambda f: "/".join(f.path) + f"[{f.scope}]")
+def test_every_reported_figure_is_computed_shown_and_required(evaluated, figure):
+    """metrics.FIGURES is the one table: each figure is in a real evaluation's metrics.json, in the
+    terminal table when it has a row, in the report's columns when it has one, and a metrics.json
+    without it is incomplete (compare evaluates again rather than reuse it)."""
+    run_dir, stdout = evaluated
+    m = json.loads((run_dir / "metrics.json").read_text())
+    where = m["samplers"]["prior"] if figure.scope == "sampler" else m
+    assert figure_value(where, figure.path) is not None
+    if figure.row:
+        assert figure.row.format_map(m) in stdout
+    if figure.column:
+        from bdvae.report import COLUMNS, SAMPLER_COLUMNS
+
+        assert (figure.column, figure.path, figure.decimals) in (SAMPLER_COLUMNS if figure.scope == "sampler" else COLUMNS)
+    assert not missing_figures(m)
+    parent = figure_value(where, figure.path[:-1])
+    del parent[figure.path[-1]]
+    assert "/".join(figure.path) in missing_figures(m)

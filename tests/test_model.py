@@ -6,7 +6,7 @@ from torch import nn
 
 from bdvae.config import ModelConfig, ObjectiveConfig
 from bdvae.errors import BdvaeError
-from bdvae.model import ResidualBlock, build_model
+from bdvae.model import ARCHITECTURES, ResidualBlock, build_model
 
 
 def _layers(module):
@@ -108,3 +108,27 @@ def test_resnet_refuses_images_too_small_for_its_batchnorms():
 def test_model_blocks_only_for_resnet():
     with pytest.raises(BdvaeError, match="model.blocks applies to model.arch='resnet' only"):
         ModelConfig(arch="conv", blocks=2)
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_every_architecture_builds_from_its_registry_entry(name):
+    """What the registry says of an architecture is what the config and build_model do with it:
+    its default widths, its options, its fixed values and the shapes it takes."""
+    entry = ARCHITECTURES[name]
+    config = ModelConfig(arch=name, latent_dim=entry.fixed.get("latent_dim", 6))
+    assert config.resolved_widths == entry.default_widths
+    model = build_model(config, ObjectiveConfig(), (1, 32, 32))
+    x_logits, mu, _, _ = model(torch.rand(2, 1, 32, 32))
+    assert x_logits.shape == (2, 1, 32, 32) and mu.shape == (2, config.latent_dim)
+    for option in sorted({o for e in ARCHITECTURES.values() for o in e.options}):  # only those declaring it take it
+        if option in entry.options:
+            assert getattr(ModelConfig(arch=name, **{option: entry.options[option]}), option) == entry.options[option]
+        else:
+            with pytest.raises(BdvaeError, match=f"model.{option} applies to"):
+                ModelConfig(arch=name, **{option: 1})
+    odd = (1, 30, 30)  # not divisible by 2 per stride-2 layer
+    if entry.shape_problem(odd, entry.default_widths) is None:
+        assert build_model(config, ObjectiveConfig(), odd)(torch.rand(1, *odd))[0].shape == (1, *odd)
+    else:
+        with pytest.raises(BdvaeError, match=f"model.arch={name!r} with"):
+            build_model(config, ObjectiveConfig(), odd)

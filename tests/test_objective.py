@@ -2,14 +2,15 @@
 
 import math
 
+import pytest
 import torch
 from torch.nn import functional as F
 
 from bdvae.config import ModelConfig, ObjectiveConfig
 from bdvae.likelihoods import LIKELIHOODS
 from bdvae.model import build_model
-from bdvae.objective import beta_at, loss_terms
-from bdvae.regularizers import REGULARIZERS
+from bdvae.objective import beta_at, loss_terms, regularizer
+from bdvae.regularizers import PARAMETERS, REGULARIZERS
 
 
 def _model_and_batch(likelihood="bernoulli"):
@@ -89,3 +90,25 @@ def test_renyi_order_comes_from_the_objective():
         mu, logvar = model.encode(x)
     terms = loss_terms(model, x, ObjectiveConfig(regularizer="renyi", alpha=0.2), eps)
     torch.testing.assert_close(terms.reg, REGULARIZERS["renyi"](mu, logvar, alpha=0.2).mean())
+
+
+@pytest.mark.parametrize("name", list(LIKELIHOODS))
+def test_every_likelihood_carries_its_note_and_its_targets(name):
+    likelihood = LIKELIHOODS[name]
+    assert len(likelihood.note) > 20 and ("not a density" in likelihood.note) == (not likelihood.proper_density)
+    images = torch.tensor([[[[0, 128, 255]]]], dtype=torch.uint8).repeat(200, 1, 1, 1)
+    x = likelihood.targets(images, torch.Generator().manual_seed(0))
+    if likelihood.binarize:  # a draw of 0s and 1s whose mean is the intensity
+        assert set(x.unique().tolist()) <= {0.0, 1.0}
+        torch.testing.assert_close(x.mean(0).flatten(), torch.tensor([0.0, 128 / 255, 1.0]), atol=0.1, rtol=0)
+    else:
+        torch.testing.assert_close(x[0].flatten(), torch.tensor([0.0, 128 / 255, 1.0]))
+
+
+@pytest.mark.parametrize("name", list(REGULARIZERS))
+def test_every_regularizer_gets_the_objective_fields_it_declares(name):
+    """regularizer(objective) passes each field a regularizer declares (PARAMETERS) and no other."""
+    mu, logvar = torch.randn(5, 3), torch.randn(5, 3)
+    objective = ObjectiveConfig(regularizer=name, alpha=0.3)
+    expected = REGULARIZERS[name](mu, logvar, **{p: getattr(objective, p) for p in PARAMETERS[name]})
+    torch.testing.assert_close(regularizer(objective)(mu, logvar), expected)

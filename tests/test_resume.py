@@ -45,6 +45,7 @@ def _assert_same_run(run_dir, reference):
         assert {k: v for k, v in row.items() if k != "seconds"} == {k: v for k, v in ref.items() if k != "seconds"}
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(mnist_dir, reference, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "bdvae", "train", "--data-dir", str(mnist_dir), "--out", str(out), *SMALL]
@@ -66,6 +67,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(mnist_dir, reference, t
     _assert_same_run(out, reference)
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(mnist_dir, reference, tmp_path):
     out = tmp_path / "damaged"
     result = _train(mnist_dir, out, "--set", "train.epochs=1")  # stops after epoch 1 of the same run
@@ -86,6 +88,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(mnist_dir, ref
     _assert_same_run(out, reference)
 
 
+@pytest.mark.slow
 def test_the_quality_preset_resumes_exactly(mnist_dir, tmp_path):
     # Its BatchNorm statistics and its cosine learning rate must come back with the training state.
     whole = tmp_path / "whole"
@@ -102,6 +105,7 @@ def test_the_quality_preset_resumes_exactly(mnist_dir, tmp_path):
     _assert_same_run(cut, whole)
 
 
+@pytest.mark.slow
 def test_resume_errors_are_one_line(reference, tmp_path):
     finished = run_cli("train", "--resume", str(reference))
     assert finished.returncode == 2 and "the run is finished already" in finished.stderr
@@ -113,6 +117,7 @@ def test_resume_errors_are_one_line(reference, tmp_path):
         assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_architecture_is_refused_in_one_line(reference, tmp_path):
 
     out = tmp_path / "other"
@@ -183,6 +188,7 @@ def test_skip_nonfinite_skips_and_counts_the_bad_batch(mnist_dir, tmp_path, monk
     assert all(bool(t.isfinite().all()) for t in load_file(str(run_dir / "model.safetensors")).values())
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_another_version_is_refused_in_one_line(reference, tmp_path):
     """A training state written by a version whose state lacks fields this one needs."""
 

@@ -151,6 +151,7 @@ def evaluated(trained_run, tmp_path_factory):
     return run_dir, result.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_fits_and_scores_every_sampler(evaluated):
     run_dir, stdout = evaluated
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -173,6 +174,7 @@ def test_evaluate_fits_and_scores_every_sampler(evaluated):
         "gmm-3.json", "gmm-3.safetensors", "two_stage.json", "two_stage.safetensors"]
 
 
+@pytest.mark.slow
 def test_a_second_evaluate_reuses_the_fitted_samplers(evaluated):
     run_dir, _ = evaluated
     before = {p.name: p.read_bytes() for p in (run_dir / "samplers").iterdir()}
@@ -183,6 +185,7 @@ def test_a_second_evaluate_reuses_the_fitted_samplers(evaluated):
     assert {p.name: p.read_bytes() for p in (run_dir / "samplers").iterdir()} == before
 
 
+@pytest.mark.slow
 def test_sample_and_the_api_draw_from_a_fitted_sampler(evaluated, tmp_path):
     run_dir, _ = evaluated
     result = run_cli("sample", str(run_dir), "--sampler", "gmm-3", "--seed", "1", "-n", "16", "--out", str(tmp_path / "g.png"))
@@ -199,6 +202,7 @@ def test_sample_and_the_api_draw_from_a_fitted_sampler(evaluated, tmp_path):
     assert "12000 z ~ q(z|x)" in listing.stdout
 
 
+@pytest.mark.slow
 def test_sampler_fit_is_reproducible_and_keeps_what_was_fitted(trained_run, tmp_path):
     copies = []
     for name in ("a", "b"):
@@ -218,6 +222,7 @@ def test_sampler_fit_is_reproducible_and_keeps_what_was_fitted(trained_run, tmp_
 
 
 @pytest.mark.parametrize("damage", ["truncated", "other latent size", "no json"])
+@pytest.mark.slow
 def test_a_bad_sampler_file_is_one_line_and_nothing_is_lost(evaluated, tmp_path, damage):
     run_dir = tmp_path / "run"
     shutil.copytree(evaluated[0], run_dir)
@@ -262,6 +267,7 @@ def test_bad_sampler_arguments_are_one_line(trained_run, tmp_path, args, message
     assert sorted(p.name for p in trained_run.rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_compare_scores_and_reports_every_sampler(mnist_dir, tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "--regularizers", "bhattacharyya", "--seeds", "1", "--epochs", "1", "--out", str(out),

@@ -29,6 +29,7 @@ def test_cosine_schedule_falls_from_lr_to_zero_half_way_at_half():
     assert lr_at(train_config, 0.25) == pytest.approx(1e-3 * (1 + math.cos(math.pi / 4)))
 
 
+@pytest.mark.slow
 def test_a_short_training_of_the_quality_preset_lowers_the_test_loss(mnist_dir, tmp_path):
     config = config_lib.load(None, ["data.train_size=3000", "data.test_size=500", "train.epochs=2",
                                     "objective.warmup_steps=20", f"data.data_dir={json.dumps(str(mnist_dir))}"],

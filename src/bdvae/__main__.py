@@ -67,44 +67,40 @@ def _progress(quiet: bool) -> bool | None:
     return None if not quiet else False
 
 
+def _shown(where: dict[str, Any], figure: Any) -> str | None:
+    """A figure's value as the terminal table shows it, "± standard error" beside a mean that has
+    one; None where it does not apply."""
+    from bdvae.metrics import figure_value
+
+    value = figure_value(where, figure.path)
+    if value is None or figure.decimals is None:
+        return value
+    text = f"{value:.{figure.decimals}f}"
+    parent = figure_value(where, figure.path[:-1]) if figure.path[-1] == "mean" else None
+    return f"{text} ± {parent['std_error']:.{figure.decimals}f}" if parent and "std_error" in parent else text
+
+
 def format_table(m: dict[str, Any]) -> str:
-    """The headline numbers of a metrics dict, one per line, for the terminal."""
-    pm, sq = m["prior_match"], m["sample_quality"]
-    rows = [
-        ("test images", f"{m['test_images']}"),
-        ("reconstruction NLL (nats)", f"{m['reconstruction']['nll']['mean']:.2f}"),
-        ("reconstruction MSE per pixel", f"{m['reconstruction']['mse_per_pixel']['mean']:.5f}"),
-        ("KL(q(z|x) || N(0,I)) (nats)", f"{m['divergences']['kl']['mean']:.2f}  ({m['divergences']['kl_dim_mean']:.3f} per dim)"),
-        ("BD(q(z|x), N(0,I)) (nats)", f"{m['divergences']['bhattacharyya']['mean']:.2f}  "
-                                      f"({m['divergences']['bhattacharyya_dim_mean']:.3f} per dim)"),
-        ("negative ELBO (nats)", f"{m['neg_elbo']['mean']:.2f}"),
-        (f"-ln p(x), IWAE K={m['iwae_nll']['k']}, {m['iwae_nll'].get('precision', 'fp32')} on "
-         f"{m['iwae_nll'].get('device', 'cpu')} (nats)", f"{m['iwae_nll']['mean']:.2f} ± {m['iwae_nll']['std_error']:.2f}"),
-        ("  note", m["likelihood_note"]),
-        ("aggregate posterior: |mean|", f"{pm['mean_norm']:.3f}"),
-        ("  covariance eigenvalues", f"{pm['cov_eigenvalue_min']:.3f} .. {pm['cov_eigenvalue_max']:.3f}"),
-        ("  MMD² to N(0,I) (null)", f"{pm['mmd2']:.5f}  ({pm['mmd2_null']:.5f})"),
-        ("  active units", f"{pm['active_units']} of {len(pm['per_dim']['mean'])}"),
-    ]
-    if sq is not None:
-        rows += [
-            ("samples: Fréchet distance", f"{sq['frechet_distance']:.2f}"),
-            ("  classifier score (max 10)", f"{sq['classifier_score']:.2f}"),
-            ("  class entropy (max 2.303)", f"{sq['class_entropy']:.3f}"),
-            ("  precision / recall (k=3)", f"{sq['precision']:.3f} / {sq['recall']:.3f}"),
-        ]
-    else:
+    """The figures of a metrics dict (metrics.FIGURES, in its order), one per line, for the
+    terminal: the run's, then each sampler's (the prior's sample quality among the run's)."""
+    from bdvae.metrics import FIGURES
+
+    def group(figures: list[Any], where: dict[str, Any], name: str) -> list[tuple[str, Any]]:
+        """A group of rows: the first labelled with the group's name, the others indented."""
+        return [(f"{name}{f.row}" if i == 0 else f"  {f.row}", _shown(where, f)) for i, f in enumerate(figures)]
+
+    quality = [f for f in FIGURES if f.row and f.scope == "both"]
+    own = [f for f in FIGURES if f.row and f.scope == "sampler"]  # a sampler's own figures lead its rows
+    rows = [(f.row.format_map(m), _shown(m, f)) for f in FIGURES if f.row and f.scope == "run"]
+    if m["sample_quality"] is None:
         rows.append(("samples", "no sample-quality scores: the reference classifier knows 32x32 MNIST only"))
+    else:
+        rows += group(quality, m, "samples, z ~ N(0, I): ")
     for name, entry in m.get("samplers", {}).items():
-        density = entry["test_latent_log_density"]
-        rows.append((f"sampler {name}: test-latent ln p(z)", f"{density['mean']:.2f} ± {density['std_error']:.2f}"))
-        q = entry["sample_quality"]
-        if q is not None and name != "prior":
-            rows += [(f"  Fréchet (prior / this: {entry['frechet_ratio']:.2f}x)", f"{q['frechet_distance']:.2f}"),
-                     ("  classifier score, entropy", f"{q['classifier_score']:.2f}, {q['class_entropy']:.3f}"),
-                     ("  precision / recall (k=3)", f"{q['precision']:.3f} / {q['recall']:.3f}")]
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+        rows += group(own + (quality if name != "prior" else []), entry, f"sampler {name}: ")
+    rows = [(label, value) for label, value in rows if value is not None]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 
 
 # ---------------------------------------------------------------------------------------------

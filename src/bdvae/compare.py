@@ -24,12 +24,9 @@ from bdvae.config import Config, absolute_paths
 from bdvae.errors import BdvaeError
 from bdvae.evaluate import EvalOptions, evaluate_run
 from bdvae.files import file_lock
+from bdvae.metrics import missing_figures
 from bdvae.report import Entry, write_report
 from bdvae.training import resume, train
-
-
-REQUIRED_KEYS = {"reconstruction", "divergences", "neg_elbo", "iwae_nll", "prior_match", "sample_quality", "samplers",
-                 "likelihood_note", "test_images"}
 
 
 def say(message: str) -> None:
@@ -80,12 +77,13 @@ def _same_fits(run_dir: Path, scored: dict[str, Any], names: tuple[str, ...]) ->
 
 def ensure_evaluated(run_dir: Path, options: EvalOptions, progress: bool | None,
                      log: Callable[[str], None], device: str = "auto") -> dict[str, Any]:
-    """The run's metrics.json if it was computed with `options`, else a fresh evaluation."""
+    """The run's metrics.json if it was computed with `options` and holds every reported figure
+    (metrics.FIGURES), else a fresh evaluation."""
     try:
         metrics = rundir.read_metrics(run_dir)
         asked = json.loads(json.dumps(dataclasses.asdict(options)))  # as JSON holds it: tuples become lists
         if (isinstance(metrics, dict) and metrics.get("options") == asked
-                and REQUIRED_KEYS <= metrics.keys() and _same_fits(run_dir, metrics["samplers"], options.samplers)):
+                and not missing_figures(metrics) and _same_fits(run_dir, metrics["samplers"], options.samplers)):
             return metrics
     except (ValueError, OSError, BdvaeError, KeyError, TypeError):  # JSONDecodeError is a ValueError
         pass  # a damaged or foreign file, or one scored with other fits, is simply computed again

@@ -3,12 +3,15 @@
 - iwae_log_likelihood: the importance-weighted bound on ln p(x) (Burda et al. 2015).
 - prior_match: how close the aggregate posterior q(z) is to N(0, I) (moments, covariance, MMD).
 - frechet_distance, inception_score, precision_recall: sample quality in a feature space.
+- FIGURES: what bdvae reports of an evaluation, the one declared table.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -178,3 +181,81 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3, chunk: int = 1000) 
     precision = _covered(fake, real, _kth_neighbour_radius(real, k, chunk), chunk).double().mean().item()
     recall = _covered(real, fake, _kth_neighbour_radius(fake, k, chunk), chunk).double().mean().item()
     return precision, recall
+
+
+# ---------------------------------------------------------------------------------------------
+# What bdvae reports of an evaluation: the one table from which `bdvae evaluate`'s terminal table,
+# the comparison report's columns and compare's check that a metrics.json is complete all derive.
+# A figure added here is shown everywhere, and every metrics.json without it is computed again.
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure of metrics.json that bdvae reports."""
+
+    path: tuple[str, ...]  # its keys in metrics.json; under metrics["samplers"][NAME] for a sampler's
+    decimals: int | None  # None: a text, shown as it is
+    column: str | None = None  # its column in the comparison report ("↓" lower is better, "↑" higher)
+    # Its row in `bdvae evaluate`'s table: a label formatted with the metrics (str.format_map), so
+    # that it can name the options it was computed with.
+    row: str | None = None
+    scope: str = "run"  # "run": the run's; "sampler": each sampler's; "both": the prior's at the top and each sampler's
+
+
+_SAMPLE_QUALITY = (
+    Figure(("sample_quality", "frechet_distance"), 1, "Fréchet ↓", "Fréchet distance", "both"),
+    Figure(("sample_quality", "classifier_score"), 2, "classifier score ↑", "classifier score (max 10)", "both"),
+    Figure(("sample_quality", "class_entropy"), 3, "class entropy ↑", "class entropy (max 2.303)", "both"),
+    Figure(("sample_quality", "precision"), 3, "precision ↑", "precision (k=3)", "both"),
+    Figure(("sample_quality", "recall"), 3, "recall ↑", "recall (k=3)", "both"),
+)
+FIGURES: tuple[Figure, ...] = (
+    Figure(("test_images",), 0, row="test images"),
+    Figure(("reconstruction", "nll", "mean"), 2, "recon NLL ↓", "reconstruction NLL (nats)"),
+    Figure(("reconstruction", "mse_per_pixel", "mean"), 4, "MSE/pixel ↓", "reconstruction MSE per pixel"),
+    Figure(("divergences", "kl", "mean"), 2, "KL", "KL(q(z|x) || N(0,I)) (nats)"),
+    Figure(("divergences", "kl_dim_mean"), 3, row="  per latent dimension"),
+    Figure(("divergences", "bhattacharyya", "mean"), 2, "BD", "BD(q(z|x), N(0,I)) (nats)"),
+    Figure(("divergences", "bhattacharyya_dim_mean"), 3, row="  per latent dimension"),
+    Figure(("neg_elbo", "mean"), 2, "−ELBO ↓", "negative ELBO (nats)"),
+    Figure(("iwae_nll", "mean"), 2, "IWAE −ln p(x) ↓",
+           "-ln p(x), IWAE K={iwae_nll[k]}, {iwae_nll[precision]} on {iwae_nll[device]} (nats)"),
+    Figure(("likelihood_note",), None, row="  note"),
+    Figure(("prior_match", "mean_norm"), 3, "‖mean q(z)‖ ↓", "aggregate posterior: |mean|"),
+    Figure(("prior_match", "cov_eigenvalue_min"), 3, "cov eig min", "  smallest covariance eigenvalue"),
+    Figure(("prior_match", "cov_eigenvalue_max"), 3, "cov eig max", "  largest covariance eigenvalue"),
+    Figure(("prior_match", "mmd2"), 4, "MMD² to N(0,I) ↓", "  MMD² to N(0,I)"),
+    Figure(("prior_match", "mmd2_null"), 4, row="  MMD² of two N(0,I) samples (the null)"),
+    Figure(("prior_match", "active_units"), 0, "active units", "  active units"),
+    *_SAMPLE_QUALITY,
+    Figure(("test_latent_log_density", "mean"), 2, "test-latent ln p(z) ↑", "test-latent ln p(z)", "sampler"),
+    Figure(("frechet_ratio",), 2, "Fréchet prior / this ↑", "Fréchet prior / this", "sampler"),
+)
+
+
+def figure_value(metrics: Any, path: tuple[str, ...]) -> Any:
+    """The value at `path` in a metrics dict; KeyError if a key is missing, None if a value on the
+    way is None (a figure that does not apply, as sample quality without the reference classifier)."""
+    value = metrics
+    for key in path:
+        if value is None:
+            return None
+        if not isinstance(value, dict) or key not in value:
+            raise KeyError("/".join(path))
+        value = value[key]
+    return value
+
+
+def missing_figures(metrics: Any) -> list[str]:
+    """The figures of FIGURES a metrics dict lacks (every sampler's too): what makes an older
+    metrics.json incomplete."""
+    missing = []
+    places = [("run", metrics)] + [("sampler", m) for m in (metrics.get("samplers") or {}).values()]
+    for scope, where in places:
+        for figure in FIGURES:
+            if figure.scope in (scope, "both"):
+                try:
+                    figure_value(where, figure.path)
+                except KeyError as e:
+                    missing.append(str(e.args[0]))
+    return missing if "samplers" in metrics else ["samplers", *missing]

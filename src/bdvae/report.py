@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bdvae import pictures, rundir
+from bdvae.metrics import FIGURES
 from bdvae.files import write_text
 
 
@@ -32,31 +33,12 @@ class Entry:
     metrics: dict[str, Any]
 
 
-# (column, path into metrics.json, decimals); "↓" lower is better, "↑" higher is better.
-COLUMNS: tuple[tuple[str, tuple[str, ...], int], ...] = (
-    ("recon NLL ↓", ("reconstruction", "nll", "mean"), 2),
-    ("MSE/pixel ↓", ("reconstruction", "mse_per_pixel", "mean"), 4),
-    ("KL", ("divergences", "kl", "mean"), 2),
-    ("BD", ("divergences", "bhattacharyya", "mean"), 2),
-    ("−ELBO ↓", ("neg_elbo", "mean"), 2),
-    ("IWAE −ln p(x) ↓", ("iwae_nll", "mean"), 2),
-    ("‖mean q(z)‖ ↓", ("prior_match", "mean_norm"), 3),
-    ("cov eig min", ("prior_match", "cov_eigenvalue_min"), 3),
-    ("cov eig max", ("prior_match", "cov_eigenvalue_max"), 3),
-    ("MMD² to N(0,I) ↓", ("prior_match", "mmd2"), 4),
-    ("active units", ("prior_match", "active_units"), 0),
-    ("Fréchet ↓", ("sample_quality", "frechet_distance"), 1),
-    ("classifier score ↑", ("sample_quality", "classifier_score"), 2),
-    ("class entropy ↑", ("sample_quality", "class_entropy"), 3),
-    ("precision ↑", ("sample_quality", "precision"), 3),
-    ("recall ↑", ("sample_quality", "recall"), 3),
-)
-# Per sampler, read from metrics["samplers"][NAME]: the sample-quality columns above, and the prior hole.
-SAMPLER_COLUMNS: tuple[tuple[str, tuple[str, ...], int], ...] = (
-    *(column for column in COLUMNS if column[1][0] == "sample_quality"),
-    ("test-latent ln p(z) ↑", ("test_latent_log_density", "mean"), 2),
-    ("Fréchet prior / this ↑", ("frechet_ratio",), 2),
-)
+# (column, path into metrics.json, decimals), from the one table of reported figures: the run's
+# (sample quality: the prior's), and each sampler's, read from metrics["samplers"][NAME].
+COLUMNS: tuple[tuple[str, tuple[str, ...], int], ...] = tuple(
+    (f.column, f.path, f.decimals) for f in FIGURES if f.column and f.decimals is not None and f.scope != "sampler")
+SAMPLER_COLUMNS: tuple[tuple[str, tuple[str, ...], int], ...] = tuple(
+    (f.column, f.path, f.decimals) for f in FIGURES if f.column and f.decimals is not None and f.scope != "run")
 PICTURES = (("originals", rundir.ORIGINALS), ("reconstructions", rundir.RECONSTRUCTIONS),
             ("samples from N(0, I)", rundir.SAMPLES), ("latent histograms", rundir.LATENT_HISTOGRAMS))
 

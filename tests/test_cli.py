@@ -176,3 +176,18 @@ def test_train_help_lists_the_presets():
     result = run_cli("train", "--help")
     assert result.returncode == 0
     assert "--preset NAME" in result.stdout and "quality, reference" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize("command", [["evaluate", "RUN"], ["compare", "--out", "OUT"]])
+def test_the_command_lines_evaluation_defaults_are_evaluate_options(command):
+    """The parser cannot import evaluate.py (torch: `bdvae --help` would import it), so it spells
+    EvalOptions' defaults again; this keeps the two the same."""
+    from bdvae.__main__ import build_parser
+    from bdvae.evaluate import EvalOptions
+
+    args = vars(build_parser().parse_args(command))
+    defaults = EvalOptions()
+    for field in ("k", "samples", "test_size", "seed", "max_batch", "precision"):
+        if field in args:
+            assert args[field] == getattr(defaults, field), field
+    assert tuple(args["samplers"].split(",")) == defaults.samplers

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bdvae.errors import BdvaeError
+from bdvae.errors import BdvaeError, check_seed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,8 +156,8 @@ def sample(*, run: Path, n: int, out: Path, seed: int | None, sampler: str, over
 
     if n <= 0:
         raise BdvaeError(f"-n must be positive, got {n}")
-    if seed is not None and not 0 <= seed < 2**63:
-        raise BdvaeError(f"--seed must be in [0, 2**63), got {seed}")
+    if seed is not None:
+        check_seed(seed, "--seed")
     sampler = parse_name(sampler).name  # an unknown name fails before anything is read
     _check_out(out, overwrite)
     save_grid(load_run(run).sample(n, seed=seed, sampler=sampler), out)
@@ -249,8 +249,7 @@ def compare(*, regularizers: str, beta: str, seeds: int, epochs: int | None, out
 def classifier_train(*, out: Path, epochs: int, seed: int, data_dir: Path | None, overwrite: bool, quiet: bool) -> None:
     from bdvae.classifier import save_classifier, train_reference
 
-    if not 0 <= seed < 2**63:
-        raise BdvaeError(f"--seed must be in [0, 2**63), got {seed}")
+    check_seed(seed, "--seed")
     _check_out(out, overwrite, suffix=None)
     if epochs <= 0:
         raise BdvaeError(f"--epochs must be positive, got {epochs}")

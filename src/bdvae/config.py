@@ -19,7 +19,7 @@ from typing import Any
 
 import tomli_w
 
-from bdvae.errors import BdvaeError
+from bdvae.errors import BdvaeError, check_seed
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -153,7 +153,7 @@ class TrainConfig:
         _require(self.lr_schedule in LR_SCHEDULES,
                  f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         _require(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every!r}")
-        _require(0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed!r}")
+        check_seed(self.seed, "train.seed")
         _require(self.threads is None or self.threads <= 1024, f"train.threads must be at most 1024, got {self.threads!r}")
 
 

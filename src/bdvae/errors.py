@@ -5,6 +5,12 @@ class BdvaeError(Exception):
     """A problem with the user's input, data or files, explained in one line."""
 
 
+def check_seed(seed: int, name: str) -> None:
+    """A seed torch.Generator.manual_seed takes, an integer in [0, 2**63); else one line naming it."""
+    if not 0 <= seed < 2**63:
+        raise BdvaeError(f"{name} must be in [0, 2**63), got {seed!r}")
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none), for one-line errors."""
     text = str(e).strip()

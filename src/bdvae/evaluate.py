@@ -24,7 +24,7 @@ from bdvae import metrics, pictures, rundir
 from bdvae.classifier import classifier_facts, features_and_logits, load_classifier, score_samples
 from bdvae.data import Dataset, load_dataset
 from bdvae.devices import native_bf16, resolve_device
-from bdvae.errors import BdvaeError
+from bdvae.errors import BdvaeError, check_seed
 from bdvae.likelihoods import LIKELIHOODS, to_float
 from bdvae.model import iwae_decoder
 from bdvae.objective import image_terms, regularizer
@@ -70,8 +70,7 @@ class EvalOptions:
             value = getattr(self, name)
             if value is not None and value < MIN_IMAGES:
                 raise BdvaeError(f"{flag} must be at least {MIN_IMAGES}, got {value}")
-        if not 0 <= self.seed < 2**63:
-            raise BdvaeError(f"--seed must be in [0, 2**63), got {self.seed}")
+        check_seed(self.seed, "--seed")
         if self.precision not in PRECISIONS:
             raise BdvaeError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         names = (self.samplers,) if isinstance(self.samplers, str) else self.samplers

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from bdvae import metrics
-from bdvae.errors import BdvaeError, first_line
+from bdvae.errors import BdvaeError, check_seed, first_line
 from bdvae.likelihoods import binarized, to_float
 
 FIT_ON = ("sample", "mean")
@@ -55,8 +55,7 @@ class FitOptions:
             raise BdvaeError(f"--components must be positive, got {self.components}")
         if self.regularizer not in REGULARIZERS:
             raise BdvaeError(f"two_stage: unknown regularizer {self.regularizer!r}; valid: {', '.join(REGULARIZERS)}")
-        if not 0 <= self.seed < 2**63:
-            raise BdvaeError(f"--seed must be in [0, 2**63), got {self.seed}")
+        check_seed(self.seed, "--seed")
         if self.fit_on not in FIT_ON:
             raise BdvaeError(f"--fit-on must be one of {', '.join(FIT_ON)}, got {self.fit_on!r}")
 

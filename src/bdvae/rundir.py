@@ -1,5 +1,5 @@
 """The run directory: the one module that knows its file names, whether a run is finished or can
-be resumed, and the format of a training state.
+be resumed, and the formats of what it stores (a training state, a fitted sampler).
 
 Layout (README, "The run directory"):
     config.toml        the resolved config (written first); enough, with run.json, to rebuild the model

@@ -193,21 +193,8 @@ def write_pictures(run: TrainedRun, x: Tensor, labels: Tensor, terms: dict[str, 
     mu = terms["mu"]
     pictures.save_latent_histograms(terms["z"], folder / rundir.LATENT_HISTOGRAMS)
     pictures.save_latent_scatter(mu, labels, folder / rundir.LATENT_MEANS)
-    model = run.model
-    with torch.inference_mode():
-        # Interpolation: 8 pairs of test images, their posterior means joined by straight lines.
-        steps = torch.linspace(0, 1, 10)[None, :, None]
-        a, b = mu[0:16:2, None], mu[1:16:2, None]  # (8, 1, D)
-        path = (a + steps * (b - a)).reshape(-1, mu.shape[1])  # (80, D), row by row
-        rows = model.decode_mean(path).reshape(8, 10, *x.shape[1:])
-        grid = torch.cat([x[0:16:2, None], rows, x[1:16:2, None]], 1).reshape(-1, *x.shape[1:])
-        pictures.save_grid(grid, folder / rundir.INTERPOLATION, ncol=12, scale=2)
-        # Traversal: each latent dimension swept over [-3, 3] with the others at the first test image's mean.
-        d = mu.shape[1]
-        values = torch.linspace(-3, 3, 11)
-        z = mu[0].repeat(d, 11, 1)  # (D, 11, D)
-        z[torch.arange(d), :, torch.arange(d)] = values
-        pictures.save_grid(model.decode_mean(z.reshape(-1, d)), folder / rundir.TRAVERSAL, ncol=11, scale=2)
+    pictures.save_interpolation(run.model, x, mu, folder / rundir.INTERPOLATION)
+    pictures.save_traversal(run.model, mu[0], folder / rundir.TRAVERSAL)
     return rundir.eval_pictures(folder)
 
 

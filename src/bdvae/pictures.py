@@ -70,6 +70,26 @@ def save_run_pictures(model: torch.nn.Module, originals: Tensor, originals_path:
     save_grid(samples, samples_path)
 
 
+@torch.inference_mode()
+def save_interpolation(model: torch.nn.Module, x: Tensor, mu: Tensor, path: Path) -> None:
+    """8 pairs of images x (the first 16, (N, C, H, W) in [0, 1]), each row an image, the decoded
+    straight line between their posterior means mu (N, D) in 10 steps, and the other image."""
+    steps = torch.linspace(0, 1, 10)[None, :, None]
+    a, b = mu[0:16:2, None], mu[1:16:2, None]  # (8, 1, D)
+    line = (a + steps * (b - a)).reshape(-1, mu.shape[1])  # (80, D), row by row
+    rows = model.decode_mean(line).reshape(8, 10, *x.shape[1:])
+    save_grid(torch.cat([x[0:16:2, None], rows, x[1:16:2, None]], 1).reshape(-1, *x.shape[1:]), path, ncol=12, scale=2)
+
+
+@torch.inference_mode()
+def save_traversal(model: torch.nn.Module, mu: Tensor, path: Path) -> None:
+    """Each latent dimension swept over [-3, 3] in 11 steps, a row each, the others at mu (D,)."""
+    d = mu.shape[0]
+    z = mu.repeat(d, 11, 1)  # (D, 11, D)
+    z[torch.arange(d), :, torch.arange(d)] = torch.linspace(-3, 3, 11)
+    save_grid(model.decode_mean(z.reshape(-1, d)), path, ncol=11, scale=2)
+
+
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib

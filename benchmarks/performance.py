@@ -68,10 +68,9 @@ from bdvae.config import Config, DataConfig
 from bdvae.data import Dataset, load_dataset
 from bdvae.distributed import Context
 from bdvae.evaluate import EvalOptions, iwae_nll
-from bdvae.likelihoods import LIKELIHOODS
+from bdvae.likelihoods import LIKELIHOODS, binarized, to_float
 from bdvae.model import VAE, build_model
 from bdvae.objective import loss_terms
-from bdvae.likelihoods import binarized, to_float
 from bdvae.rundir import Position, save_training_state
 from bdvae.training import evaluate_terms, train_epoch
 
@@ -384,13 +383,13 @@ def report_peak_at_exit() -> None:
 
 def measured(args: list[str]) -> dict:
     """Run this script with `args` (a child mode that reports its peak) to the end: wall seconds,
-    peak resident memory in GiB, and its output. Exits on failure."""
+    peak resident memory in GiB, and its output. A RuntimeError with the child's last words on failure."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr.strip()[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}: {proc.stderr.strip()[-3000:]}")
     peaks = [line for line in proc.stderr.splitlines() if line.startswith(PEAK_MARKER)]
     peak = int(peaks[-1].rsplit(None, 1)[1]) / 2**20 if peaks else math.nan  # no /proc: not Linux
     return {"wall_seconds": wall, "peak_rss_gib": peak, "stdout": proc.stdout}
@@ -498,12 +497,32 @@ def table(results: dict) -> str:
 
 # ----------------------------------------------------------------------------- modes
 
-def benchmark(args: argparse.Namespace) -> None:
-    names = args.contenders
-    if "pythae" in names or not args.skip_likelihood:
+def check_inputs(args: argparse.Namespace) -> None:
+    """What the parts asked for need, checked before the first one starts (minutes of timing
+    must not end in a missing run): the trained run of the likelihood and evaluate parts, and
+    pythae where it is timed. One line and exit 2 otherwise."""
+    from bdvae.errors import BdvaeError
+
+    needs_run = [part for part, skip in (("likelihood", args.skip_likelihood), ("evaluate", args.skip_evaluate))
+                 if not skip]
+    try:
+        if needs_run:
+            rundir.check_finished(args.run)
+    except BdvaeError as e:
+        sys.exit(f"performance.py: {e}; the {' and '.join(needs_run)} part(s) need a trained run: give --run RUN "
+                 f"(e.g. one trained by `bdvae train`), or --skip-{' --skip-'.join(needs_run)}")
+    if "pythae" in args.contenders or not args.skip_likelihood:
         import_pythae()
+
+
+def benchmark(args: argparse.Namespace) -> None:
+    """Every part asked for, in turn. A part that fails ends the run, but what the parts before it
+    measured is printed and written first, with the failure."""
+    check_inputs(args)
+    names = args.contenders
     results: dict = {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "func"}}
-    if not args.skip_training:
+
+    def training() -> None:
         rates = training_rates(names, args.windows, args.batches, args.warmup)
         results["training"] = {"batches_per_window": args.batches, "batch_size": 128,
                                "rates": rates, "medians": {n: statistics.median(v) for n, v in rates.items()}}
@@ -513,15 +532,32 @@ def benchmark(args: argparse.Namespace) -> None:
                                     "bf16_median": statistics.median(bf16)}
         if args.rss_batches:
             results["peak_rss_gib"] = {name: training_peak_rss(name, args.rss_batches) for name in names}
-    if not args.skip_likelihood:
+
+    def likelihood() -> None:
         results["likelihood"] = likelihood_figures(args.run, args.k, args.iwae_images, args.pythae_images,
                                                    args.iwae_rounds, args.pythae_batch, args.accuracy_images)
-    if not args.skip_evaluate:
+
+    def evaluate() -> None:
         results["evaluate"] = evaluate_command(args.run, args.evaluate_k, args.evaluate_test_size, args.evaluate_arg or [])
-    print(table(results))
+
+    parts = [(name, part) for name, part, skip in (("training", training, args.skip_training),
+                                                  ("likelihood", likelihood, args.skip_likelihood),
+                                                  ("evaluate", evaluate, args.skip_evaluate)) if not skip]
+    failed = None
+    for name, part in parts:
+        try:
+            part()
+        except Exception as e:  # noqa: BLE001 - any failure: keep what was measured, then report it
+            failed = {"part": name, "error": f"{type(e).__name__}: {e}"}
+            results["failed"] = failed
+            break
+    if any(key in results for key in ("training", "likelihood", "evaluate")):
+        print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")  # Paths in args
-        print(f"wrote {args.json}")
+        print(f"wrote {args.json}" + (" (the parts measured before the failure)" if failed else ""))
+    if failed:
+        sys.exit(f"performance.py: the {failed['part']} part failed: {failed['error']}")
 
 
 def train_child(args: argparse.Namespace) -> None:

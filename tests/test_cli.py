@@ -191,3 +191,21 @@ def test_the_command_lines_evaluation_defaults_are_evaluate_options(command):
         if field in args:
             assert args[field] == getattr(defaults, field), field
     assert tuple(args["samplers"].split(",")) == defaults.samplers
+
+
+def test_the_terminal_table_of_a_published_evaluation():
+    """`bdvae evaluate`'s table, from metrics.FIGURES, on the quality preset's published metrics.json."""
+    from pathlib import Path
+
+    from bdvae.__main__ import format_table
+
+    published = Path(__file__).resolve().parents[1] / "docs/compare-quality/runs/kl-beta1-seed0/metrics.json"
+    lines = [" ".join(line.split()) for line in format_table(json.loads(published.read_text())).splitlines()]
+    for expected in ("test images 10000", "reconstruction MSE per pixel 0.00455 ± 0.00002",
+                     "KL(q(z|x) || N(0,I)) (nats) 29.33 ± 0.07", "per latent dimension 0.917",
+                     "-ln p(x), IWAE K=5000, bf16 on cpu (nats) 84.05 ± 0.21",
+                     "MMD² of two N(0,I) samples (the null) 0.00003", "active units 32",
+                     "samples, z ~ N(0, I): Fréchet distance 355.76",
+                     "sampler gmm-10: test-latent ln p(z) -43.76 ± 0.04", "Fréchet distance 97.20"):
+        assert expected in lines
+    assert lines.index("sampler gmm-10: test-latent ln p(z) -43.76 ± 0.04") < lines.index("Fréchet distance 97.20")

@@ -73,11 +73,12 @@ def _shown(where: dict[str, Any], figure: Any) -> str | None:
     from bdvae.metrics import figure_value
 
     value = figure_value(where, figure.path)
-    if value is None or figure.decimals is None:
+    decimals = figure.decimals if figure.row_decimals is None else figure.row_decimals
+    if value is None or decimals is None:
         return value
-    text = f"{value:.{figure.decimals}f}"
+    text = f"{value:.{decimals}f}"
     parent = figure_value(where, figure.path[:-1]) if figure.path[-1] == "mean" else None
-    return f"{text} ± {parent['std_error']:.{figure.decimals}f}" if parent and "std_error" in parent else text
+    return f"{text} ± {parent['std_error']:.{decimals}f}" if parent and "std_error" in parent else text
 
 
 def format_table(m: dict[str, Any]) -> str:
@@ -325,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train", help="train a VAE into a run directory")
     _add_preset(p)
-    p.add_argument("--config", type=Path, dest="config_file", help="a TOML file with [data], [model], [objective], [train] tables"
+    p.add_argument("--config", type=Path, dest="config_file", metavar="CONFIG", help="a TOML file with [data], [model], [objective], [train] tables"
                                                " (laid over the preset)")
     p.add_argument("--set", action="append", dest="overrides", metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
     p.add_argument("--out", type=Path, help="run directory (default: runs/REGULARIZER-betaBETA-seedSEED)")
@@ -347,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     p = commands.add_parser("sampler", help="latent samplers fitted to a run's aggregate posterior q(z)")
-    sampler_commands = p.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    sampler_commands = p.add_subparsers(dest="sampler_command", required=True, parser_class=_Parser)
     p = sampler_commands.add_parser("fit", help="fit a sampler on the run's training latents; store it in RUN/samplers/")
     p.add_argument("run", type=Path)
     p.add_argument("kind", help="gmm (a Gaussian mixture, full covariances) or two_stage (a second VAE); "
@@ -388,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="epochs per run (default: the config's)")
     p.add_argument("--out", type=Path, required=True, help="folder for the runs and the report")
     _add_preset(p)
-    p.add_argument("--config", type=Path, dest="config_file", help="base TOML config shared by every run (laid over the preset)")
+    p.add_argument("--config", type=Path, dest="config_file", metavar="CONFIG", help="base TOML config shared by every run (laid over the preset)")
     p.add_argument("--set", action="append", dest="overrides", metavar="SECTION.KEY=VALUE", help="override a base config value")
     p.add_argument("--data-dir", type=Path, help="dataset cache folder")
     p.add_argument("-k", type=int, default=100, help="IWAE importance samples per image (default 100)")
@@ -401,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = commands.add_parser("classifier", help="the reference MNIST classifier behind the sample-quality scores")
-    classifier_commands = p.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    classifier_commands = p.add_subparsers(dest="classifier_command", required=True, parser_class=_Parser)
     p = classifier_commands.add_parser("train", help="train it reproducibly on MNIST and save it as safetensors")
     p.add_argument("--out", type=Path, required=True, help="safetensors file to write")
     p.add_argument("--epochs", type=int, default=4, help="epochs (default 4, as the shipped weights)")
@@ -413,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="dataset cache folder")
 
     p = commands.add_parser("data", help="datasets")
-    data_commands = p.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    data_commands = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     p = data_commands.add_parser("fetch", help="download, verify and cache a dataset")
     p.add_argument("name", choices=sorted(KNOWN))
     p.add_argument("--data-dir", type=Path, help="cache folder (default: $BDVAE_DATA_DIR or ~/.cache/bdvae)")
@@ -435,9 +436,10 @@ def _report(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = vars(build_parser().parse_args(argv))
-        command: Any = COMMANDS[args.pop("command")]
-        if isinstance(command, dict):
-            command = command[args.pop("subcommand")]
+        name = args.pop("command")
+        command: Any = COMMANDS[name]
+        if isinstance(command, dict):  # `bdvae sampler fit`: its parser's dest is sampler_command
+            command = command[args.pop(f"{name}_command")]
         command(**args)
     except BdvaeError as e:
         _report(str(e))

@@ -150,7 +150,7 @@ def wrap(module: nn.Module, ctx: Context) -> nn.Module:
 
 
 LAUNCHED = "BDVAE_LAUNCHED"  # set by `launch` in the processes it starts: they leave the reporting to it
-# (cli.py reads the same name without importing this module)
+# (__main__.py reads the same name without importing this module)
 
 
 def report_error(message: str) -> None:

@@ -200,10 +200,11 @@ class Figure:
     # that it can name the options it was computed with.
     row: str | None = None
     scope: str = "run"  # "run": the run's; "sampler": each sampler's; "both": the prior's at the top and each sampler's
+    row_decimals: int | None = None  # the terminal's, where it shows more than the report (default: decimals)
 
 
 _SAMPLE_QUALITY = (
-    Figure(("sample_quality", "frechet_distance"), 1, "Fréchet ↓", "Fréchet distance", "both"),
+    Figure(("sample_quality", "frechet_distance"), 1, "Fréchet ↓", "Fréchet distance", "both", row_decimals=2),
     Figure(("sample_quality", "classifier_score"), 2, "classifier score ↑", "classifier score (max 10)", "both"),
     Figure(("sample_quality", "class_entropy"), 3, "class entropy ↑", "class entropy (max 2.303)", "both"),
     Figure(("sample_quality", "precision"), 3, "precision ↑", "precision (k=3)", "both"),
@@ -212,7 +213,7 @@ _SAMPLE_QUALITY = (
 FIGURES: tuple[Figure, ...] = (
     Figure(("test_images",), 0, row="test images"),
     Figure(("reconstruction", "nll", "mean"), 2, "recon NLL ↓", "reconstruction NLL (nats)"),
-    Figure(("reconstruction", "mse_per_pixel", "mean"), 4, "MSE/pixel ↓", "reconstruction MSE per pixel"),
+    Figure(("reconstruction", "mse_per_pixel", "mean"), 4, "MSE/pixel ↓", "reconstruction MSE per pixel", row_decimals=5),
     Figure(("divergences", "kl", "mean"), 2, "KL", "KL(q(z|x) || N(0,I)) (nats)"),
     Figure(("divergences", "kl_dim_mean"), 3, row="  per latent dimension"),
     Figure(("divergences", "bhattacharyya", "mean"), 2, "BD", "BD(q(z|x), N(0,I)) (nats)"),
@@ -224,8 +225,8 @@ FIGURES: tuple[Figure, ...] = (
     Figure(("prior_match", "mean_norm"), 3, "‖mean q(z)‖ ↓", "aggregate posterior: |mean|"),
     Figure(("prior_match", "cov_eigenvalue_min"), 3, "cov eig min", "  smallest covariance eigenvalue"),
     Figure(("prior_match", "cov_eigenvalue_max"), 3, "cov eig max", "  largest covariance eigenvalue"),
-    Figure(("prior_match", "mmd2"), 4, "MMD² to N(0,I) ↓", "  MMD² to N(0,I)"),
-    Figure(("prior_match", "mmd2_null"), 4, row="  MMD² of two N(0,I) samples (the null)"),
+    Figure(("prior_match", "mmd2"), 4, "MMD² to N(0,I) ↓", "  MMD² to N(0,I)", row_decimals=5),
+    Figure(("prior_match", "mmd2_null"), 4, row="  MMD² of two N(0,I) samples (the null)", row_decimals=5),
     Figure(("prior_match", "active_units"), 0, "active units", "  active units"),
     *_SAMPLE_QUALITY,
     Figure(("test_latent_log_density", "mean"), 2, "test-latent ln p(z) ↑", "test-latent ln p(z)", "sampler"),
@@ -249,8 +250,11 @@ def figure_value(metrics: Any, path: tuple[str, ...]) -> Any:
 def missing_figures(metrics: Any) -> list[str]:
     """The figures of FIGURES a metrics dict lacks (every sampler's too): what makes an older
     metrics.json incomplete."""
+    samplers = metrics.get("samplers")
+    if not isinstance(samplers, dict):
+        return ["samplers"]
     missing = []
-    places = [("run", metrics)] + [("sampler", m) for m in (metrics.get("samplers") or {}).values()]
+    places = [("run", metrics)] + [("sampler", m) for m in samplers.values()]
     for scope, where in places:
         for figure in FIGURES:
             if figure.scope in (scope, "both"):
@@ -258,4 +262,4 @@ def missing_figures(metrics: Any) -> list[str]:
                     figure_value(where, figure.path)
                 except KeyError as e:
                     missing.append(str(e.args[0]))
-    return missing if "samplers" in metrics else ["samplers", *missing]
+    return missing

@@ -256,14 +256,13 @@ def subpixel_convolution(deconv: nn.ConvTranspose2d) -> nn.Sequential:
 
 
 def iwae_decoder(model: VAE) -> nn.Module:
-    """The model's decoder rebuilt for the IWAE's many decodes, computing the same function. A
-    copy, so that the run's model is left as it was, and on 2 CPU cores:
-    - in channels-last layout, where oneDNN's convolutions need no layout reorders (1.18x in fp32
-      on the whole IWAE);
+    """The model's decoder rebuilt for the IWAE's many decodes, computing the same function (what
+    each step gains: README, Performance). A copy, so that the run's model is left as it was:
+    - in channels-last layout, where oneDNN's convolutions need no layout reorders;
     - each transposed convolution to at most 4 channels (the one producing the image) in its
       sub-pixel form: oneDNN runs a deconvolution with so few output channels at a few percent of
-      its speed (1.13x);
-    - ReLUs in place, as no gradient is kept (1.08x in fp32).
+      its speed;
+    - ReLUs in place, as no gradient is kept.
     In fp32 the logits differ from the model's by rounding only (another summation order)."""
     decoder = copy.deepcopy(model.decoder)
     for name, module in list(decoder.named_modules()):

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from bdvae import pictures, rundir
-from bdvae.metrics import FIGURES
 from bdvae.files import write_text
+from bdvae.metrics import FIGURES
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from torch import nn
 from bdvae.config import load
 from bdvae.model import build_model
 from bdvae.objective import loss_terms
+from performance import machine, matmul_gflops  # benchmarks/ is on the path of a script run from it
 
 TIMED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d, nn.ReLU)
 
@@ -121,17 +122,6 @@ def profile(preset: str, steps: int, warmup: int, batch: int, bf16: bool) -> dic
             "step_gflops": 3 * sum(flops.values()) / step / 1e9}
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 7) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return statistics.median(rates)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="reference,quality")
@@ -141,8 +131,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    results = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "matmul_fp32_gflops": matmul_gflops(),
+    results = {"machine": machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "threads": torch.get_num_threads(), "matmul_fp32_gflops": statistics.median(matmul_gflops(torch.float32)),
                "profiles": [profile(p, args.steps, args.warmup, args.batch, args.precision == "bf16")
                             for p in args.presets.split(",")]}
     print(f"{results['cpu_capability']}, {results['threads']} threads; fp32 matmul {results['matmul_fp32_gflops']:.0f} GFLOP/s")

@@ -406,7 +406,7 @@ def evaluate_command(run_dir: Path, k: int, test_size: int | None, extra: list[s
     with tempfile.TemporaryDirectory() as tmp:
         copy_dir = Path(tmp) / run_dir.name
         copy_dir.mkdir()
-        for name in (rundir.CONFIG_FILE, rundir.RUN_FILE, rundir.WEIGHTS_FILE):
+        for name in rundir.FINISHED:
             shutil.copy2(run_dir / name, copy_dir / name)
         cmd = ["bdvae", "evaluate", str(copy_dir), "-k", str(k), "--quiet", *extra]
         if test_size is not None:

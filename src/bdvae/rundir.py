@@ -55,6 +55,7 @@ LATENT_HISTOGRAMS, LATENT_MEANS = f"{EVAL_DIR}/latent_histograms.png", f"{EVAL_D
 INTERPOLATION, TRAVERSAL = f"{EVAL_DIR}/interpolation.png", f"{EVAL_DIR}/traversal.png"
 SAMPLERS_DIR = "samplers"
 KEEP_STATES = 2  # the newest and the one before it, in case the newest is damaged
+FINISHED = (CONFIG_FILE, RUN_FILE, WEIGHTS_FILE)  # a finished run has them all: run.json and the weights come last
 
 # What --overwrite removes (config.toml is written anew at once): nothing of the old run (its
 # weights, its metrics, a finished marker) may be mistaken for the new one's. Other files stay.
@@ -73,12 +74,12 @@ def is_started(run_dir: Path) -> bool:
 
 def is_finished(run_dir: Path) -> bool:
     """Whether a training ended here: run.json and the weights are written last."""
-    return all((Path(run_dir) / name).is_file() for name in (CONFIG_FILE, RUN_FILE, WEIGHTS_FILE))
+    return all((Path(run_dir) / name).is_file() for name in FINISHED)
 
 
 def check_finished(run_dir: Path) -> None:
     """An error naming the first missing file unless `run_dir` holds a finished run."""
-    for name in (CONFIG_FILE, RUN_FILE, WEIGHTS_FILE):
+    for name in FINISHED:
         if not (Path(run_dir) / name).is_file():
             raise BdvaeError(f"{run_dir}: not a finished run (no {name})")
 

@@ -24,7 +24,7 @@ from bdvae.distributed import Context, shard
 from bdvae.errors import BdvaeError, first_line
 from bdvae.likelihoods import LIKELIHOODS, to_float
 from bdvae.model import VAE, build_model
-from bdvae.objective import Objective, beta_at, regularizer
+from bdvae.objective import Objective, beta_at, image_terms
 from bdvae.regularizers import REGULARIZERS
 from bdvae.rundir import Position
 
@@ -49,11 +49,9 @@ def evaluate_terms(model: VAE, images: Tensor, config: Config, seed: int, ctx: C
         eps = torch.randn(len(x), config.model.latent_dim, generator=gen)
         if i % ctx.world_size != ctx.rank:
             continue
-        x = x.to(ctx.device)
-        mu, logvar = model.encode(x)
-        z = mu + torch.exp(0.5 * logvar) * eps.to(ctx.device)
-        sums += torch.stack([likelihood.nll(model.decode(z), x, model.log_sigma).sum(),
-                             regularizer(objective)(mu, logvar).sum(), REGULARIZERS["kl"](mu, logvar).sum(),
+        terms = image_terms(model, x.to(ctx.device), objective, eps.to(ctx.device))
+        mu, logvar = terms.mu, terms.logvar
+        sums += torch.stack([terms.recon_nll.sum(), terms.reg.sum(), REGULARIZERS["kl"](mu, logvar).sum(),
                              REGULARIZERS["bhattacharyya"](mu, logvar).sum()]).cpu().double()
     recon_nll, reg, kl, bd = (ctx.all_reduce_sum(sums) / len(images)).tolist()
     model.train()

@@ -13,6 +13,7 @@ fp32 matmul rate measured in the same run.
     python benchmarks/layers.py                       # the reference model and the quality preset, fp32
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/layers.py   # as on a CPU without AVX-512
     python benchmarks/layers.py --json benchmarks/layers.json
+    python benchmarks/layers.py --default-heap        # glibc's malloc as it is, not as bdvae's training sets it
 
 Median over --steps steps after --warmup, batch 128; `--precision bf16` times the bf16 autocast
 forward instead. Not part of the test suite.
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from bdvae.config import load
+from bdvae.devices import keep_freed_memory
 from bdvae.model import build_model
 from bdvae.objective import loss_terms
 from performance import machine, matmul_gflops  # benchmarks/ is on the path of a script run from it
@@ -130,12 +132,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--default-heap", action="store_true",
+                        help="leave glibc's malloc as it is (bdvae's training keeps freed memory: devices.keep_freed_memory)")
     args = parser.parse_args()
-    results = {"machine": machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    kept = not args.default_heap and keep_freed_memory()
+    results = {"machine": machine(), "kept_heap": kept, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                "threads": torch.get_num_threads(), "matmul_fp32_gflops": statistics.median(matmul_gflops(torch.float32)),
                "profiles": [profile(p, args.steps, args.warmup, args.batch, args.precision == "bf16")
                             for p in args.presets.split(",")]}
-    print(f"{results['cpu_capability']}, {results['threads']} threads; fp32 matmul {results['matmul_fp32_gflops']:.0f} GFLOP/s")
+    print(f"{results['cpu_capability']}, {results['threads']} threads; fp32 matmul {results['matmul_fp32_gflops']:.0f} GFLOP/s; "
+          f"{'kept' if kept else 'glibc default'} heap")
     for prof in results["profiles"]:
         print(f"\n{prof['preset']} ({prof['precision']}): {prof['step_ms']:.1f} ms a step, "
               f"{prof['images_per_second']:,.0f} images/s, {prof['step_gflops']:.0f} GFLOP/s; "

@@ -13,8 +13,9 @@ noisy machine:
   in-memory tensors (bdvae's loss, Adam, nothing else);
 - FLOPs per training image (torch.utils.flop_counter over one forward + backward of a batch) and the
   utilisation: achieved FLOP/s over the fp32 and the bf16 matmul rates measured in the same run;
-- importance samples/s of bdvae's IWAE (fp32, and bf16 autocast) against pythae's `VAE.get_nll` on
-  the same trained weights with the same K, and how far the bf16 estimate is from the fp32 one;
+- importance samples/s of bdvae's IWAE (fp32, and bf16 autocast where the CPU has native bf16)
+  against pythae's `VAE.get_nll` on the same trained weights with the same K, and how far the bf16
+  estimate is from the fp32 one;
 - the wall time and peak resident memory of `bdvae evaluate` on a trained run (a copy of it), and
   the peak resident memory of each contender's training, each in a fresh process.
 
@@ -66,10 +67,11 @@ from bdvae import rundir
 from bdvae.api import Run, load_run
 from bdvae.config import Config, DataConfig
 from bdvae.data import Dataset, load_dataset
+from bdvae.devices import keep_freed_memory
 from bdvae.distributed import Context
 from bdvae.evaluate import EvalOptions, iwae_nll
 from bdvae.likelihoods import LIKELIHOODS, binarized, to_float
-from bdvae.model import VAE, build_model
+from bdvae.model import VAE, ImageConvTranspose2d, build_model
 from bdvae.objective import loss_terms
 from bdvae.rundir import Position, save_training_state
 from bdvae.training import evaluate_terms, train_epoch
@@ -106,7 +108,8 @@ class BdvaeContender:
 
     def __init__(self, base: VAE, config: Config, images: Tensor, run_dir: Path, setting: str | None = None):
         """`setting` None: `config` as it is, bdvae's default path; else with that setting."""
-        self.model = copy.deepcopy(base).to(memory_format=torch.channels_last)  # as train._fit does
+        self.model = copy.deepcopy(base).to(memory_format=torch.channels_last)  # as training._fit does
+        keep_freed_memory()  # as training._fit does: this process's malloc keeps freed activations
         config = config if setting is None else with_setting(config, setting)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.train.lr)
         self.config, self.images, self.run_dir = config, images, run_dir
@@ -168,9 +171,21 @@ def import_pythae():
     return BaseDataset, PythaeVAE, VAEConfig, ModelOutput, BaseDecoder, BaseEncoder, BaseTrainer, BaseTrainerConfig
 
 
+def plain_layers(module: nn.Module) -> nn.Module:
+    """A copy of `module` in the layers a pythae user writes: nn.ConvTranspose2d for bdvae's image
+    layer (the same weights, oneDNN's own kernel) and ReLUs that are not in place."""
+    module = copy.deepcopy(module)
+    for m in module.modules():
+        if isinstance(m, ImageConvTranspose2d):
+            m.__class__ = nn.ConvTranspose2d  # the same attributes and parameters
+        elif isinstance(m, nn.ReLU):
+            m.inplace = False
+    return module
+
+
 def pythae_vae(model: VAE):
-    """pythae's VAE around bdvae's own encoder and decoder modules (shared, not copied): the same
-    architecture and weights. Its loss wants probabilities, so the decoder ends in a sigmoid."""
+    """pythae's VAE around copies of bdvae's encoder and decoder in plain layers (plain_layers): the
+    same architecture and weights. Its loss wants probabilities, so the decoder ends in a sigmoid."""
     _, PythaeVAE, VAEConfig, ModelOutput, BaseDecoder, BaseEncoder, _, _ = import_pythae()
 
     class Encoder(BaseEncoder):
@@ -193,7 +208,7 @@ def pythae_vae(model: VAE):
     latent_dim = model.encoder[-1].out_features // 2
     shape = tuple(model.decoder(torch.zeros(1, latent_dim)).shape[1:])
     config = VAEConfig(input_dim=shape, latent_dim=latent_dim, reconstruction_loss="bce")
-    return PythaeVAE(config, encoder=Encoder(model.encoder), decoder=Decoder(model.decoder))
+    return PythaeVAE(config, encoder=Encoder(plain_layers(model.encoder)), decoder=Decoder(plain_layers(model.decoder)))
 
 
 class PythaeContender:
@@ -205,7 +220,7 @@ class PythaeContender:
     def __init__(self, base: VAE, config: Config, data: Dataset, out_dir: Path):
         BaseDataset, _, _, _, _, _, BaseTrainer, BaseTrainerConfig = import_pythae()
         self.dataset = BaseDataset(to_float(data.train_images), data.train_labels)
-        self.model = pythae_vae(copy.deepcopy(base))
+        self.model = pythae_vae(base)
         training = BaseTrainerConfig(output_dir=str(out_dir), per_device_train_batch_size=config.train.batch_size,
                                      num_epochs=1, learning_rate=config.train.lr, optimizer_cls="Adam", no_cuda=True)
         self.trainer = BaseTrainer(self.model, self.dataset, training_config=training)
@@ -261,17 +276,44 @@ def make_contender(name: str, config: Config, data: Dataset, base: VAE, tmp: Pat
 
 def training_rates(names: list[str], windows: int, batches: int, warmup: int) -> dict[str, list[float]]:
     """Images/s of each contender in `windows` timed windows of `batches` steps, taking turns (the
-    order rotates each window), after one warm-up window each."""
-    config, data, base = training_setup()
-    rates: dict[str, list[float]] = {name: [] for name in names}
-    with tempfile.TemporaryDirectory() as tmp:
-        contenders = {name: make_contender(name, config, data, base, Path(tmp)) for name in names}
-        for contender in contenders.values():
-            contender.window(warmup)
+    order rotates each window), after one warm-up window each. Each contender lives in a process of
+    its own (`window-child`), idle while another one's window runs: what one sets process-wide
+    (bdvae its malloc thresholds, say) must not reach the others."""
+    children = {}
+    try:
+        for name in names:  # one after another: the warm-ups do not overlap
+            cmd = [sys.executable, str(Path(__file__).resolve()), "window-child", name, "--warmup", str(warmup)]
+            children[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            _child_line(children[name], name)  # "ready"
+        rates: dict[str, list[float]] = {name: [] for name in names}
         for w in range(windows):
             for name in names[w % len(names):] + names[: w % len(names)]:
-                rates[name].append(contenders[name].window(batches))
-    return rates
+                print(batches, file=children[name].stdin, flush=True)
+                rates[name].append(float(_child_line(children[name], name)))
+        return rates
+    finally:
+        for child in children.values():
+            child.stdin.close()
+            child.wait()
+
+
+def _child_line(child: subprocess.Popen, name: str) -> str:
+    line = child.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the {name} contender's process ended (exit {child.wait()}); its error is above")
+    return line.strip()
+
+
+def window_child(args: argparse.Namespace) -> None:
+    """Internal: one contender in this process; a window of N steps for each line N on stdin, its
+    images/s on stdout. The progress bars go to stderr."""
+    config, data, base = training_setup()
+    with tempfile.TemporaryDirectory() as tmp:
+        contender = make_contender(args.name, config, data, base, Path(tmp))
+        contender.window(args.warmup)
+        print("ready", flush=True)
+        for line in sys.stdin:
+            print(contender.window(int(line)), flush=True)
 
 
 def flops_per_image(batch: int = 128) -> float:
@@ -329,39 +371,42 @@ def pythae_nll(model, x: Tensor, k: int, batch: int, seed: int, no_grad: bool = 
 
 def likelihood_figures(run_dir: Path, k: int, images: int, pythae_images: int, rounds: int,
                        pythae_batch: int, accuracy_images: int) -> dict:
-    """IWAE throughput of bdvae (fp32, bf16) and pythae's get_nll on the same weights, alternating
-    round by round; and the bf16 estimate against the fp32 one with the same draws."""
+    """IWAE throughput of bdvae (fp32, and bf16 where the CPU has native bf16: emulated, it would
+    take hours) and pythae's get_nll on the same weights, alternating round by round; and the bf16
+    estimate against the fp32 one with the same draws."""
     run = load_run(run_dir)
     x = test_images(run, max(images, pythae_images, accuracy_images))
-    model = pythae_vae(run.model)  # shares the trained modules
+    model = pythae_vae(run.model)  # the trained weights
     model.eval()
-    rates: dict[str, list[float]] = {"bdvae fp32": [], "bdvae bf16": [], "pythae get_nll": [],
+    precisions = ["fp32", "bf16"] if bdvae_default_precision() == "bf16" else ["fp32"]
+    rates: dict[str, list[float]] = {**{f"bdvae {p}": [] for p in precisions}, "pythae get_nll": [],
                                      "pythae get_nll, no_grad": []}
-    bdvae_iwae(run, x[:2], k, "fp32", 0)  # warm-ups
-    bdvae_iwae(run, x[:2], k, "bf16", 0)
+    for precision in precisions:  # warm-ups
+        bdvae_iwae(run, x[:2], k, precision, 0)
     pythae_nll(model, x[:1], k, pythae_batch, 0)
     for r in range(rounds):
-        rates["bdvae fp32"].append(bdvae_iwae(run, x[:images], k, "fp32", r)[1])
-        rates["bdvae bf16"].append(bdvae_iwae(run, x[:images], k, "bf16", r)[1])
+        for precision in precisions:
+            rates[f"bdvae {precision}"].append(bdvae_iwae(run, x[:images], k, precision, r)[1])
         rates["pythae get_nll"].append(pythae_nll(model, x[:pythae_images], k, pythae_batch, r)[1])
         rates["pythae get_nll, no_grad"].append(pythae_nll(model, x[:pythae_images], k, pythae_batch, r, no_grad=True)[1])
     # The same estimate by both on pythae's images: they should differ as two seeds of one do.
     pythae_value, _ = pythae_nll(model, x[:pythae_images], k, pythae_batch, 1000)
     bdvae_value, bdvae_other_seed = (bdvae_iwae(run, x[:pythae_images], k, "fp32", seed)[0].mean().item()
                                      for seed in (1000, 1001))
-    # bf16 against fp32 with the same seed, hence the same draws: only the arithmetic differs.
-    fp32 = bdvae_iwae(run, x[:accuracy_images], k, "fp32", 2000)[0].double()
-    bf16 = bdvae_iwae(run, x[:accuracy_images], k, "bf16", 2000)[0].double()
-    return {
+    figures = {
         "run": str(run_dir), "k": k, "images": images, "pythae_images": pythae_images, "pythae_batch_size": pythae_batch,
         "importance_samples_per_second": rates,
         "medians": {name: statistics.median(v) for name, v in rates.items()},
         "nll_on_pythae_images": {"bdvae fp32": bdvae_value, "bdvae fp32, another seed": bdvae_other_seed,
                                  "pythae get_nll": pythae_value},
-        "bf16_vs_fp32": {"images": accuracy_images, "nll_fp32": fp32.mean().item(), "nll_bf16": bf16.mean().item(),
-                         "mean_difference": (bf16 - fp32).mean().item(),
-                         "max_abs_difference": (bf16 - fp32).abs().max().item()},
     }
+    if "bf16" in precisions:  # bf16 against fp32 with the same seed, hence the same draws: only the arithmetic differs
+        fp32 = bdvae_iwae(run, x[:accuracy_images], k, "fp32", 2000)[0].double()
+        bf16 = bdvae_iwae(run, x[:accuracy_images], k, "bf16", 2000)[0].double()
+        figures["bf16_vs_fp32"] = {"images": accuracy_images, "nll_fp32": fp32.mean().item(),
+                                   "nll_bf16": bf16.mean().item(), "mean_difference": (bf16 - fp32).mean().item(),
+                                   "max_abs_difference": (bf16 - fp32).abs().max().item()}
+    return figures
 
 
 # ----------------------------------------------------------------------------- processes
@@ -448,16 +493,16 @@ def table(results: dict) -> str:
         fp32, bf16 = results["matmul_gflops"]["fp32_median"], results["matmul_gflops"]["bf16_median"]
         for name, values in train["rates"].items():
             util = med[name] * fpi / 1e9
+            of_bf16 = f", {util / bf16:.0%} of bf16" if bf16 > fp32 else ""  # else emulated bf16: no yardstick
             rows.append((f"train img/s, {label(name)}", f"{med[name]:,.0f}",
-                         f"{util / fp32:.0%} of fp32, {util / bf16:.0%} of bf16 matmul; windows "
-                         + ", ".join(f"{v:,.0f}" for v in values)))
+                         f"{util / fp32:.0%} of fp32{of_bf16} matmul; windows " + ", ".join(f"{v:,.0f}" for v in values)))
         for name in med:
             if name.startswith("bdvae") and "pythae" in med:
                 rows.append((f"  {name} / pythae", f"{med[name] / med['pythae']:.2f}x",
                              "target >= 1.5x with the test loss within 1% of fp32 (see `parity`)"))
         if "minimal" in med and "bdvae:fp32" in med:
             rows.append(("  bdvae:fp32 / minimal loop", f"{med['bdvae:fp32'] / med['minimal']:.3f}",
-                         "bdvae's own overhead, both fp32"))
+                         "bdvae's own overhead and its kept heap (the minimal loop has glibc's default), both fp32"))
         rows.append(("FLOP per training image (fwd + bwd)", f"{fpi / 1e6:.1f} M", "torch.utils.flop_counter, batch 128"))
         rows.append(("matmul GFLOP/s, fp32 / bf16", f"{fp32:.0f} / {bf16:.0f}", "2048 x 2048, median of 7, this run"))
     if "peak_rss_gib" in results:
@@ -468,21 +513,23 @@ def table(results: dict) -> str:
         med = lik["medians"]
         rows.append((f"IWAE samples/s, bdvae fp32, K={lik['k']}", f"{med['bdvae fp32']:,.0f}",
                      ", ".join(f"{v:,.0f}" for v in lik["importance_samples_per_second"]["bdvae fp32"])))
-        rows.append(("IWAE samples/s, bdvae bf16", f"{med['bdvae bf16']:,.0f}",
-                     ", ".join(f"{v:,.0f}" for v in lik["importance_samples_per_second"]["bdvae bf16"])))
+        if "bdvae bf16" in med:
+            rows.append(("IWAE samples/s, bdvae bf16", f"{med['bdvae bf16']:,.0f}",
+                         ", ".join(f"{v:,.0f}" for v in lik["importance_samples_per_second"]["bdvae bf16"])))
         for name in ("pythae get_nll", "pythae get_nll, no_grad"):
             rows.append((f"{name} samples/s (batch {lik['pythae_batch_size']})", f"{med[name]:,.0f}",
                          f"{lik['pythae_images']} images; "
                          + ", ".join(f"{v:,.0f}" for v in lik["importance_samples_per_second"][name])))
         pythae_best = max(med["pythae get_nll"], med["pythae get_nll, no_grad"])
         rows.append(("  bdvae fp32 / pythae's faster", f"{med['bdvae fp32'] / pythae_best:.1f}x", "target >= 3x"))
-        rows.append(("  bdvae bf16 / pythae's faster", f"{med['bdvae bf16'] / pythae_best:.1f}x", ""))
+        if "bdvae bf16" in med:
+            rows.append(("  bdvae bf16 / pythae's faster", f"{med['bdvae bf16'] / pythae_best:.1f}x", ""))
         same = lik["nll_on_pythae_images"]
         rows.append(("  -ln p(x) on pythae's images, bdvae / pythae", f"{same['bdvae fp32']:.2f} / {same['pythae get_nll']:.2f}",
                      f"the same estimator; bdvae with another seed: {same['bdvae fp32, another seed']:.2f}"))
-        acc = lik["bf16_vs_fp32"]
-        rows.append(("  bf16 - fp32 IWAE -ln p(x), nats", f"{acc['mean_difference']:+.4f}",
-                     f"mean over {acc['images']} images, same draws; largest |difference| {acc['max_abs_difference']:.4f}"))
+        if acc := lik.get("bf16_vs_fp32"):
+            rows.append(("  bf16 - fp32 IWAE -ln p(x), nats", f"{acc['mean_difference']:+.4f}",
+                         f"mean over {acc['images']} images, same draws; largest |difference| {acc['max_abs_difference']:.4f}"))
     ev = results.get("evaluate")
     if ev:
         rows.append((f"bdvae evaluate, {ev['test_images']:,} images, K={ev['k']}", f"{ev['wall_seconds']:.0f} s",
@@ -652,6 +699,10 @@ def main() -> None:
     p = commands.add_parser("bdvae", help=argparse.SUPPRESS)  # `python -m bdvae ARGS`, reporting its peak RSS
     p.add_argument("bdvae_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=bdvae_child)
+    p = commands.add_parser("window-child", help=argparse.SUPPRESS)
+    p.add_argument("name", type=check_contender)
+    p.add_argument("--warmup", type=int, required=True)
+    p.set_defaults(func=window_child)
     p = commands.add_parser("train-child", help=argparse.SUPPRESS)
     p.add_argument("name", type=check_contender)
     p.add_argument("--batches", type=int, required=True)

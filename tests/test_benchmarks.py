@@ -40,3 +40,15 @@ def test_a_failing_part_keeps_what_the_parts_before_it_measured(trained_run, tmp
     assert set(saved["training"]["medians"]) == {"bdvae", "minimal"}  # the training part's figures are kept
     assert all(rate > 0 for rates in saved["training"]["rates"].values() for rate in rates)
     assert "train img/s, bdvae" in result.stdout  # and printed
+
+
+def test_the_fp32_levers_compute_the_plain_layers_function(monkeypatch):
+    monkeypatch.syspath_prepend(str(PERFORMANCE.parent))
+    import fp32_levers
+
+    fp32_levers.check_same_function()  # outputs and gradients equal in float64
+    # ... and the check can fail: a form that drops the bias is caught.
+    form = fp32_levers.sub_pixel_conv_transpose
+    monkeypatch.setattr(fp32_levers, "sub_pixel_conv_transpose", lambda x, w, b: form(x, w, b * 0))
+    with pytest.raises(AssertionError):
+        fp32_levers.check_same_function()

@@ -1,12 +1,15 @@
 """Architectures: the reference layers, shapes for other image sizes, the MLP and residual variants."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from bdvae.config import ModelConfig, ObjectiveConfig
 from bdvae.errors import BdvaeError
-from bdvae.model import ARCHITECTURES, ResidualBlock, build_model
+from bdvae.model import ARCHITECTURES, ImageConvTranspose2d, ResidualBlock, build_model
+from bdvae.objective import loss_terms
 
 
 def _layers(module):
@@ -19,7 +22,7 @@ def test_reference_architecture_is_the_briefs():
     model = build_model(ModelConfig(arch="reference"), ObjectiveConfig(), (1, 32, 32))
     assert _layers(model.encoder) == [("Conv2d", 1, 32), ("Conv2d", 32, 64), ("Conv2d", 64, 128), ("Linear", 2048, 32)]
     assert _layers(model.decoder) == [("Linear", 16, 2048), ("ConvTranspose2d", 128, 64),
-                                      ("ConvTranspose2d", 64, 32), ("ConvTranspose2d", 32, 1)]
+                                      ("ConvTranspose2d", 64, 32), ("ImageConvTranspose2d", 32, 1)]  # a ConvTranspose2d
     for m in list(model.encoder) + list(model.decoder):
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             assert (m.kernel_size, m.stride, m.padding) == ((4, 4), (2, 2), (1, 1))
@@ -132,3 +135,47 @@ def test_every_architecture_builds_from_its_registry_entry(name):
     else:
         with pytest.raises(BdvaeError, match=f"model.arch={name!r} with"):
             build_model(config, ObjectiveConfig(), odd)
+
+
+@pytest.mark.parametrize("c_out, size", [(1, 16), (3, 8), (2, 5)])
+def test_the_image_layer_computes_the_plain_transposed_convolution(c_out, size, monkeypatch):
+    """Its GEMM + col2im form equals nn.ConvTranspose2d in float64: outputs and every gradient."""
+    torch.manual_seed(0)
+    layer = ImageConvTranspose2d(8, c_out, 4, 2, 1).double()
+    plain = nn.ConvTranspose2d(8, c_out, 4, 2, 1).double()
+    plain.load_state_dict(layer.state_dict())  # the same parameter names and shapes
+    x = torch.randn(3, 8, size, size, dtype=torch.float64, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_()
+    y_plain = plain(x_plain)
+    monkeypatch.setattr(nn.ConvTranspose2d, "forward", lambda *a: pytest.fail("took the plain layer's path"))
+    y = layer(x)
+    torch.testing.assert_close(y, y_plain, rtol=0, atol=1e-12)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_plain.backward(g)
+    torch.testing.assert_close(x.grad, x_plain.grad, rtol=0, atol=1e-12)
+    for p, q in zip(layer.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["reference", "resnet"])
+def test_the_decoders_give_the_image_by_the_image_layer_with_plain_weights(arch):
+    model = build_model(ModelConfig(arch=arch), ObjectiveConfig(), (1, 32, 32))
+    last = [m for m in model.decoder.modules() if isinstance(m, nn.ConvTranspose2d)][-1]
+    assert type(last) is ImageConvTranspose2d and last.out_channels == 1
+    assert sum(isinstance(m, ImageConvTranspose2d) for m in model.modules()) == 1  # only the image layer
+    assert set(last.state_dict()) == set(nn.ConvTranspose2d(last.in_channels, 1, 4).state_dict())
+
+
+def test_in_place_relus_give_the_same_gradients_bit_for_bit():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(), ObjectiveConfig(), (1, 32, 32))
+    assert all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
+    plain = copy.deepcopy(model)
+    for m in plain.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    x, eps = torch.rand(4, 1, 32, 32), torch.randn(4, 16)
+    grads = [torch.autograd.grad(loss_terms(m, x, ObjectiveConfig(), eps).loss, list(m.parameters())) for m in (model, plain)]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

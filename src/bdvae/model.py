@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdvae.errors import BdvaeError
@@ -23,12 +24,41 @@ from bdvae.likelihoods import LIKELIHOODS
 Shape = tuple[int, int, int]  # (C, H, W)
 
 
+def relu() -> nn.ReLU:
+    """ReLU in place: the layer before it keeps no use for its output, so autograd allows it (and
+    would raise if it did not), and a training step allocates and writes one tensor fewer per ReLU
+    (README, Performance). The same values and gradients, bit for bit."""
+    return nn.ReLU(inplace=True)
+
+
+class ImageConvTranspose2d(nn.ConvTranspose2d):
+    """The transposed convolution that gives the image, computed on the CPU (fp32, float64) as a GEMM of
+    the input pixels to k x k patches of the output, (B, H W, C_in) @ (C_in, C_out k k), and col2im
+    (F.fold) adding the overlapping patches up: the same function as the plain layer (the sums in
+    another order), with the same parameters and state dict. oneDNN's kernels vectorize over output
+    channels, which 1 or 3 image channels leave mostly idle (README, Performance). Elsewhere (a GPU,
+    bf16 autocast, a dilated or grouped layer) the plain layer's computation."""
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        plain = (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or output_size is not None
+                 or torch.is_autocast_enabled("cpu") or self.groups != 1 or self.dilation != (1, 1)
+                 or self.output_padding != (0, 0))
+        if plain:
+            return super().forward(x, output_size)
+        b, c_in, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        patches = x.permute(0, 2, 3, 1).reshape(b, h * w, c_in) @ self.weight.reshape(c_in, -1)  # (B, H W, C_out kh kw)
+        size = ((h - 1) * sh - 2 * ph + kh, (w - 1) * sw - 2 * pw + kw)
+        y = F.fold(patches.transpose(1, 2), size, (kh, kw), padding=(ph, pw), stride=(sh, sw))  # (B, C_out, H', W')
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+
 def conv_encoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim: int) -> nn.Sequential:
     """Conv(k4, s2, p1)-ReLU per width, each halving H and W, then Linear(-> 2 D)."""
     c, h, w = shape
     layers: list[nn.Module] = []
     for width in widths:
-        layers += [nn.Conv2d(c, width, 4, 2, 1), nn.ReLU()]
+        layers += [nn.Conv2d(c, width, 4, 2, 1), relu()]
         c = width
     scale = 2 ** len(widths)
     layers += [nn.Flatten(), nn.Linear(c * (h // scale) * (w // scale), 2 * latent_dim)]
@@ -40,10 +70,11 @@ def conv_decoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_di
     c, h, w = shape
     scale = 2 ** len(widths)
     hidden = (widths[-1], h // scale, w // scale)
-    layers: list[nn.Module] = [nn.Linear(latent_dim, math.prod(hidden)), nn.ReLU(), nn.Unflatten(1, hidden)]
+    layers: list[nn.Module] = [nn.Linear(latent_dim, math.prod(hidden)), relu(), nn.Unflatten(1, hidden)]
     outs = list(reversed(widths[:-1])) + [c]
-    for c_in, c_out in zip(reversed(widths), outs):
-        layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.ReLU()]
+    for i, (c_in, c_out) in enumerate(zip(reversed(widths), outs)):
+        deconv = ImageConvTranspose2d if i == len(widths) - 1 else nn.ConvTranspose2d
+        layers += [deconv(c_in, c_out, 4, 2, 1), relu()]
     return nn.Sequential(*layers[:-1])  # no ReLU on the logits
 
 
@@ -55,10 +86,10 @@ class ResidualBlock(nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.branch = nn.Sequential(
-            nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), relu(),
             nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width))
         nn.init.zeros_(self.branch[-1].weight)
-        self.out = nn.ReLU()
+        self.out = relu()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(x + self.branch(x))
@@ -72,7 +103,7 @@ def resnet_encoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_
     c, h, w = shape
     layers: list[nn.Module] = []
     for width in widths:
-        layers += [nn.Conv2d(c, width, 4, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+        layers += [nn.Conv2d(c, width, 4, 2, 1, bias=False), nn.BatchNorm2d(width), relu()]
         layers += [ResidualBlock(width) for _ in range(blocks)]
         c = width
     scale = 2 ** len(widths)
@@ -88,12 +119,12 @@ def resnet_decoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_
     scale = 2 ** len(widths)
     hidden = (widths[-1], h // scale, w // scale)
     layers: list[nn.Module] = [nn.Linear(latent_dim, math.prod(hidden), bias=False), nn.Unflatten(1, hidden),
-                               nn.BatchNorm2d(widths[-1]), nn.ReLU()]
+                               nn.BatchNorm2d(widths[-1]), relu()]
     outs = list(reversed(widths[:-1])) + [c]
     for c_in, c_out in zip(reversed(widths), outs):
         layers += [ResidualBlock(c_in) for _ in range(blocks)]
-        layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-    layers[-3] = nn.ConvTranspose2d(widths[0], c, 4, 2, 1)  # the logits: a bias, no BN, no ReLU
+        layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), relu()]
+    layers[-3] = ImageConvTranspose2d(widths[0], c, 4, 2, 1)  # the logits: a bias, no BN, no ReLU
     return nn.Sequential(*layers[:-2])
 
 
@@ -101,7 +132,7 @@ def mlp_encoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim
     layers: list[nn.Module] = [nn.Flatten()]
     n = math.prod(shape)
     for width in widths:
-        layers += [nn.Linear(n, width), nn.ReLU()]
+        layers += [nn.Linear(n, width), relu()]
         n = width
     return nn.Sequential(*layers, nn.Linear(n, 2 * latent_dim))
 
@@ -110,7 +141,7 @@ def mlp_decoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim
     layers: list[nn.Module] = []
     n = latent_dim
     for width in reversed(widths):
-        layers += [nn.Linear(n, width), nn.ReLU()]
+        layers += [nn.Linear(n, width), relu()]
         n = width
     return nn.Sequential(*layers, nn.Linear(n, math.prod(shape)), nn.Unflatten(1, shape))
 
@@ -262,7 +293,7 @@ def iwae_decoder(model: VAE) -> nn.Module:
     - each transposed convolution to at most 4 channels (the one producing the image) in its
       sub-pixel form: oneDNN runs a deconvolution with so few output channels at a few percent of
       its speed;
-    - ReLUs in place, as no gradient is kept.
+    - ReLUs in place (as the model's own are).
     In fp32 the logits differ from the model's by rounding only (another summation order)."""
     decoder = copy.deepcopy(model.decoder)
     for name, module in list(decoder.named_modules()):

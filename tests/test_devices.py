@@ -1,0 +1,46 @@
+"""devices.keep_freed_memory: a freed buffer stays in malloc's heap, ready for the next step."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+# Where glibc puts a 16 MiB buffer, the size of a training step's larger activations, and what
+# happens to it once freed: prints the bytes it added to mmapped memory and the heap kept after the free.
+WHERE = """
+import ctypes, sys, torch
+from bdvae.devices import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+before = libc.mallinfo2()
+x = torch.empty(4 << 20).fill_(1.0)
+mmapped = libc.mallinfo2().hblkhd - before.hblkhd
+del x
+print(mmapped, libc.mallinfo2().arena - before.arena)
+"""
+
+
+def _where(mode: str) -> tuple[int, int]:
+    result = subprocess.run([sys.executable, "-c", WHERE, mode], capture_output=True, text=True, check=True)
+    mmapped, kept = map(int, result.stdout.split())
+    return mmapped, kept
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="mallopt is glibc's")
+def test_a_freed_buffer_stays_in_the_heap():
+    size = 16 << 20
+    mmapped, kept = _where("plain")
+    assert mmapped >= size and kept < size  # glibc's default: its own mmap, handed back to the kernel when freed
+    mmapped, kept = _where("keep")
+    assert mmapped == 0 and kept >= size  # kept: from the heap, and still there for the next step

@@ -6,9 +6,10 @@ by layer: each convolution, transposed convolution, linear layer, BatchNorm and 
 a full backward hook; CPU kernels run synchronously, so wall-clock differences are the layer's
 own time). What no layer holds is the element-wise tail (reparameterisation, likelihood,
 regularizer, their gradients) and Adam's update, timed apart. The first layer's weight gradient
-is in that tail too: its input needs no gradient, so no hook brackets its backward. Each layer's FLOPs (2 per
-multiply-add; backward twice the forward for layers with weights) give its GFLOP/s, beside the
-fp32 matmul rate measured in the same run.
+is in that tail too: its input needs no gradient, so no hook brackets its backward. The ReLUs run
+out of place here (a full backward hook's outputs cannot be modified in place), where bdvae's
+models run them in place. Each layer's FLOPs (2 per multiply-add; backward twice the forward for
+layers with weights) give its GFLOP/s, beside the fp32 matmul rate measured in the same run.
 
     python benchmarks/layers.py                       # the reference model and the quality preset, fp32
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/layers.py   # as on a CPU without AVX-512
@@ -58,6 +59,9 @@ def profile(preset: str, steps: int, warmup: int, batch: int, bf16: bool) -> dic
     config = load(preset=preset)
     torch.manual_seed(0)
     model = build_model(config.model, config.objective, (1, 32, 32)).to(memory_format=torch.channels_last).train()
+    for m in model.modules():  # a full backward hook's outputs must not be modified in place
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(batch, 1, 32, 32).contiguous(memory_format=torch.channels_last)
     eps = torch.randn(batch, config.model.latent_dim)

@@ -32,10 +32,10 @@ def relu() -> nn.ReLU:
 
 
 class ImageConvTranspose2d(nn.ConvTranspose2d):
-    """The transposed convolution that gives the image, computed on the CPU (fp32, float64) as a GEMM of
-    the input pixels to k x k patches of the output, (B, H W, C_in) @ (C_in, C_out k k), and col2im
-    (F.fold) adding the overlapping patches up: the same function as the plain layer (the sums in
-    another order), with the same parameters and state dict. oneDNN's kernels vectorize over output
+    """The transposed convolution that gives the image, computed on the CPU (fp32, float64) as one
+    GEMM of the input pixels to k x k patches of the output, (B, H W, C_in) @ (C_in, C_out k k), and
+    col2im (F.fold) adding the overlapping patches up: the same function as the plain layer (the sums
+    in another order), with the same parameters and state dict. oneDNN's kernels vectorize over output
     channels, which 1 or 3 image channels leave mostly idle (README, Performance). Elsewhere (a GPU,
     bf16 autocast, a dilated or grouped layer) the plain layer's computation."""
 

@@ -3,9 +3,9 @@
 Every variant trains its own copy of the reference model (channels-last, fp32, batch 128, bdvae's
 loss, Adam; plain layers unless a lever says otherwise) on the same batch; the variants take turns,
 window by window, in an order that rotates from round to round, and each window is divided by the
-baseline's window of the same round, so that a noisy machine's slow rounds cancel. The levers compute the same function as the layers they
-replace (`check_same_function`, float64, values and gradients; `tests/test_benchmarks.py` runs it)
-and keep the weights' names and shapes:
+baseline's window of the same round, so that a noisy machine's slow rounds cancel. The levers
+compute the same function as the layers they replace (`check_same_function`, float64, values and
+gradients; `tests/test_benchmarks.py` runs it) and keep the weights' names and shapes:
 
 - the first convolution (1 input channel) as im2col and one GEMM whose output is already channels-last;
 - the first convolution as space-to-depth: pixel-unshuffle of the padded image, a 2x2 convolution;
@@ -42,9 +42,9 @@ from torch import Tensor, nn
 
 from bdvae.config import Config
 from bdvae.devices import keep_freed_memory
-from bdvae.model import ImageConvTranspose2d, build_model
+from bdvae.model import ImageConvTranspose2d, build_model, subpixel_weight
 from bdvae.objective import loss_sums
-from performance import machine  # benchmarks/ is on the path of a script run from it
+from performance import machine, plain_layers  # benchmarks/ is on the path of a script run from it
 
 
 def gemm_conv(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
@@ -63,15 +63,9 @@ def space_to_depth_conv(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
 
 
 def sub_pixel_conv_transpose(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    """ConvTranspose2d(k4, s2, p1) as a 3x3 convolution to 4 C_out channels and a pixel shuffle: output
-    row 2i uses input rows i-1, i (kernel rows 3, 1); row 2i+1 uses rows i, i+1 (kernel rows 2, 0)."""
-    c_out = w.shape[1]
-    taps = {0: ([3, 1], 0), 1: ([2, 0], 1)}  # output phase -> (kernel rows, first row in the 3x3 window)
-    k3 = w.new_zeros(c_out, 2, 2, w.shape[0], 3, 3)
-    for a, (rows, r0) in taps.items():
-        for c, (cols, c0) in taps.items():
-            k3[:, a, c, :, r0:r0 + 2, c0:c0 + 2] = w.transpose(0, 1)[:, :, rows][:, :, :, cols]
-    return F.pixel_shuffle(F.conv2d(x, k3.reshape(4 * c_out, -1, 3, 3), b.repeat_interleave(4), padding=1), 2)
+    """ConvTranspose2d(k4, s2, p1) as a 3x3 convolution to 4 C_out channels and a pixel shuffle, the
+    kernel rebuilt from the 4x4 one at every call so that training updates the 4x4 kernel."""
+    return F.pixel_shuffle(F.conv2d(x, subpixel_weight(w), b.repeat_interleave(4), padding=1), 2)
 
 
 def relayer(layer: nn.Module, form: Callable[[Tensor, Tensor, Tensor], Tensor]) -> nn.Module:
@@ -105,11 +99,12 @@ def variant(config: Config, x: Tensor, eps: Tensor, pool: ThreadPoolExecutor | N
     """One Adam step of the reference model with the given levers, as a function of nothing. Without
     levers its layers are plain: nn.ConvTranspose2d for the image layer, ReLUs not in place."""
     torch.manual_seed(0)
-    model = build_model(config.model, config.objective, (1, 32, 32)).to(memory_format=torch.channels_last)
+    model = plain_layers(build_model(config.model, config.objective, (1, 32, 32)))
+    model.to(memory_format=torch.channels_last)
+    if image_layer:
+        model.decoder[-1].__class__ = ImageConvTranspose2d  # back to bdvae's: the same attributes and parameters
     for m in model.modules():
-        if isinstance(m, ImageConvTranspose2d) and not image_layer:
-            m.__class__ = nn.ConvTranspose2d  # the same attributes and parameters
-        elif isinstance(m, nn.ReLU):
+        if isinstance(m, nn.ReLU):
             m.inplace = inplace
     if first:
         relayer(model.encoder[0], first)
@@ -148,6 +143,13 @@ VARIANTS = {  # name -> levers; the first is the baseline
 }
 
 
+def one_batch(config: Config) -> tuple[Tensor, Tensor]:
+    """The batch every variant trains on: 128 binary images (channels-last) and their noise."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(128, 1, 32, 32, generator=gen) < 0.3).float().contiguous(memory_format=torch.channels_last)
+    return x, torch.randn(128, config.model.latent_dim, generator=gen)
+
+
 def heap_child(steps: int, keep: bool) -> None:
     """Internal: `steps` timed steps of the baseline in this fresh process; prints images/s and the
     minor page faults per step."""
@@ -156,9 +158,8 @@ def heap_child(steps: int, keep: bool) -> None:
     if keep:
         keep_freed_memory()
     config = Config()
-    gen = torch.Generator().manual_seed(0)
-    x = (torch.rand(128, 1, 32, 32, generator=gen) < 0.3).float().contiguous(memory_format=torch.channels_last)
-    step = variant(config, x, torch.randn(128, config.model.latent_dim, generator=gen), None, **BDVAE)
+    x, eps = one_batch(config)
+    step = variant(config, x, eps, None, **BDVAE)
     for _ in range(5):
         step()
     faults, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
@@ -198,9 +199,7 @@ def main() -> None:
     heap = heap_rates(args.heap_rounds, args.heap_steps)
     keep_freed_memory()  # as bdvae's training does
     config = Config()
-    gen = torch.Generator().manual_seed(0)
-    x = (torch.rand(128, 1, 32, 32, generator=gen) < 0.3).float().contiguous(memory_format=torch.channels_last)
-    eps = torch.randn(128, config.model.latent_dim, generator=gen)
+    x, eps = one_batch(config)
     threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(2, initializer=torch.set_num_threads, initargs=(1,))
     list(pool.map(lambda _: None, range(2)))  # start both workers with 1 thread each ...

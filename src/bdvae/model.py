@@ -256,10 +256,9 @@ def has_subpixel_form(module: nn.Module) -> bool:
             and module.groups == 1)
 
 
-def subpixel_convolution(deconv: nn.ConvTranspose2d) -> nn.Sequential:
-    """The same map as `deconv`, a ConvTranspose2d(kernel 4, stride 2, padding 1), as a 3x3
-    convolution to 4x the channels followed by a pixel shuffle (Shi et al. 2016, "Is the
-    deconvolution layer the same as a convolutional layer?").
+def subpixel_weight(weight: Tensor) -> Tensor:
+    """The 3x3 kernel (4 C_out, C_in, 3, 3) of subpixel_convolution from a ConvTranspose2d's 4x4
+    kernel (C_in, C_out, 4, 4), as a differentiable function of it.
 
     Output pixel (2m + a, 2n + b) of the transposed convolution sums input pixels (m + dy, n + dx)
     times kernel taps (ky, kx): for a = 0, dy = 0 with ky = 1 and dy = -1 with ky = 3; for a = 1,
@@ -267,20 +266,28 @@ def subpixel_convolution(deconv: nn.ConvTranspose2d) -> nn.Sequential:
     is thus a convolution with 4 of the 9 taps of a 3x3 window; PixelShuffle(2) interleaves the
     phases, output channel c of phase (a, b) being conv channel 4c + 2a + b.
     """
-    if not has_subpixel_form(deconv):
-        raise ValueError(f"subpixel_convolution handles ConvTranspose2d(k=4, s=2, p=1) only, got {deconv}")
-    c_in, c_out = deconv.in_channels, deconv.out_channels
+    c_in, c_out = weight.shape[:2]
     taps = {0: ((0, 1), (-1, 3)), 1: ((1, 0), (0, 2))}  # output phase -> (input offset, kernel tap) pairs
-    weight = deconv.weight.new_zeros(c_out, 2, 2, c_in, 3, 3)
+    kernel = weight.new_zeros(c_out, 2, 2, c_in, 3, 3)
     for a in (0, 1):
         for b in (0, 1):
             for dy, ky in taps[a]:
                 for dx, kx in taps[b]:
-                    weight[:, a, b, :, dy + 1, dx + 1] = deconv.weight[:, :, ky, kx].T
+                    kernel[:, a, b, :, dy + 1, dx + 1] = weight[:, :, ky, kx].T
+    return kernel.reshape(4 * c_out, c_in, 3, 3)
+
+
+def subpixel_convolution(deconv: nn.ConvTranspose2d) -> nn.Sequential:
+    """The same map as `deconv`, a ConvTranspose2d(kernel 4, stride 2, padding 1), as a 3x3
+    convolution to 4x the channels (subpixel_weight) followed by a pixel shuffle (Shi et al. 2016,
+    "Is the deconvolution layer the same as a convolutional layer?")."""
+    if not has_subpixel_form(deconv):
+        raise ValueError(f"subpixel_convolution handles ConvTranspose2d(k=4, s=2, p=1) only, got {deconv}")
+    c_in, c_out = deconv.in_channels, deconv.out_channels
     conv = nn.Conv2d(c_in, 4 * c_out, 3, padding=1, bias=deconv.bias is not None,
                      dtype=deconv.weight.dtype, device=deconv.weight.device)
     with torch.no_grad():
-        conv.weight.copy_(weight.reshape(4 * c_out, c_in, 3, 3))
+        conv.weight.copy_(subpixel_weight(deconv.weight))
         if deconv.bias is not None:
             conv.bias.copy_(deconv.bias.repeat_interleave(4))
     return nn.Sequential(conv, nn.PixelShuffle(2))

@@ -121,6 +121,7 @@ def two_processes(mnist_dir, tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("run directory: ") == 1  # rank 0 alone reports (and writes)
     assert "2 processes, global batch 64" in result.stdout
+    assert "Warning" not in result.stderr, result.stderr  # e.g. DDP's grad strides against its buckets
     return out
 
 

@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -146,7 +146,21 @@ def wrap(module: nn.Module, ctx: Context) -> nn.Module:
     # torch 2.13 renamed the switch; older versions know only broadcast_buffers.
     no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
                else {"broadcast_buffers": False})
+    for p in module.parameters():
+        p.register_hook(_with_strides_of(p))
     return ddp(module, device_ids=device_ids, **no_sync)
+
+
+def _with_strides_of(param: Tensor) -> Callable[[Tensor], Tensor]:
+    """A gradient hook that gives `param`'s gradient `param`'s own strides where the two differ
+    only in dimensions of size 1, which are then the same bytes (a view, no copy).
+    A weight with one channel (the first convolution's, the image layer's) is contiguous and
+    channels-last at once, and a kernel may return its gradient in either; DDP's bucket views
+    take the parameter's strides and would warn, on every rank, that the two differ."""
+    def hook(grad: Tensor) -> Tensor:
+        same_bytes = all(n == 1 or a == b for n, a, b in zip(param.shape, grad.stride(), param.stride()))
+        return grad.as_strided(param.shape, param.stride()) if same_bytes and grad.stride() != param.stride() else grad
+    return hook
 
 
 LAUNCHED = "BDVAE_LAUNCHED"  # set by `launch` in the processes it starts: they leave the reporting to it

@@ -369,28 +369,51 @@ def pythae_nll(model, x: Tensor, k: int, batch: int, seed: int, no_grad: bool = 
     return -float(log_p), len(x) * k / (time.perf_counter() - t0)
 
 
+def pythae_child(args: argparse.Namespace) -> None:
+    """Internal: pythae's get_nll on the saved images in this fresh process, as called and under
+    no_grad, after a warm-up; prints {"nll", "rate", "rate_no_grad"} as JSON."""
+    model = pythae_vae(load_run(args.run).model)  # the trained weights
+    model.eval()
+    x = torch.load(args.images)
+    pythae_nll(model, x[:1], args.k, args.batch, 0)
+    nll, rate = pythae_nll(model, x, args.k, args.batch, args.seed)
+    print(json.dumps({"nll": nll, "rate": rate, "rate_no_grad": pythae_nll(model, x, args.k, args.batch, args.seed, no_grad=True)[1]}))
+
+
 def likelihood_figures(run_dir: Path, k: int, images: int, pythae_images: int, rounds: int,
                        pythae_batch: int, accuracy_images: int) -> dict:
     """IWAE throughput of bdvae (fp32, and bf16 where the CPU has native bf16: emulated, it would
     take hours) and pythae's get_nll on the same weights, alternating round by round; and the bf16
-    estimate against the fp32 one with the same draws."""
+    estimate against the fp32 one with the same draws. pythae runs in a fresh process each time
+    (`pythae-child`): bdvae's IWAE sets this process's malloc thresholds (devices.keep_freed_memory),
+    which would speed pythae up too."""
     run = load_run(run_dir)
     x = test_images(run, max(images, pythae_images, accuracy_images))
-    model = pythae_vae(run.model)  # the trained weights
-    model.eval()
     precisions = ["fp32", "bf16"] if bdvae_default_precision() == "bf16" else ["fp32"]
     rates: dict[str, list[float]] = {**{f"bdvae {p}": [] for p in precisions}, "pythae get_nll": [],
                                      "pythae get_nll, no_grad": []}
-    for precision in precisions:  # warm-ups
-        bdvae_iwae(run, x[:2], k, precision, 0)
-    pythae_nll(model, x[:1], k, pythae_batch, 0)
-    for r in range(rounds):
-        for precision in precisions:
-            rates[f"bdvae {precision}"].append(bdvae_iwae(run, x[:images], k, precision, r)[1])
-        rates["pythae get_nll"].append(pythae_nll(model, x[:pythae_images], k, pythae_batch, r)[1])
-        rates["pythae get_nll, no_grad"].append(pythae_nll(model, x[:pythae_images], k, pythae_batch, r, no_grad=True)[1])
-    # The same estimate by both on pythae's images: they should differ as two seeds of one do.
-    pythae_value, _ = pythae_nll(model, x[:pythae_images], k, pythae_batch, 1000)
+    with tempfile.TemporaryDirectory() as tmp:
+        images_file = Path(tmp) / "pythae-images.pt"
+        torch.save(x[:pythae_images].clone(), images_file)
+
+        def pythae(seed: int) -> dict[str, float]:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "pythae-child", str(run_dir), str(images_file),
+                   "--k", str(k), "--batch", str(pythae_batch), "--seed", str(seed)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode:
+                raise RuntimeError(f"pythae's get_nll process failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+            return json.loads(proc.stdout)
+
+        for precision in precisions:  # warm-ups
+            bdvae_iwae(run, x[:2], k, precision, 0)
+        for r in range(rounds):
+            for precision in precisions:
+                rates[f"bdvae {precision}"].append(bdvae_iwae(run, x[:images], k, precision, r)[1])
+            theirs = pythae(r)
+            rates["pythae get_nll"].append(theirs["rate"])
+            rates["pythae get_nll, no_grad"].append(theirs["rate_no_grad"])
+        # The same estimate by both on pythae's images: they should differ as two seeds of one do.
+        pythae_value = pythae(1000)["nll"]
     bdvae_value, bdvae_other_seed = (bdvae_iwae(run, x[:pythae_images], k, "fp32", seed)[0].mean().item()
                                      for seed in (1000, 1001))
     figures = {
@@ -708,6 +731,13 @@ def main() -> None:
     p.add_argument("name", type=check_contender)
     p.add_argument("--warmup", type=int, required=True)
     p.set_defaults(func=window_child)
+    p = commands.add_parser("pythae-child", help=argparse.SUPPRESS)
+    p.add_argument("run", type=Path)
+    p.add_argument("images", type=Path)
+    p.add_argument("--k", type=int, required=True)
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.set_defaults(func=pythae_child)
     p = commands.add_parser("train-child", help=argparse.SUPPRESS)
     p.add_argument("name", type=check_contender)
     p.add_argument("--batches", type=int, required=True)

@@ -16,7 +16,7 @@ from bdvae.evaluate import EvalOptions, evaluate_run, iwae_nll
 from bdvae.errors import BdvaeError
 from bdvae.likelihoods import LIKELIHOODS, to_float
 from bdvae.metrics import FIGURES, figure_value, missing_figures
-from bdvae.model import build_model, iwae_decoder, subpixel_convolution
+from bdvae.model import TapSumConvTranspose2d, build_model, iwae_decoder, subpixel_convolution
 from conftest import run_cli
 
 
@@ -108,6 +108,27 @@ def test_subpixel_convolution_is_the_transposed_convolution():
         torch.testing.assert_close(subpixel_convolution(deconv)(h), deconv(h), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="k=4, s=2, p=1"):
         subpixel_convolution(torch.nn.ConvTranspose2d(5, 3, 3, 2, 1))
+
+
+@pytest.mark.parametrize("c_in,c_out,h,w,bias", [(32, 1, 16, 16, True), (5, 3, 6, 7, True), (4, 2, 1, 1, False),
+                                                  (3, 4, 2, 5, True)])
+def test_tap_sums_are_the_transposed_convolution_and_defer_to_the_sub_pixel_form_under_autocast(c_in, c_out, h, w, bias):
+    gen = torch.Generator().manual_seed(0)
+    deconv = torch.nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias, dtype=torch.float64)
+    with torch.no_grad():  # float64 weights that float32 cannot hold, so any rounding would show
+        for p in deconv.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        h = torch.randn(3, c_in, h, w, generator=gen, dtype=torch.float64)
+        layer = TapSumConvTranspose2d(deconv)
+        for x in (h, h.contiguous(memory_format=torch.channels_last)):  # the IWAE decoder's layout, and the usual
+            torch.testing.assert_close(layer(x), deconv(x), rtol=0, atol=1e-12)
+        x = h.float()
+        layer, deconv = layer.float(), deconv.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).equal(layer.subpixel(x))
+        assert not layer(x).equal(layer.subpixel(x))  # fp32: the tap sums, rounded otherwise
+    with pytest.raises(ValueError, match="k=4, s=2, p=1"):
+        TapSumConvTranspose2d(torch.nn.ConvTranspose2d(5, 3, 3, 2, 1))
 
 
 @pytest.mark.parametrize("arch,shape", [("reference", (1, 32, 32)), ("conv", (3, 32, 32)), ("mlp", (1, 28, 28)),

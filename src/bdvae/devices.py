@@ -30,9 +30,10 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory for the next allocation instead of returning it to the
     kernel, process-wide; whether it took effect (only on Linux with glibc).
 
-    Every training step frees and allocates again the same activation buffers, a few MB each. By
-    default glibc serves such sizes by mmap, or trims its heap after the frees, so each step gets
-    fresh pages that the kernel must fault in and zero again: thousands of page faults a step. An
+    Every training step (and every decode of the IWAE) frees and allocates again the same
+    activation buffers, a few MB each. By default glibc serves such sizes by mmap, or trims its
+    heap after the frees, so each step gets fresh pages that the kernel must fault in and zero
+    again: thousands of page faults a step. An
     mmap threshold of 32 MiB and a trim threshold of 1 GiB keep them in the heap, and the faults
     stop after the first steps (README, Performance). The price: the process's resident memory
     stays at its peak until it exits. Both are set: setting either one alone stops glibc from

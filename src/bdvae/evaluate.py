@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from bdvae import metrics, pictures, rundir
 from bdvae.classifier import classifier_facts, features_and_logits, load_classifier, score_samples
 from bdvae.data import Dataset, load_dataset
-from bdvae.devices import native_bf16, resolve_device
+from bdvae.devices import keep_freed_memory, native_bf16, resolve_device
 from bdvae.errors import BdvaeError, check_seed
 from bdvae.likelihoods import LIKELIHOODS, to_float
 from bdvae.model import iwae_decoder
@@ -120,6 +120,8 @@ def iwae_nll(run: TrainedRun, x: Tensor, options: EvalOptions, gen: torch.Genera
     of the model goes there; the noise is drawn by `gen` on the CPU, so devices see the same
     samples); (N,) on the CPU."""
     model = run.model if device.type == "cpu" else copy.deepcopy(run.model).to(device)
+    if device.type == "cpu":
+        keep_freed_memory()  # each decode's activations from the heap, not fresh pages (README, Performance)
     nll = LIKELIHOODS[run.config.objective.likelihood].nll
     decoder = iwae_decoder(model)
     bf16 = iwae_precision(options, device) == "bf16"

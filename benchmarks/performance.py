@@ -36,6 +36,7 @@ Test-loss parity of a reduced-precision (or other) training setting against fp32
 the same number of epochs from the same seed through bdvae's train_epoch (~3 min for bf16):
 
     benchmarks/.venv/bin/python benchmarks/performance.py parity --setting bf16 [--epochs 5]
+    benchmarks/.venv/bin/python benchmarks/performance.py parity --setting fp32-plain  # bdvae's layers against plain ones
 
 Not part of the test suite.
 """
@@ -87,7 +88,8 @@ PARITY_TOLERANCE = 0.01  # the issue's bar: test loss within 1% of the fp32 resu
 
 # bdvae's training settings: train.mixed_precision off or on (bf16 autocast, where the hardware has
 # bf16; see distributed.Context.bf16_autocast()). Both train in channels-last layout, as bdvae does.
-SETTINGS = {"fp32": False, "bf16": True}
+SETTINGS = {"fp32": False, "bf16": True, "fp32-plain": False}  # name -> train.mixed_precision
+PLAIN = {"fp32-plain"}  # settings whose model is in plain layers (plain_layers): bdvae's layer levers undone
 
 
 def with_setting(config: Config, setting: str) -> Config:
@@ -108,7 +110,8 @@ class BdvaeContender:
 
     def __init__(self, base: VAE, config: Config, images: Tensor, run_dir: Path, setting: str | None = None):
         """`setting` None: `config` as it is, bdvae's default path; else with that setting."""
-        self.model = copy.deepcopy(base).to(memory_format=torch.channels_last)  # as training._fit does
+        model = plain_layers(base) if setting in PLAIN else copy.deepcopy(base)
+        self.model = model.to(memory_format=torch.channels_last)  # as training._fit does
         keep_freed_memory()  # as training._fit does: this process's malloc keeps freed activations
         config = config if setting is None else with_setting(config, setting)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.train.lr)

@@ -118,11 +118,11 @@ def test_tap_sums_are_the_transposed_convolution_and_defer_to_the_sub_pixel_form
     with torch.no_grad():  # float64 weights that float32 cannot hold, so any rounding would show
         for p in deconv.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
-        h = torch.randn(3, c_in, h, w, generator=gen, dtype=torch.float64)
+        inputs = torch.randn(3, c_in, h, w, generator=gen, dtype=torch.float64)
         layer = TapSumConvTranspose2d(deconv)
-        for x in (h, h.contiguous(memory_format=torch.channels_last)):  # the IWAE decoder's layout, and the usual
+        for x in (inputs, inputs.contiguous(memory_format=torch.channels_last)):  # the usual layout, the IWAE's
             torch.testing.assert_close(layer(x), deconv(x), rtol=0, atol=1e-12)
-        x = h.float()
+        x = inputs.float()
         layer, deconv = layer.float(), deconv.float()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert layer(x).equal(layer.subpixel(x))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,64 @@ def test_two_compare_jobs_on_one_folder_train_each_run_once(mnist_dir, tmp_path)
     logs = "".join(stdout for stdout, _ in outputs)
     assert logs.count("kl-beta1-seed0: training") == 1 and logs.count("kl-beta1-seed0: finished run reused") == 1
     assert logs.count("kl-beta1-seed0: evaluating") == 1  # the second job reuses the first one's metrics too
+
+
+def _copy_run(run_dir: Path, to: Path) -> Path:
+    """A run's files without its weights, as docs/ keeps them: all `bdvae report` needs."""
+    shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns("*.safetensors", "checkpoints"))
+    return to
+
+
+def test_report_of_runs_evaluated_apart_matches_compare_and_links_them_from_anywhere(compared, tmp_path):
+    runs = sorted(p for p in (compared / "runs").iterdir() if not p.name.startswith("."))
+    copies = [_copy_run(r, tmp_path / "kept" / r.name) for r in runs]
+    out = tmp_path / "elsewhere" / "report"
+    result = run_cli("report", *map(str, copies), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    table = [line for line in (compared / "report.md").read_text().splitlines() if line.startswith("| ")]
+    ours = (out / "report.md").read_text()
+    assert table and all(line in ours for line in table if "![" not in line)  # the same figures, row for row
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", ours)
+    assert len(links) == 1 + 2 * 4 and all((out / link).is_file() for link in links), links
+    assert "../../kept/kl-beta1-seed0/samples.png" in links
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 1 + 2 * 4 and "missing" not in page
+    assert "IWAE with K = 2 importance samples per image, 300 test images per run." in ours
+
+    # A run evaluated with another K: the notes say which figure is which bound.
+    metrics = json.loads((copies[0] / "metrics.json").read_text())
+    metrics["iwae_nll"]["k"] = 7
+    (copies[0] / "metrics.json").write_text(json.dumps(metrics))
+    result = run_cli("report", *map(str, copies), "--out", str(out), "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert ("IWAE settings differ between runs: K = 7 importance samples per image, 300 test images for "
+            "bhattacharyya β=1 seed 0; K = 2 importance samples per image, 300 test images for bhattacharyya β=1 seed 1, "
+            "kl β=1 seed 0, kl β=1 seed 1.") in (out / "report.md").read_text()
+
+
+def test_report_refuses_runs_it_cannot_compare_in_one_line_and_keeps_an_earlier_report(compared, tmp_path):
+    run = compared / "runs" / "kl-beta1-seed0"
+    unevaluated = _copy_run(run, tmp_path / "unevaluated")
+    (unevaluated / "metrics.json").unlink()
+    other_model = _copy_run(run, tmp_path / "other")
+    config = (other_model / "config.toml").read_text()
+    (other_model / "config.toml").write_text(config.replace("lr = 0.001", "lr = 0.01"))
+    assert "lr = 0.01" in (other_model / "config.toml").read_text()
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.md").write_text("an earlier report")
+    for args, message in [
+        ([str(run), "--out", str(tmp_path / "r1")], None),
+        ([str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")], "not a run directory (no config.toml)"),
+        ([str(unevaluated), "--out", str(tmp_path / "r3")], "not evaluated; run `bdvae evaluate"),
+        ([str(run), str(other_model), "--out", str(tmp_path / "r4")], "train.lr is 0.01, "),
+        ([str(run), str(_copy_run(run, tmp_path / "twin")), "--out", str(tmp_path / "r5")], "both are kl, β=1, seed 0"),
+        ([str(run), "--out", str(out)], "holds a report (report.md); pass --overwrite"),
+    ]:
+        result = run_cli("report", *args)
+        if message is None:
+            assert result.returncode == 0, result.stderr
+            continue
+        assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert (out / "report.md").read_text() == "an earlier report"
+    assert not any((tmp_path / f"r{i}").exists() for i in range(2, 6))

@@ -12,6 +12,7 @@ import torch
 from bdvae.api import Run, load_run
 from bdvae.config import Config, ModelConfig
 from bdvae.data import load_dataset
+from bdvae import evaluate, metrics
 from bdvae.evaluate import EvalOptions, evaluate_run, iwae_nll
 from bdvae.errors import BdvaeError
 from bdvae.likelihoods import LIKELIHOODS, to_float
@@ -81,6 +82,80 @@ def test_evaluate_is_deterministic_given_the_seed(trained_run, tmp_path):
         assert {k: v for k, v in a[key].items() if k != "importance_samples_per_second"} == \
                {k: v for k, v in b[key].items() if k != "importance_samples_per_second"}
     assert a["test_images"] == 200
+
+
+def _iwae_figure(metrics_json: dict) -> tuple[float, float]:
+    return metrics_json["iwae_nll"]["mean"], metrics_json["iwae_nll"]["std_error"]
+
+
+def test_a_stopped_iwae_is_taken_up_where_it_stopped_and_gives_the_same_figure(trained_run, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    options = EvalOptions(k=4, samples=300, test_size=350, pictures=False)
+    whole = evaluate_run(run_dir, options, progress=False, log=lambda _: None)
+    assert whole["iwae_nll"]["resumed_after_images"] == 0
+    (run_dir / "metrics.json").unlink()
+
+    # The same evaluation, its progress saved after every step of 100 images, stopped by Ctrl-C in its third.
+    monkeypatch.setattr(evaluate, "IWAE_SAVE_SECONDS", 0.0)
+    real, steps = metrics.iwae_log_likelihood, []
+
+    def counted(*args, stop_at=None, **kwargs):
+        steps.append(len(args[2]))
+        if len(steps) == stop_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "iwae_log_likelihood", lambda *a, **kw: counted(*a, stop_at=3, **kw))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_run(run_dir, options, progress=False, log=lambda _: None)
+    progress_file = run_dir / "eval" / "iwae-progress.safetensors"
+    assert progress_file.is_file() and not (run_dir / "metrics.json").exists()
+
+    steps.clear()
+    monkeypatch.setattr(metrics, "iwae_log_likelihood", counted)
+    lines: list[str] = []
+    resumed = evaluate_run(run_dir, options, progress=False, log=lines.append)
+    assert "IWAE: taking up an unfinished pass after 200 of 350 test images" in lines
+    assert steps == [100, 50]  # only the images not done before
+    assert _iwae_figure(resumed) == _iwae_figure(whole)  # the same noise for every image: the same figure
+    assert resumed["iwae_nll"]["resumed_after_images"] == 200
+    assert not progress_file.exists()  # done: the progress goes with the finished metrics.json
+
+
+def test_progress_of_another_setting_or_damaged_is_not_taken_up(trained_run, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    options = EvalOptions(k=4, samples=300, test_size=250, pictures=False)
+    whole = evaluate_run(run_dir, options, progress=False, log=lambda _: None)
+    progress_file = run_dir / "eval" / "iwae-progress.safetensors"
+    monkeypatch.setattr(evaluate, "IWAE_SAVE_SECONDS", 0.0)
+    real = metrics.iwae_log_likelihood
+
+    def stop_in_the_second_step(*args, **kwargs):
+        if stop_in_the_second_step.calls == 1:
+            raise KeyboardInterrupt
+        stop_in_the_second_step.calls += 1
+        return real(*args, **kwargs)
+
+    for other in (EvalOptions(k=5, samples=300, test_size=250, pictures=False),  # another K
+                  EvalOptions(k=4, samples=300, test_size=250, pictures=False, seed=1)):  # other noise
+        stop_in_the_second_step.calls = 0
+        monkeypatch.setattr(metrics, "iwae_log_likelihood", stop_in_the_second_step)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_run(run_dir, other, progress=False, log=lambda _: None)
+        monkeypatch.setattr(metrics, "iwae_log_likelihood", real)
+        lines: list[str] = []
+        again = evaluate_run(run_dir, options, progress=False, log=lines.append)
+        assert any("an unfinished IWAE of other options or weights; starting anew" in line for line in lines), lines
+        assert _iwae_figure(again) == _iwae_figure(whole) and again["iwae_nll"]["resumed_after_images"] == 0
+
+    progress_file.parent.mkdir(exist_ok=True)
+    progress_file.write_bytes(b"not a safetensors file")
+    lines = []
+    again = evaluate_run(run_dir, options, progress=False, log=lines.append)
+    assert any("damaged" in line and "the IWAE starts anew" in line for line in lines), lines
+    assert _iwae_figure(again) == _iwae_figure(whole) and not progress_file.exists()
 
 
 def test_binarized_models_are_scored_on_a_once_binarized_test_set():

@@ -247,6 +247,20 @@ def compare(*, regularizers: str, beta: str, seeds: int, epochs: int | None, out
     print(f"wrote {out / 'report.md'} and {out / 'report.html'}")
 
 
+def report(*, runs: list[Path], out: Path, overwrite: bool) -> None:
+    from bdvae.report import read_entries, write_report
+
+    if out.exists() and not out.is_dir():
+        raise BdvaeError(f"--out {out}: exists and is not a folder")
+    there = [name for name in ("report.md", "report.html", "rate_distortion.png") if (out / name).exists()]
+    if there and not overwrite:
+        raise BdvaeError(f"--out {out}: holds a report ({there[0]}); pass --overwrite to replace it")
+    entries = read_entries(runs)  # every run checked before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    md, page = write_report(out, entries)
+    print(f"wrote {md} and {page}")
+
+
 def classifier_train(*, out: Path, epochs: int, seed: int, data_dir: Path | None, overwrite: bool, quiet: bool) -> None:
     from bdvae.classifier import save_classifier, train_reference
 
@@ -287,6 +301,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "reconstruct": reconstruct,
     "evaluate": evaluate,
     "compare": compare,
+    "report": report,
     "classifier": {"train": classifier_train, "scales": classifier_scales},
     "data": {"fetch": data_fetch},
 }
@@ -400,6 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train and evaluate N configurations at once, in separate processes (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = commands.add_parser("report", help="the comparison report of runs trained and evaluated apart")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN",
+                   help="evaluated run directories of one model (their weights are not needed)")
+    p.add_argument("--out", type=Path, required=True, help="folder for report.md, report.html and rate_distortion.png")
+    p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
 
     p = commands.add_parser("classifier", help="the reference MNIST classifier behind the sample-quality scores")
     classifier_commands = p.add_subparsers(dest="classifier_command", required=True, parser_class=_Parser)

@@ -34,6 +34,7 @@ from bdvae.samplers import Sampler, canonical_names
 BATCH = 1000  # test images per forward pass (no gradient is kept)
 DEFAULT_K = 100
 IWAE_IMAGES_PER_STEP = 100  # images per IWAE step: the progress bar's unit of work
+IWAE_SAVE_SECONDS = 60.0  # how often an evaluation saves its IWAE's progress (rundir.save_iwae_progress)
 # Latents per IWAE decode at most on a CPU, whatever --max-batch allows: with a few hundred the
 # decoder's activations stay in the CPU's caches (1.6x the samples/s of 1000 at once on 2 cores).
 # A GPU decodes --max-batch latents at once.
@@ -114,32 +115,53 @@ def iwae_precision(options: EvalOptions, device: torch.device = torch.device("cp
     return "bf16" if native_bf16(device) else "fp32"
 
 
+def iwae_decode_batch(options: EvalOptions, device: torch.device) -> int:
+    """Latents per IWAE decode on `device`."""
+    return min(options.max_batch, IWAE_DECODE_BATCH) if device.type == "cpu" else options.max_batch
+
+
 def iwae_nll(run: TrainedRun, x: Tensor, options: EvalOptions, gen: torch.Generator, progress: bool | None,
-             device: torch.device = torch.device("cpu")) -> Tensor:
+             device: torch.device = torch.device("cpu"), done: Tensor | None = None,
+             save: Callable[[Tensor, Tensor], None] | None = None) -> Tensor:
     """-ln p(x) per image by the IWAE bound with options.k samples, computed on `device` (a copy
     of the model goes there; the noise is drawn by `gen` on the CPU, so devices see the same
-    samples); (N,) on the CPU."""
+    samples); (N,) on the CPU.
+
+    A pass can be taken up where it stopped: `done` holds the first images' -ln p(x) and `gen` the
+    state it had after them, so every image gets the noise of one uninterrupted pass. `save(nll so
+    far, generator state after them)` is called every IWAE_SAVE_SECONDS and on Ctrl-C."""
     model = run.model if device.type == "cpu" else copy.deepcopy(run.model).to(device)
     if device.type == "cpu":
         keep_freed_memory()  # each decode's activations from the heap, not fresh pages (README, Performance)
     nll = LIKELIHOODS[run.config.objective.likelihood].nll
     decoder = iwae_decoder(model)
     bf16 = iwae_precision(options, device) == "bf16"
-    max_batch = min(options.max_batch, IWAE_DECODE_BATCH) if device.type == "cpu" else options.max_batch
+    max_batch = iwae_decode_batch(options, device)
 
     def log_px_given_z(z: Tensor, xs: Tensor) -> Tensor:
         with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
             x_logits = decoder(z)
         return -nll(x_logits.float(), xs, model.log_sigma)  # the sum over pixels in fp32
 
-    out = []
-    with tqdm(total=len(x), desc=f"IWAE, K={options.k}", unit="img", disable=None if progress is None else not progress,
-              leave=False) as bar:
-        for i in range(0, len(x), IWAE_IMAGES_PER_STEP):
-            chunk = x[i: i + IWAE_IMAGES_PER_STEP]
-            out.append(-metrics.iwae_log_likelihood(model.encode, log_px_given_z, chunk.to(device), options.k,
-                                                    max_batch=max_batch, generator=gen).cpu())
-            bar.update(len(chunk))
+    out = [] if done is None else [done]
+    before = 0 if done is None else len(done)
+    state, saved = gen.get_state(), time.monotonic()
+    with tqdm(total=len(x), initial=before, desc=f"IWAE, K={options.k}", unit="img",
+              disable=None if progress is None else not progress, leave=False) as bar:
+        try:
+            for i in range(before, len(x), IWAE_IMAGES_PER_STEP):
+                chunk = x[i: i + IWAE_IMAGES_PER_STEP]
+                out.append(-metrics.iwae_log_likelihood(model.encode, log_px_given_z, chunk.to(device), options.k,
+                                                        max_batch=max_batch, generator=gen).cpu())
+                state = gen.get_state()  # after whole chunks only: where a pass taken up starts
+                bar.update(len(chunk))
+                if save is not None and time.monotonic() - saved >= IWAE_SAVE_SECONDS and i + len(chunk) < len(x):
+                    save(torch.cat(out), state)
+                    saved = time.monotonic()
+        except KeyboardInterrupt:
+            if save is not None and out:
+                save(torch.cat(out), state)
+            raise
     return torch.cat(out)
 
 
@@ -226,8 +248,19 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
     n = len(x)
 
     terms = reconstruction_and_divergences(run, x, intensities, gen)
+    # An unfinished IWAE of this very setting (the evaluation was stopped) is taken up, not redone.
+    setting = {"k": options.k, "seed": options.seed, "images": n, "precision": iwae_precision(options, where),
+               "device": where.type, "decode_batch": iwae_decode_batch(options, where),
+               "weights": rundir.weights_digest(run.path)}
+    done = None
+    if (found := rundir.load_iwae_progress(run.path, setting, log)) is not None:
+        done, state = found
+        gen.set_state(state)
+        log(f"IWAE: taking up an unfinished pass after {len(done)} of {n} test images")
+    resumed_after = 0 if done is None else len(done)
     t0 = time.perf_counter()
-    nll = iwae_nll(run, x, options, gen, progress, where)
+    nll = iwae_nll(run, x, options, gen, progress, where, done,
+                   save=lambda so_far, state: rundir.save_iwae_progress(run.path, setting, so_far, state))
     iwae_seconds = time.perf_counter() - t0
     neg_elbo = terms["recon_nll"] + terms["kl"]
 
@@ -248,7 +281,8 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
         "neg_elbo": mean_and_error(neg_elbo),
         "iwae_nll": {**mean_and_error(nll), "k": options.k, "precision": iwae_precision(options, where),
                      "device": where.type,
-                     "importance_samples_per_second": n * options.k / iwae_seconds},
+                     "importance_samples_per_second": (n - resumed_after) * options.k / iwae_seconds,
+                     "resumed_after_images": resumed_after},
         "prior_match": metrics.prior_match(terms["z"], terms["mu"], torch.Generator().manual_seed(options.seed + 2)),
     }
     pictures_to = run.path if options.pictures else None
@@ -258,4 +292,5 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
         result["pictures"] = write_pictures(run, intensities, data.test_labels, terms)
     result["seconds"] = round(time.perf_counter() - started, 1)
     rundir.write_metrics(run.path, result)
+    rundir.clear_iwae_progress(run.path)
     return result

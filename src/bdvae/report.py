@@ -5,21 +5,27 @@ of each configuration side by side (its first seed), and the rate-distortion plo
 OUT/rate_distortion.png. Where the runs were evaluated with fitted latent samplers, a second table
 gives each sampler's sample quality and prior-hole figures, and a picture row per configuration
 shows their samples side by side.
+
+`bdvae compare` writes it for the runs it trains; `bdvae report` for runs trained and evaluated
+apart (read_entries), which may lie anywhere: the Markdown links them relative to OUT.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bdvae import config as config_lib
 from bdvae import pictures, rundir
+from bdvae.errors import BdvaeError
 from bdvae.files import write_text
-from bdvae.metrics import FIGURES
+from bdvae.metrics import FIGURES, missing_figures
 
 
 @dataclass(frozen=True)
@@ -165,12 +171,24 @@ SAMPLERS_NOTE = ("Fitted samplers draw z from a density fitted to the aggregate 
                  "“Fréchet prior / this” is how many times lower the sampler's Fréchet distance is than the prior's.")
 
 
+def _iwae_setting(metrics: dict[str, Any]) -> str:
+    iwae = metrics["iwae_nll"]
+    return f"K = {iwae['k']} importance samples per image, {metrics.get('test_images')} test images"
+
+
 def _notes(entries: Sequence[Entry]) -> list[str]:
     first = entries[0].metrics
     notes = [first.get("likelihood_note", "")]
-    if first.get("iwae_nll"):
-        notes.append(f"IWAE with K = {first['iwae_nll']['k']} importance samples per image; "
-                     f"{first.get('test_images')} test images per run.")
+    settings: dict[str, list[str]] = {}
+    for e in entries:
+        if e.metrics.get("iwae_nll"):
+            settings.setdefault(_iwae_setting(e.metrics), []).append(f"{e.regularizer} β={e.beta:g} seed {e.seed}")
+    if len(settings) == 1:
+        notes.append(f"IWAE with {next(iter(settings))} per run.")
+    elif settings:  # runs evaluated apart (bdvae report): say which figure is which bound
+        notes.append("IWAE settings differ between runs: " + "; ".join(
+            f"{setting} for {', '.join(runs)}" for setting, runs in settings.items())
+            + ". A smaller K gives a looser upper bound on −ln p(x), so those figures are higher.")
     nulls = sorted({f"{e.metrics['prior_match']['mmd2_null']:.5f}" for e in entries})
     notes.append("MMD² compares q(z) with N(0, I); the same statistic between two N(0, I) samples of that size "
                  f"(its null, pure sampling noise) is {', '.join(nulls)}.")
@@ -190,7 +208,7 @@ def markdown(entries: Sequence[Entry], rows: list[dict[str, Any]], out: Path) ->
         header = ["configuration", *(name for name, _ in pics)]
         parts += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for conf, e in _first_runs(entries):
-            rel = e.run_dir.relative_to(out)
+            rel = Path(os.path.relpath(e.run_dir, out))  # runs may lie outside OUT (bdvae report)
             parts.append("| " + " | ".join([conf, *(f"![{name}]({(rel / f).as_posix()})" for name, f in pics)]) + " |")
         parts.append("")
     return "\n".join(parts)
@@ -266,3 +284,48 @@ def write_report(out: Path, entries: Sequence[Entry]) -> tuple[Path, Path]:
     write_text(out / "report.md", markdown(entries, rows, out))
     write_text(out / "report.html", html_page(entries, rows, out))
     return out / "report.md", out / "report.html"
+
+
+# Config values the runs of one report may differ in besides regularizer, beta and seed: where the
+# machine caches the data and how many threads it ran. Any other difference is another model.
+_MACHINE_KEYS = ("data.data_dir", "train.threads")
+_VARIED_KEYS = ("objective.regularizer", "objective.beta", "train.seed")
+
+
+def _flat(config: config_lib.Config) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in config_lib.to_dict(config).items()
+            for key, value in values.items() if f"{section}.{key}" not in _MACHINE_KEYS + _VARIED_KEYS}
+
+
+def read_entries(run_dirs: Sequence[Path]) -> list[Entry]:
+    """The entries of run directories trained and evaluated apart (`bdvae report`), in the order
+    given; their weights are not needed, their metrics.json is. They must be of one model and data:
+    every config value but the regularizer, beta and seed the same."""
+    entries: list[Entry] = []
+    first: tuple[Path, dict[str, Any]] | None = None
+    for run_dir in map(Path, run_dirs):
+        if not (run_dir / rundir.CONFIG_FILE).is_file():
+            raise BdvaeError(f"{run_dir}: not a run directory (no {rundir.CONFIG_FILE})")
+        config = rundir.read_config(run_dir)
+        try:
+            metrics = rundir.read_metrics(run_dir)
+        except ValueError as e:
+            raise BdvaeError(f"{run_dir / rundir.METRICS_FILE}: not readable JSON ({e})") from None
+        if not isinstance(metrics, dict):
+            raise BdvaeError(f"{run_dir}: not evaluated; run `bdvae evaluate {run_dir}` first")
+        if missing := missing_figures(metrics):
+            raise BdvaeError(f"{run_dir}: its {rundir.METRICS_FILE} lacks {missing[0]}; run `bdvae evaluate {run_dir}` again")
+        flat = _flat(config)
+        if first is None:
+            first = run_dir, flat
+        elif flat != first[1]:
+            key = next(k for k in dict.fromkeys([*flat, *first[1]]) if flat.get(k) != first[1].get(k))
+            raise BdvaeError(f"{run_dir}: {key} is {flat.get(key)!r}, {first[0]} has {first[1].get(key)!r}; "
+                             "a report compares regularizers, betas and seeds of one model on one dataset")
+        entry = Entry(config.objective.regularizer, config.objective.beta, config.train.seed, run_dir, metrics)
+        if twin := next((e for e in entries if (e.regularizer, e.beta, e.seed) == (entry.regularizer, entry.beta, entry.seed)), None):
+            raise BdvaeError(f"{run_dir} and {twin.run_dir}: both are {entry.regularizer}, β={entry.beta:g}, seed {entry.seed}")
+        entries.append(entry)
+    if not entries:
+        raise BdvaeError("name at least one run directory")
+    return entries

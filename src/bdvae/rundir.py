@@ -8,7 +8,7 @@ Layout (README, "The run directory"):
     metrics.jsonl      one row per epoch; loss_curve.png plots them
     originals.png, reconstructions.png, samples.png   the three pictures of every run
     checkpoints/       the newest training states (step-NNNNNNNNN.safetensors), for `train --resume`
-    metrics.json, eval/   written by `bdvae evaluate`
+    metrics.json, eval/   written by `bdvae evaluate` (eval/iwae-progress.safetensors while its IWAE is unfinished)
     samplers/          latent samplers fitted after training (NAME.safetensors, then NAME.json)
 Every file is written through files.atomic_path. A training state is one safetensors file:
 tensors (weights, optimizer moments, the training generator's state, the epoch's data order)
@@ -53,6 +53,7 @@ EVAL_DIR = "eval"
 # The evaluation's pictures, as paths relative to the run directory (the report links them so).
 LATENT_HISTOGRAMS, LATENT_MEANS = f"{EVAL_DIR}/latent_histograms.png", f"{EVAL_DIR}/latent_means.png"
 INTERPOLATION, TRAVERSAL = f"{EVAL_DIR}/interpolation.png", f"{EVAL_DIR}/traversal.png"
+IWAE_PROGRESS = f"{EVAL_DIR}/iwae-progress.safetensors"  # an unfinished IWAE, until metrics.json is written
 SAMPLERS_DIR = "samplers"
 KEEP_STATES = 2  # the newest and the one before it, in case the newest is damaged
 FINISHED = (CONFIG_FILE, RUN_FILE, WEIGHTS_FILE)  # a finished run has them all: run.json and the weights come last
@@ -349,16 +350,35 @@ def state_paths(run_dir: Path) -> list[Path]:
     return sorted((Path(run_dir) / STATES_DIR).glob("step-*.safetensors"))
 
 
+def _save_sealed(path: Path, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
+    """One safetensors file of tensors and JSON state, sealed by a sha256 over both."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    state_json = json.dumps(state)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"state": state_json, "sha256": _digest(tensors, state_json),
+                                               "bdvae_version": __version__})
+
+
+def _load_sealed(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The inverse of _save_sealed, after checking the sha256; SafetensorError, OSError, KeyError
+    or ValueError when the file is missing or damaged."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    state_json, expected = meta["state"], meta["sha256"]
+    if _digest(tensors, state_json) != expected:
+        raise ValueError("checksum mismatch")
+    return tensors, json.loads(state_json)
+
+
 def save_state(run_dir: Path, step: int, tensors: dict[str, Tensor], state: dict[str, Any]) -> Path:
     """Write a training state as RUN/checkpoints/step-STEP.safetensors; keep only the newest KEEP_STATES."""
     folder = Path(run_dir) / STATES_DIR
     folder.mkdir(exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    state_json = json.dumps(state)
     path = folder / f"step-{step:09d}.safetensors"
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"state": state_json, "sha256": _digest(tensors, state_json),
-                                               "bdvae_version": __version__})
+    _save_sealed(path, tensors, state)
     for old in state_paths(run_dir)[:-KEEP_STATES]:
         old.unlink()
     return path
@@ -366,16 +386,8 @@ def save_state(run_dir: Path, step: int, tensors: dict[str, Tensor], state: dict
 
 def load_state(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors and JSON state of a training state file, after checking its sha256."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        state_json, expected = meta["state"], meta["sha256"]
-        if _digest(tensors, state_json) != expected:
-            raise ValueError("checksum mismatch")
-        return tensors, json.loads(state_json)
+        return _load_sealed(path)
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise BdvaeError(f"{path}: damaged checkpoint ({first_line(e)})") from None
 
@@ -426,3 +438,45 @@ def restore_training_state(tensors: dict[str, Tensor], state: dict[str, Any], mo
     return Position(epoch=state["epoch"], next_start=state["next_start"], global_step=state["global_step"],
                     order=tensors.get("order"), totals=tensors["totals"].clone(), rows=state["rows"],
                     skipped=state["skipped"], skipped_images=state["skipped_images"])
+
+
+# ---------------------------------------------------------------------------------------------
+# An unfinished IWAE: the evaluation's long part, resumable. One sealed file holds the per-image
+# -ln p(x) so far and the state of the generator after them; `setting` (K, seed, images, precision,
+# device, decode batch, the weights' sha256) must match exactly for a later evaluation to go on
+# from it, so that the finished figure is the one an uninterrupted evaluation gives.
+
+
+def weights_digest(run_dir: Path) -> str:
+    """sha256 of the run's weights file: what ties an unfinished IWAE to the model it scored."""
+    with open(Path(run_dir) / WEIGHTS_FILE, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def save_iwae_progress(run_dir: Path, setting: dict[str, Any], nll: Tensor, generator_state: Tensor) -> Path:
+    path = Path(run_dir) / IWAE_PROGRESS
+    path.parent.mkdir(exist_ok=True)
+    _save_sealed(path, {"nll": nll, GENERATOR_KEY: generator_state}, {"setting": setting})
+    return path
+
+
+def load_iwae_progress(run_dir: Path, setting: dict[str, Any], log: Callable[[str], None]) -> tuple[Tensor, Tensor] | None:
+    """(-ln p(x) of the images done, the generator state after them) of an unfinished IWAE of
+    exactly `setting`, or None: none, another setting's (it is replaced), or damaged (it is only
+    progress: the IWAE starts again, and says so)."""
+    path = Path(run_dir) / IWAE_PROGRESS
+    if not path.is_file():
+        return None
+    try:
+        tensors, state = _load_sealed(path)
+        if state["setting"] != setting:
+            log(f"{path}: an unfinished IWAE of other options or weights; starting anew")
+            return None
+        return tensors["nll"], tensors[GENERATOR_KEY]
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        log(f"{path}: damaged ({first_line(e)}); the IWAE starts anew")
+        return None
+
+
+def clear_iwae_progress(run_dir: Path) -> None:
+    (Path(run_dir) / IWAE_PROGRESS).unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""The run directory: --overwrite clears the old run's outputs; atomic writes leave no temporary file."""
+"""The run directory: --overwrite clears the old run's outputs; atomic writes leave no temporary file and give the usual permissions."""
 
 from __future__ import annotations
 
@@ -31,3 +31,18 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temporary(tmp_path):
             raise RuntimeError("killed midway")
     assert target.read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_files_get_the_users_usual_permissions_also_when_safetensors_writes_them(tmp_path):
+    import os
+
+    import torch
+
+    umask = os.umask(0o022)
+    try:
+        rundir.save_state(tmp_path, 7, {"w": torch.zeros(3)}, {"epoch": 0})  # save_file writes its file anew
+        files.write_text(tmp_path / "f.txt", "text")
+    finally:
+        os.umask(umask)
+    for path in (tmp_path / "checkpoints" / "step-000000007.safetensors", tmp_path / "f.txt"):
+        assert path.stat().st_mode & 0o777 == 0o644, path

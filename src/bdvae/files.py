@@ -24,9 +24,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the user's usual permissions
     try:
         yield Path(tmp)
+        # mkstemp makes 0600 files, and so does safetensors' save_file, which writes the file anew:
+        # the user's usual permissions, given once the block has written it.
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as written:  # on disk before the rename, so a power cut leaves old or new
             os.fsync(written.fileno())
         os.replace(tmp, path)

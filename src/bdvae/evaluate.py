@@ -143,26 +143,31 @@ def iwae_nll(run: TrainedRun, x: Tensor, options: EvalOptions, gen: torch.Genera
             x_logits = decoder(z)
         return -nll(x_logits.float(), xs, model.log_sigma)  # the sum over pixels in fp32
 
-    out = [] if done is None else [done]
+    # (-ln p(x) of a step's images, the generator's state after them), appended in one call: a
+    # Ctrl-C lands between steps, never between a step's figures and its state.
+    steps = [] if done is None else [(done, gen.get_state())]
     before = 0 if done is None else len(done)
-    state, saved = gen.get_state(), time.monotonic()
+    saved = time.monotonic()
+
+    def so_far() -> tuple[Tensor, Tensor]:
+        return torch.cat([figures for figures, _ in steps]), steps[-1][1]
+
     with tqdm(total=len(x), initial=before, desc=f"IWAE, K={options.k}", unit="img",
               disable=None if progress is None else not progress, leave=False) as bar:
         try:
             for i in range(before, len(x), IWAE_IMAGES_PER_STEP):
                 chunk = x[i: i + IWAE_IMAGES_PER_STEP]
-                out.append(-metrics.iwae_log_likelihood(model.encode, log_px_given_z, chunk.to(device), options.k,
-                                                        max_batch=max_batch, generator=gen).cpu())
-                state = gen.get_state()  # after whole chunks only: where a pass taken up starts
+                steps.append((-metrics.iwae_log_likelihood(model.encode, log_px_given_z, chunk.to(device), options.k,
+                                                           max_batch=max_batch, generator=gen).cpu(), gen.get_state()))
                 bar.update(len(chunk))
                 if save is not None and time.monotonic() - saved >= IWAE_SAVE_SECONDS and i + len(chunk) < len(x):
-                    save(torch.cat(out), state)
+                    save(*so_far())
                     saved = time.monotonic()
         except KeyboardInterrupt:
-            if save is not None and out:
-                save(torch.cat(out), state)
+            if save is not None and steps:
+                save(*so_far())
             raise
-    return torch.cat(out)
+    return so_far()[0]
 
 
 def decoded_samples(run: TrainedRun, sampler: Sampler, n: int, seed: int) -> Tensor:

@@ -163,7 +163,7 @@ def test_report_of_runs_evaluated_apart_matches_compare_and_links_them_from_anyw
     assert "../../kept/kl-beta1-seed0/samples.png" in links
     page = (out / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 1 + 2 * 4 and "missing" not in page
-    assert "IWAE with K = 2 importance samples per image, 300 test images per run." in ours
+    assert "Each run evaluated with IWAE K = 2 importance samples per image, 300 test images, 300 decoded samples scored." in ours
 
     # A run evaluated with another K: the notes say which figure is which bound.
     metrics = json.loads((copies[0] / "metrics.json").read_text())
@@ -171,9 +171,9 @@ def test_report_of_runs_evaluated_apart_matches_compare_and_links_them_from_anyw
     (copies[0] / "metrics.json").write_text(json.dumps(metrics))
     result = run_cli("report", *map(str, copies), "--out", str(out), "--overwrite")
     assert result.returncode == 0, result.stderr
-    assert ("IWAE settings differ between runs: K = 7 importance samples per image, 300 test images for "
-            "bhattacharyya β=1 seed 0; K = 2 importance samples per image, 300 test images for bhattacharyya β=1 seed 1, "
-            "kl β=1 seed 0, kl β=1 seed 1.") in (out / "report.md").read_text()
+    assert ("Evaluation settings differ between runs: IWAE K = 7 importance samples per image, 300 test images, 300 decoded "
+            "samples scored for bhattacharyya β=1 seed 0; IWAE K = 2 importance samples per image, 300 test images, 300 decoded "
+            "samples scored for bhattacharyya β=1 seed 1, kl β=1 seed 0, kl β=1 seed 1.") in (out / "report.md").read_text()
 
 
 def test_report_refuses_runs_it_cannot_compare_in_one_line_and_keeps_an_earlier_report(compared, tmp_path):

@@ -171,9 +171,11 @@ SAMPLERS_NOTE = ("Fitted samplers draw z from a density fitted to the aggregate 
                  "“Fréchet prior / this” is how many times lower the sampler's Fréchet distance is than the prior's.")
 
 
-def _iwae_setting(metrics: dict[str, Any]) -> str:
-    iwae = metrics["iwae_nll"]
-    return f"K = {iwae['k']} importance samples per image, {metrics.get('test_images')} test images"
+def _setting(metrics: dict[str, Any]) -> str:
+    """What the figures of one evaluation depend on besides the model: K, test images, samples."""
+    samples = (metrics.get("sample_quality") or {}).get("samples")
+    return (f"IWAE K = {metrics['iwae_nll']['k']} importance samples per image, {metrics.get('test_images')} test images"
+            + (f", {samples} decoded samples scored" if samples else ""))
 
 
 def _notes(entries: Sequence[Entry]) -> list[str]:
@@ -182,13 +184,13 @@ def _notes(entries: Sequence[Entry]) -> list[str]:
     settings: dict[str, list[str]] = {}
     for e in entries:
         if e.metrics.get("iwae_nll"):
-            settings.setdefault(_iwae_setting(e.metrics), []).append(f"{e.regularizer} β={e.beta:g} seed {e.seed}")
+            settings.setdefault(_setting(e.metrics), []).append(f"{e.regularizer} β={e.beta:g} seed {e.seed}")
     if len(settings) == 1:
-        notes.append(f"IWAE with {next(iter(settings))} per run.")
+        notes.append(f"Each run evaluated with {next(iter(settings))}.")
     elif settings:  # runs evaluated apart (bdvae report): say which figure is which bound
-        notes.append("IWAE settings differ between runs: " + "; ".join(
+        notes.append("Evaluation settings differ between runs: " + "; ".join(
             f"{setting} for {', '.join(runs)}" for setting, runs in settings.items())
-            + ". A smaller K gives a looser upper bound on −ln p(x), so those figures are higher.")
+            + ". A smaller K gives a looser upper bound on −ln p(x) (a higher figure); fewer samples, a larger Fréchet distance.")
     nulls = sorted({f"{e.metrics['prior_match']['mmd2_null']:.5f}" for e in entries})
     notes.append("MMD² compares q(z) with N(0, I); the same statistic between two N(0, I) samples of that size "
                  f"(its null, pure sampling noise) is {', '.join(nulls)}.")

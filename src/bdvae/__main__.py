@@ -234,6 +234,7 @@ def compare(*, regularizers: str, beta: str, seeds: int, epochs: int | None, out
             test_size: int | None, samplers: str, precision: str, device: str, jobs: int, quiet: bool) -> None:
     from bdvae.compare import compare as compare_runs
     from bdvae.evaluate import EvalOptions
+    from bdvae.report import REPORT_HTML, REPORT_MD
 
     base = _config(preset, config_file, overrides, data_dir)
     regularizer_list = _csv(regularizers, str, "--regularizers")
@@ -244,15 +245,15 @@ def compare(*, regularizers: str, beta: str, seeds: int, epochs: int | None, out
                           samplers=tuple(_csv(samplers, str, "--samplers")))
     compare_runs(base, regularizer_list, betas, seeds, out, epochs=epochs, options=options, progress=_progress(quiet),
                  jobs=jobs, device=device)
-    print(f"wrote {out / 'report.md'} and {out / 'report.html'}")
+    print(f"wrote {out / REPORT_MD} and {out / REPORT_HTML}")
 
 
 def report(*, runs: list[Path], out: Path, overwrite: bool) -> None:
-    from bdvae.report import read_entries, write_report
+    from bdvae.report import REPORT_FILES, read_entries, write_report
 
     if out.exists() and not out.is_dir():
         raise BdvaeError(f"--out {out}: exists and is not a folder")
-    there = [name for name in ("report.md", "report.html", "rate_distortion.png") if (out / name).exists()]
+    there = [name for name in REPORT_FILES if (out / name).exists()]
     if there and not overwrite:
         raise BdvaeError(f"--out {out}: holds a report ({there[0]}); pass --overwrite to replace it")
     entries = read_entries(runs)  # every run checked before anything is written

@@ -253,8 +253,9 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
     n = len(x)
 
     terms = reconstruction_and_divergences(run, x, intensities, gen)
+    precision = iwae_precision(options, where)
     # An unfinished IWAE of this very setting (the evaluation was stopped) is taken up, not redone.
-    setting = {"k": options.k, "seed": options.seed, "images": n, "precision": iwae_precision(options, where),
+    setting = {"k": options.k, "seed": options.seed, "images": n, "precision": precision,
                "device": where.type, "decode_batch": iwae_decode_batch(options, where),
                "weights": rundir.weights_digest(run.path)}
     done = None
@@ -284,7 +285,7 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
             "kl_dim_mean": terms["kl_per_dim"].mean().item(), "bhattacharyya_dim_mean": terms["bd_per_dim"].mean().item(),
         },
         "neg_elbo": mean_and_error(neg_elbo),
-        "iwae_nll": {**mean_and_error(nll), "k": options.k, "precision": iwae_precision(options, where),
+        "iwae_nll": {**mean_and_error(nll), "k": options.k, "precision": precision,
                      "device": where.type,
                      "importance_samples_per_second": (n - resumed_after) * options.k / iwae_seconds,
                      "resumed_after_images": resumed_after},

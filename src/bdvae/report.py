@@ -45,6 +45,8 @@ COLUMNS: tuple[tuple[str, tuple[str, ...], int], ...] = tuple(
     (f.column, f.path, f.decimals) for f in FIGURES if f.column and f.decimals is not None and f.scope != "sampler")
 SAMPLER_COLUMNS: tuple[tuple[str, tuple[str, ...], int], ...] = tuple(
     (f.column, f.path, f.decimals) for f in FIGURES if f.column and f.decimals is not None and f.scope != "run")
+REPORT_MD, REPORT_HTML, RATE_DISTORTION = "report.md", "report.html", "rate_distortion.png"
+REPORT_FILES = (REPORT_MD, REPORT_HTML, RATE_DISTORTION)  # what write_report puts in OUT
 PICTURES = (("originals", rundir.ORIGINALS), ("reconstructions", rundir.RECONSTRUCTIONS),
             ("samples from N(0, I)", rundir.SAMPLES), ("latent histograms", rundir.LATENT_HISTOGRAMS))
 
@@ -203,7 +205,7 @@ def markdown(entries: Sequence[Entry], rows: list[dict[str, Any]], out: Path) ->
     sampler_pics = _sampler_pictures(entries)
     if sampler_pics:
         parts += ["## Samplers", "", markdown_table(sampler_rows(entries), SAMPLER_HEADER), "", SAMPLERS_NOTE, ""]
-    parts += ["## Rate–distortion", "", "![rate-distortion](rate_distortion.png)", ""]
+    parts += ["## Rate–distortion", "", f"![rate-distortion]({RATE_DISTORTION})", ""]
     for title, pics in (("Pictures", PICTURES), ("Samples per sampler", tuple(sampler_pics))):
         if not pics:
             continue
@@ -272,7 +274,7 @@ img.wide {{ width: 1200px; }}
 {_html_table(HEADER, rows)}
 <ul>{notes}</ul>
 {samplers}
-<h2>Rate–distortion</h2>{_img(out / "rate_distortion.png", "plot")}
+<h2>Rate–distortion</h2>{_img(out / RATE_DISTORTION, "plot")}
 <h2>Pictures (first seed of each configuration)</h2>
 {_figures(entries, PICTURES)}
 </body></html>
@@ -282,10 +284,10 @@ img.wide {{ width: 1200px; }}
 def write_report(out: Path, entries: Sequence[Entry]) -> tuple[Path, Path]:
     """Write OUT/rate_distortion.png, OUT/report.md and OUT/report.html; return the two reports."""
     rows = summary_rows(entries)
-    save_rate_distortion(rows, out / "rate_distortion.png")
-    write_text(out / "report.md", markdown(entries, rows, out))
-    write_text(out / "report.html", html_page(entries, rows, out))
-    return out / "report.md", out / "report.html"
+    save_rate_distortion(rows, out / RATE_DISTORTION)
+    write_text(out / REPORT_MD, markdown(entries, rows, out))
+    write_text(out / REPORT_HTML, html_page(entries, rows, out))
+    return out / REPORT_MD, out / REPORT_HTML
 
 
 # Config values the runs of one report may differ in besides regularizer, beta and seed: where the

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bdvae.compare import Entry, gpu_slots
-from bdvae.report import markdown_table, summary_rows
+from bdvae.report import markdown_table, summary_line, summary_rows
 from conftest import run_cli
 
 
@@ -124,6 +124,8 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert rows[0]["cells"]["KL"] is None
     table = markdown_table(rows)
     assert "| bhattacharyya | 1 | 2 | 12.00 ± 2.83 |" in table and "| kl | 1 | 1 | 7.00 |" in table
+    assert summary_line(rows).startswith("2 configurations, 1/2 seeds each; mean ± std over seeds;")
+    assert summary_line(rows[1:]).startswith("1 configuration, 1 seed each; one seed, so no spread over seeds;")
 
 
 @pytest.mark.slow

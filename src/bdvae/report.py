@@ -125,8 +125,10 @@ def row_values(r: dict[str, Any]) -> list[str]:
 
 def summary_line(rows: list[dict[str, Any]]) -> str:
     seeds = sorted({r["seeds"] for r in rows})
-    return (f"{len(rows)} configurations, {'/'.join(map(str, seeds))} seeds each; "
-            "mean ± std over seeds; ↓ lower is better, ↑ higher is better.")
+    spread = "mean ± std over seeds" if seeds[-1] > 1 else "one seed, so no spread over seeds"
+    return (f"{len(rows)} configuration{'s' if len(rows) != 1 else ''}, "
+            f"{'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''} each; "
+            f"{spread}; ↓ lower is better, ↑ higher is better.")
 
 
 def markdown_table(rows: list[dict[str, Any]], header: Sequence[str] = HEADER) -> str:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bdvae.compare import Entry, gpu_slots
-from bdvae.report import markdown_table, summary_line, summary_rows
+from bdvae.report import markdown, markdown_table, summary_line, summary_rows
 from conftest import run_cli
 
 
@@ -128,6 +128,20 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert summary_line(rows[1:]).startswith("1 configuration, 1 seed each; one seed, so no spread over seeds;")
 
 
+def test_a_mean_over_seeds_evaluated_with_different_k_is_flagged():
+    def entry(reg, seed, k):
+        metrics = {"iwae_nll": {"mean": 85.0, "k": k}, "test_images": 10000, "prior_match": {"mmd2_null": 3e-5}}
+        return Entry(reg, 1.0, seed, Path("."), metrics)
+
+    same = [entry("kl", 0, 5000), entry("kl", 1, 5000), entry("bhattacharyya", 0, 1000), entry("bhattacharyya", 1, 1000)]
+    text = markdown(same, summary_rows(same), Path("."))
+    assert "Evaluation settings differ between runs" in text and "mixes seeds" not in text  # each mean is of one K
+    mixed = [*same[:3], entry("bhattacharyya", 1, 5000)]
+    text = markdown(mixed, summary_rows(mixed), Path("."))
+    assert ("The mean ± std of bhattacharyya β=1 mixes seeds evaluated in different settings: "
+            "read its figures seed by seed.") in text
+
+
 @pytest.mark.slow
 def test_two_compare_jobs_on_one_folder_train_each_run_once(mnist_dir, tmp_path):
     import subprocess
@@ -176,6 +190,7 @@ def test_report_of_runs_evaluated_apart_matches_compare_and_links_them_from_anyw
     assert ("Evaluation settings differ between runs: IWAE K = 7 importance samples per image, 300 test images, 300 decoded "
             "samples scored for bhattacharyya β=1 seed 0; IWAE K = 2 importance samples per image, 300 test images, 300 decoded "
             "samples scored for bhattacharyya β=1 seed 1, kl β=1 seed 0, kl β=1 seed 1.") in (out / "report.md").read_text()
+    assert "The mean ± std of bhattacharyya β=1 mixes seeds" in (out / "report.md").read_text()  # its two seeds' K differ
 
 
 def test_report_refuses_runs_it_cannot_compare_in_one_line_and_keeps_an_earlier_report(compared, tmp_path):

@@ -195,6 +195,11 @@ def _notes(entries: Sequence[Entry]) -> list[str]:
         notes.append("Evaluation settings differ between runs: " + "; ".join(
             f"{setting} for {', '.join(runs)}" for setting, runs in settings.items())
             + ". A smaller K gives a looser upper bound on −ln p(x) (a higher figure); fewer samples, a larger Fréchet distance.")
+        mixed = [f"{reg} β={beta:g}" for (reg, beta), members in group(entries).items()
+                 if len({_setting(e.metrics) for e in members if e.metrics.get("iwae_nll")}) > 1]
+        if mixed:
+            notes.append(f"The mean ± std of {', '.join(mixed)} mixes seeds evaluated in different settings: "
+                         "read its figures seed by seed.")
     nulls = sorted({f"{e.metrics['prior_match']['mmd2_null']:.5f}" for e in entries})
     notes.append("MMD² compares q(z) with N(0, I); the same statistic between two N(0, I) samples of that size "
                  f"(its null, pure sampling noise) is {', '.join(nulls)}.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -176,6 +177,15 @@ def test_train_help_lists_the_presets():
     result = run_cli("train", "--help")
     assert result.returncode == 0
     assert "--preset NAME" in result.stdout and "quality, reference" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize("command", [["sample"], ["sampler", "fit"], ["sampler", "list"], ["reconstruct"], ["evaluate"]])
+def test_every_run_argument_says_what_it_takes(command, capsys):
+    from bdvae.__main__ import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*command, "--help"])
+    assert re.search(r"^  RUN +a run directory written by", capsys.readouterr().out, re.MULTILINE)
 
 
 @pytest.mark.parametrize("command", [["evaluate", "RUN"], ["compare", "--out", "OUT"]])

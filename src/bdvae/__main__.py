@@ -317,6 +317,10 @@ SAMPLERS_HELP = ("comma-separated latent samplers whose samples are scored: prio
 DEVICE_HELP = "auto (a CUDA GPU when there is one), cpu or cuda (default auto)"
 
 
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, metavar="RUN", help="a run directory written by `bdvae train`")
+
+
 def _add_preset(p: argparse.ArgumentParser) -> None:
     from bdvae.config import preset_names  # the config module imports no torch
 
@@ -355,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = commands.add_parser("sample", help="decode z ~ N(0, I) into a grid of images")
-    p.add_argument("run", type=Path)
+    _add_run(p)
     p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--seed", type=int, default=None, help="seed of the draws (default: random)")
@@ -366,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("sampler", help="latent samplers fitted to a run's aggregate posterior q(z)")
     sampler_commands = p.add_subparsers(dest="sampler_command", required=True, parser_class=_Parser)
     p = sampler_commands.add_parser("fit", help="fit a sampler on the run's training latents; store it in RUN/samplers/")
-    p.add_argument("run", type=Path)
+    _add_run(p)
     p.add_argument("kind", help="gmm (a Gaussian mixture, full covariances) or two_stage (a second VAE); "
                    "a name such as gmm-20 or two_stage-kl spells its option")
     p.add_argument("--components", type=int, help=f"gmm: mixture components (default {DEFAULT_COMPONENTS})")
@@ -376,17 +380,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample: one z ~ q(z|x) per training image (default); mean: the posterior means")
     p.add_argument("--overwrite", action="store_true", help="replace a sampler of that name fitted before")
     p = sampler_commands.add_parser("list", help="the samplers fitted in a run directory")
-    p.add_argument("run", type=Path)
+    _add_run(p)
 
     p = commands.add_parser("reconstruct", help="test images and their reconstructions, in alternating rows")
-    p.add_argument("run", type=Path)
+    _add_run(p)
     p.add_argument("-n", type=int, default=32, help="number of test images (default 32)")
     p.add_argument("--ncol", type=int, default=8, help="images per row (default 8)")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     p = commands.add_parser("evaluate", help="test-set metrics of a run: likelihood, divergences, prior match, samples")
-    p.add_argument("run", type=Path)
+    _add_run(p)
     p.add_argument("-k", type=int, default=100, help="importance samples per image for -ln p(x) (default 100)")
     p.add_argument("--samples", type=int, default=10000, help="images decoded from N(0, I) for sample quality (default 10000)")
     p.add_argument("--test-size", type=int, help="only the first N test images (default: all)")

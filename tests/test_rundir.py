@@ -12,8 +12,10 @@ def test_overwrite_removes_the_old_runs_outputs_and_keeps_other_files(tmp_path):
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
     (run / "checkpoints").mkdir()
+    (run / "samplers").mkdir()  # fitted to the old model's latents: they would decode nonsense with the new one
     for name in ("run.json", "model.safetensors", "metrics.json", "metrics.jsonl", "samples.png", "eval/traversal.png",
-                 "checkpoints/step-000000010.safetensors", "config.toml", "my-notes.txt"):
+                 "checkpoints/step-000000010.safetensors", "samplers/gmm-10.json", "samplers/gmm-10.safetensors",
+                 "config.toml", "my-notes.txt"):
         (run / name).write_text("old")
     with pytest.raises(BdvaeError, match="run directory exists"):
         rundir.prepare(run, overwrite=False)

@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train with N data-parallel processes on this machine (launches torchrun)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = commands.add_parser("sample", help="decode z ~ N(0, I) into a grid of images")
+    p = commands.add_parser("sample", help="decode draws of z (from N(0, I) or a fitted sampler) into a grid of images")
     _add_run(p)
     p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     p = data_commands.add_parser("fetch", help="download, verify and cache a dataset")
     p.add_argument("name", choices=sorted(KNOWN))
-    p.add_argument("--data-dir", type=Path, help="cache folder (default: $BDVAE_DATA_DIR or ~/.cache/bdvae)")
+    p.add_argument("--data-dir", type=Path, help="cache folder (default: $BDVAE_DATA_DIR, else $XDG_CACHE_HOME/bdvae, else ~/.cache/bdvae)")
     p.add_argument("--source-dir", type=Path, help="take the four IDX files from this folder instead of downloading")
     p.add_argument("--force", action="store_true", help="fetch again even if the cache is filled")
     return parser

@@ -59,9 +59,10 @@ KEEP_STATES = 2  # the newest and the one before it, in case the newest is damag
 FINISHED = (CONFIG_FILE, RUN_FILE, WEIGHTS_FILE)  # a finished run has them all: run.json and the weights come last
 
 # What --overwrite removes (config.toml is written anew at once): nothing of the old run (its
-# weights, its metrics, a finished marker) may be mistaken for the new one's. Other files stay.
+# weights, its metrics, a finished marker, samplers fitted to its latents) may be mistaken for the
+# new one's. Other files stay.
 RUN_OUTPUTS = (RUN_FILE, WEIGHTS_FILE, METRICS_LOG, METRICS_FILE, LOSS_CURVE, ORIGINALS, RECONSTRUCTIONS, SAMPLES)
-RUN_OUTPUT_DIRS = (STATES_DIR, EVAL_DIR)
+RUN_OUTPUT_DIRS = (STATES_DIR, EVAL_DIR, SAMPLERS_DIR)
 
 
 # ---------------------------------------------------------------------------------------------

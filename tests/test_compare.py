@@ -93,6 +93,28 @@ def test_a_run_with_another_config_is_refused_and_left_alone(compared, mnist_dir
     assert config.read_bytes() == before
 
 
+def test_a_run_differing_only_in_where_the_data_is_cached_or_its_threads_is_reused(tmp_path):
+    from dataclasses import replace
+
+    from bdvae import rundir
+    from bdvae.compare import ensure_trained
+    from bdvae.config import Config
+    from bdvae.errors import BdvaeError
+
+    config = Config()
+    run = tmp_path / "run"
+    run.mkdir()
+    rundir.write_config(run, replace(config, data=replace(config.data, data_dir=str(tmp_path / "another-cache")),
+                                     train=replace(config.train, threads=1)))
+    for name in ("run.json", "model.safetensors"):  # what marks it finished
+        (run / name).write_text("{}")
+    said = []
+    ensure_trained(config, run, progress=False, log=said.append)
+    assert said == ["run: finished run reused"]
+    with pytest.raises(BdvaeError, match=r"holds a run with a different config \(train.lr is 0.001 there\)"):
+        ensure_trained(replace(config, train=replace(config.train, lr=0.01)), run, progress=False, log=said.append)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--beta", "one"], "--beta: expected a comma-separated list"),
     (["--regularizers", "bhattacharyya,nope"], "objective.regularizer must be one of"),

@@ -50,11 +50,13 @@ def planned_config(base: Config, regularizer: str, beta: float, seed: int, epoch
 
 def ensure_trained(config: Config, run_dir: Path, progress: bool | None, log: Callable[[str], None],
                    device: str = "auto") -> None:
-    """Train `run_dir`, resume it, or reuse it if it already holds a finished run of exactly `config`."""
+    """Train `run_dir`, resume it, or reuse it if it already holds a run of `config` (where the
+    data is cached and the thread count aside: config.MACHINE_KEYS)."""
     if rundir.is_started(run_dir):
-        existing = rundir.read_config(run_dir)
-        if config_lib.to_dict(existing) != config_lib.to_dict(config):
-            raise BdvaeError(f"{run_dir}: holds a run with a different config; choose another --out or move that run away")
+        there = config_lib.flat(rundir.read_config(run_dir), without=config_lib.MACHINE_KEYS)
+        if key := config_lib.first_difference(config_lib.flat(config, without=config_lib.MACHINE_KEYS), there):
+            raise BdvaeError(f"{run_dir}: holds a run with a different config ({key} is {there.get(key)!r} there); "
+                             "choose another --out or move that run away")
         if rundir.is_finished(run_dir):
             log(f"{run_dir.name}: finished run reused")
         else:

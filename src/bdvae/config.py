@@ -221,6 +221,23 @@ def to_dict(config: Config) -> dict[str, Any]:
     }
 
 
+# Config values that say how a machine runs a model, not which model it is: where it caches the
+# data and how many threads it uses. Runs that differ only in them are the same run to `compare`
+# (which reuses it) and to `report` (which puts them side by side).
+MACHINE_KEYS = ("data.data_dir", "train.threads")
+
+
+def flat(config: Config, without: tuple[str, ...] = ()) -> dict[str, Any]:
+    """{"section.key": value} of the set values, leaving out the keys in `without`."""
+    return {f"{section}.{key}": value for section, values in to_dict(config).items()
+            for key, value in values.items() if f"{section}.{key}" not in without}
+
+
+def first_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """The first key whose value differs between two flat configs (one may lack it), else None."""
+    return next((k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)), None)
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """``section.key=value`` -> (section, key, value); the value is read as TOML, else as a bare string."""
     name, sep, value_text = text.partition("=")

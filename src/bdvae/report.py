@@ -297,15 +297,9 @@ def write_report(out: Path, entries: Sequence[Entry]) -> tuple[Path, Path]:
     return out / REPORT_MD, out / REPORT_HTML
 
 
-# Config values the runs of one report may differ in besides regularizer, beta and seed: where the
-# machine caches the data and how many threads it ran. Any other difference is another model.
-_MACHINE_KEYS = ("data.data_dir", "train.threads")
+# What the runs of one report vary; besides these they may differ only in config.MACHINE_KEYS. Any
+# other difference is another model.
 _VARIED_KEYS = ("objective.regularizer", "objective.beta", "train.seed")
-
-
-def _flat(config: config_lib.Config) -> dict[str, Any]:
-    return {f"{section}.{key}": value for section, values in config_lib.to_dict(config).items()
-            for key, value in values.items() if f"{section}.{key}" not in _MACHINE_KEYS + _VARIED_KEYS}
 
 
 def read_entries(run_dirs: Sequence[Path]) -> list[Entry]:
@@ -326,11 +320,10 @@ def read_entries(run_dirs: Sequence[Path]) -> list[Entry]:
             raise BdvaeError(f"{run_dir}: not evaluated; run `bdvae evaluate {run_dir}` first")
         if missing := missing_figures(metrics):
             raise BdvaeError(f"{run_dir}: its {rundir.METRICS_FILE} lacks {missing[0]}; run `bdvae evaluate {run_dir}` again")
-        flat = _flat(config)
+        flat = config_lib.flat(config, without=config_lib.MACHINE_KEYS + _VARIED_KEYS)
         if first is None:
             first = run_dir, flat
-        elif flat != first[1]:
-            key = next(k for k in dict.fromkeys([*flat, *first[1]]) if flat.get(k) != first[1].get(k))
+        elif key := config_lib.first_difference(flat, first[1]):
             raise BdvaeError(f"{run_dir}: {key} is {flat.get(key)!r}, {first[0]} has {first[1].get(key)!r}; "
                              "a report compares regularizers, betas and seeds of one model on one dataset")
         entry = Entry(config.objective.regularizer, config.objective.beta, config.train.seed, run_dir, metrics)

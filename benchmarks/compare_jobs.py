@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from performance import machine  # benchmarks/ is on the path of a script run from it
+
 # 2 regularizers x 2 seeds = 4 runs of one epoch on 6,000 images, each evaluated on 1,000 test images.
 PLAN = ["--regularizers", "bhattacharyya,kl", "--seeds", "2", "--epochs", "1", "--set", "data.train_size=6000",
         "-k", "20", "--samples", "1000", "--test-size", "1000", "--quiet"]
@@ -53,8 +55,8 @@ def main() -> None:
     for jobs, values in seconds.items():
         print(f"--jobs {jobs:<3} {medians[jobs]:>9.1f} {medians[1] / medians[jobs]:>8.2f}x   "
               + ", ".join(f"{v:.1f}" for v in values))
-    args.json.write_text(json.dumps({"seconds": seconds, "medians": medians, "cpu_count": os.cpu_count(),
-                                     "plan": PLAN}, indent=2) + "\n")
+    args.json.write_text(json.dumps({"machine": machine(), "seconds": seconds, "medians": medians,
+                                     "cpu_count": os.cpu_count(), "plan": PLAN}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,6 +73,54 @@ def test_jobs_train_configurations_in_parallel_processes_with_the_same_results(c
         assert ours["iwae_nll"]["mean"] == pytest.approx(theirs["iwae_nll"]["mean"], rel=1e-3)
         assert ours["divergences"]["kl"]["mean"] == pytest.approx(theirs["divergences"]["kl"]["mean"], rel=1e-3)
     assert (out / "report.md").read_text().count(" ± ") == (compared / "report.md").read_text().count(" ± ")
+
+
+def _long_compare_with_jobs(mnist_dir, out):
+    """`compare --jobs 2` of 4 runs, each training long enough (3 epochs of 8,192 images on one
+    thread) that nothing ends by itself while a test stops it."""
+    return [sys.executable, "-m", "bdvae", "compare", "--regularizers", "bhattacharyya,kl", "--seeds", "2",
+            "--epochs", "3", "--jobs", "2", "--out", str(out), "--data-dir", str(mnist_dir),
+            "--set", "data.train_size=8192", "--set", "train.batch_size=64", "-k", "2", "--samples", "300",
+            "--test-size", "300", "--quiet"]
+
+
+@pytest.mark.slow
+def test_a_failed_job_stops_the_running_ones_and_starts_no_other(mnist_dir, tmp_path):
+    out = tmp_path / "cmp"
+    taken = out / "runs" / "bhattacharyya-beta1-seed0"
+    taken.mkdir(parents=True)
+    from bdvae import config as config_lib, rundir
+
+    rundir.write_config(taken, config_lib.load(overrides=["data.train_size=8192", "train.batch_size=64", "train.epochs=3",
+                                                          "train.lr=0.5"]))  # another config: its job fails at once
+    before = (taken / "config.toml").read_text()
+    result = subprocess.run(_long_compare_with_jobs(mnist_dir, out), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert result.stderr == f"bdvae: error: {taken}: holds a run with a different config (train.lr is 0.5 there); " \
+                            "choose another --out or move that run away\n"
+    assert (taken / "config.toml").read_text() == before
+    assert not (out / "runs" / "bhattacharyya-beta1-seed1" / "run.json").exists()  # stopped midway
+    assert not (out / "runs" / "kl-beta1-seed0").exists() and not (out / "runs" / "kl-beta1-seed1").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_job_in_one_line_and_starts_no_other(mnist_dir, tmp_path):
+    out = tmp_path / "cmp"
+    # Its own session, so that the SIGINT goes to the whole process group, as a terminal's Ctrl-C does.
+    proc = subprocess.Popen(_long_compare_with_jobs(mnist_dir, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    started = set()
+    while len(started) < 2:  # both jobs are training
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        if line.endswith(": training\n"):
+            started.add(line.split()[0])
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and stderr == "bdvae: interrupted\n", stderr
+    assert started == {"[bhattacharyya-beta1-seed0]", "[bhattacharyya-beta1-seed1]"}
+    assert not any((out / "runs" / name / "run.json").exists() for name in ("bhattacharyya-beta1-seed0", "bhattacharyya-beta1-seed1"))
+    assert not (out / "runs" / "kl-beta1-seed0").exists() and not (out / "runs" / "kl-beta1-seed1").exists()
 
 
 @pytest.mark.slow

@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +61,8 @@ def ensure_trained(config: Config, run_dir: Path, progress: bool | None, log: Ca
     if rundir.is_started(run_dir):
         there = config_lib.flat(rundir.read_config(run_dir), without=config_lib.MACHINE_KEYS)
         if key := config_lib.first_difference(config_lib.flat(config, without=config_lib.MACHINE_KEYS), there):
-            raise BdvaeError(f"{run_dir}: holds a run with a different config ({key} is {there.get(key)!r} there); "
+            value = repr(there[key]) if key in there else "unset"
+            raise BdvaeError(f"{run_dir}: holds a run with a different config ({key} is {value} there); "
                              "choose another --out or move that run away")
         if rundir.is_finished(run_dir):
             log(f"{run_dir.name}: finished run reused")
@@ -106,21 +113,70 @@ def gpu_slots(jobs: int, gpus: int) -> list[int]:
     return [i % gpus for i in range(jobs)]
 
 
-def _take_gpu(slots: Any) -> None:
-    """Worker initializer of `compare --jobs` on CUDA: this process's GPU, taken from the queue of
-    slots, becomes its current device, which device "auto" and "cuda" then mean (resolve_device)."""
+def _interrupt_once(signum: int, frame: Any) -> None:
+    """A job's SIGINT handler: a KeyboardInterrupt, once. The terminal's Ctrl-C and the parent's
+    stop may both arrive; the second must not cut short what the first started (a checkpoint, an
+    IWAE's progress being saved)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _job(config: Config, run_dir: Path, options: EvalOptions, threads: int, device: str, gpu: int | None,
+         stop: Any, conn: Any) -> None:
+    """One configuration in a process of its own (`compare --jobs`): its share of the cores, its GPU
+    on CUDA (then what device "auto" and "cuda" mean), no progress bars (they would interleave),
+    log lines prefixed with the run's name. What it ends with goes back through `conn`: ("done",
+    metrics), ("failed", the error) or ("interrupted", None). It starts with SIGINT ignored (so a
+    Ctrl-C while it starts up prints no traceback) and takes it from here on; a stop asked before
+    that is seen in `stop`."""
     import torch
 
-    torch.cuda.set_device(slots.get())
+    signal.signal(signal.SIGINT, _interrupt_once)
+    try:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        if gpu is not None:
+            torch.cuda.set_device(gpu)
+        torch.set_num_threads(threads)  # train.threads, when set, still rules the training
+        metrics = _train_and_evaluate(config, run_dir, options, False, lambda m: say(f"[{run_dir.name}] {m}"), device)
+        conn.send(("done", metrics))
+    except KeyboardInterrupt:
+        conn.send(("interrupted", None))
+    except BaseException as e:  # handed to the parent, which raises it
+        conn.send(("failed", e if isinstance(e, (BdvaeError, OSError)) else
+                   RuntimeError(f"{run_dir.name}: {''.join(traceback.format_exception(e))}")))
 
 
-def _job(config: Config, run_dir: Path, options: EvalOptions, threads: int, device: str) -> dict[str, Any]:
-    """One configuration in a worker process of `compare --jobs`: its share of the cores, no
-    progress bars (they would interleave), log lines prefixed with the run's name."""
-    import torch
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored in this process meanwhile (on the main thread; elsewhere it cannot be set):
+    processes started now inherit that."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
-    torch.set_num_threads(threads)  # train.threads, when set, still rules the training
-    return _train_and_evaluate(config, run_dir, options, False, lambda m: say(f"[{run_dir.name}] {m}"), device)
+
+def _stop(processes: list[Any], stop: Any, grace: float = 60.0) -> None:
+    """Ask running jobs to stop as a Ctrl-C does (training keeps its checkpoint, an IWAE saves its
+    progress), then end those still running after `grace` seconds."""
+    stop.set()
+    for process in processes:
+        if process.is_alive():
+            if os.name == "posix":
+                os.kill(process.pid, signal.SIGINT)
+            else:
+                process.terminate()
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.terminate()
+            process.join()
 
 
 def compare(base: Config, regularizers: list[str], betas: list[float], seeds: int, out: Path,
@@ -162,36 +218,50 @@ def compare(base: Config, regularizers: list[str], betas: list[float], seeds: in
 
 def _in_parallel(plan: list[tuple[str, float, int]], configs: dict, run_dirs: dict, options: EvalOptions, jobs: int,
                  log: Callable[[str], None], device: str, on_gpu: bool) -> dict[tuple[str, float, int], dict[str, Any]]:
-    """Every configuration as a job in a pool of `jobs` processes (spawned: a fresh interpreter, no
-    forked torch thread pools), each on a GPU of its own while there are enough (`on_gpu`). The
-    first failure cancels the jobs not yet started and is raised; runs finished by then stay on
-    disk, to be reused by the next compare."""
+    """Every configuration in a process of its own, `jobs` at a time (spawned: a fresh interpreter,
+    no forked torch thread pools), each on a GPU of its own while there are enough (`on_gpu`). The
+    first failure, or a Ctrl-C, stops the jobs running and starts no other, then is raised; runs
+    finished by then stay on disk, and the stopped ones can be resumed, by the next compare."""
     import multiprocessing
-    import os
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing.connection import wait
 
     import torch
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     spawn = multiprocessing.get_context("spawn")
-    pinning: dict[str, Any] = {}
-    where = ""
-    if on_gpu:
-        slots = spawn.Queue()
-        for gpu in gpu_slots(jobs, torch.cuda.device_count()):
-            slots.put(gpu)
-        pinning = {"initializer": _take_gpu, "initargs": (slots,)}
-        where = f", on {min(jobs, torch.cuda.device_count())} GPUs"
+    free: list[int | None] = gpu_slots(jobs, torch.cuda.device_count()) if on_gpu else [None] * jobs
+    where = f", on {min(jobs, torch.cuda.device_count())} GPUs" if on_gpu else ""
     log(f"{len(plan)} runs, {jobs} at a time, {threads} threads each{where}")
-    with ProcessPoolExecutor(jobs, mp_context=spawn, **pinning) as pool:
-        futures = {pool.submit(_job, configs[key], run_dirs[key], options, threads, device): key for key in plan}
-        metrics = {}
-        try:
-            for done, future in enumerate(as_completed(futures), 1):
-                key = futures[future]
-                metrics[key] = future.result()
-                log(f"[{done}/{len(plan)}] {run_dirs[key].name} done")
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    stop = spawn.Event()
+    waiting = list(plan)
+    running: dict[Any, tuple[tuple[str, float, int], Any, int | None]] = {}  # connection -> (key, process, GPU)
+    metrics = {}
+    try:
+        while waiting or running:
+            while waiting and free:
+                key, gpu = waiting.pop(0), free.pop(0)
+                receive, send = spawn.Pipe(duplex=False)
+                process = spawn.Process(target=_job, args=(configs[key], run_dirs[key], options, threads, device, gpu,
+                                                           stop, send))
+                with _sigint_ignored():
+                    process.start()
+                send.close()  # the job's end only: its exit is then an end of file here
+                running[receive] = key, process, gpu
+            for conn in wait(list(running)):
+                key, process, gpu = running.pop(conn)
+                try:
+                    outcome, value = conn.recv()
+                except EOFError:  # it died without a word: killed, out of memory
+                    process.join()
+                    raise BdvaeError(f"{run_dirs[key].name}: its process ended with exit code {process.exitcode}") from None
+                process.join()
+                free.append(gpu)
+                if outcome == "interrupted":
+                    raise KeyboardInterrupt
+                if outcome == "failed":
+                    raise value
+                metrics[key] = value
+                log(f"[{len(metrics)}/{len(plan)}] {run_dirs[key].name} done")
+    finally:
+        _stop([process for _, process, _ in running.values()], stop)
     return metrics

@@ -186,6 +186,24 @@ def test_a_second_evaluate_reuses_the_fitted_samplers(evaluated):
 
 
 @pytest.mark.slow
+def test_an_evaluation_leaves_no_picture_of_an_earlier_one(evaluated, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(evaluated[0], run_dir)
+    (run_dir / "eval").mkdir(exist_ok=True)
+    (run_dir / "eval" / "samples-two_stage.png").write_bytes(b"an earlier evaluation's")
+    pictures = lambda: sorted(f"eval/{p.name}" for p in (run_dir / "eval").glob("*.png"))  # noqa: E731
+    args = ("evaluate", str(run_dir), "--samplers", "gmm-3", "-k", "2", "--samples", "300", "--test-size", "300", "--quiet")
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    ours = ["eval/interpolation.png", "eval/latent_histograms.png", "eval/latent_means.png", "eval/samples-gmm-3.png",
+            "eval/samples-prior.png", "eval/traversal.png"]
+    assert pictures() == ours == json.loads((run_dir / "metrics.json").read_text())["pictures"]
+    result = run_cli(*args, "--no-pictures")
+    assert result.returncode == 0, result.stderr
+    assert pictures() == [] and "pictures" not in json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.slow
 def test_sample_and_the_api_draw_from_a_fitted_sampler(evaluated, tmp_path):
     run_dir, _ = evaluated
     result = run_cli("sample", str(run_dir), "--sampler", "gmm-3", "--seed", "1", "-n", "16", "--out", str(tmp_path / "g.png"))

@@ -216,7 +216,7 @@ def sampler_scores(run: TrainedRun, data: Dataset, intensities: Tensor, test_z: 
 
 def write_pictures(run: TrainedRun, x: Tensor, labels: Tensor, terms: dict[str, Any]) -> list[str]:
     """Latent histograms, the 2-D view of the means, an interpolation grid and a traversal grid,
-    into the run directory; returns every evaluation picture there."""
+    into the run directory; returns them, relative to it."""
     folder = run.path
     (folder / rundir.EVAL_DIR).mkdir(exist_ok=True)
     mu = terms["mu"]
@@ -224,7 +224,7 @@ def write_pictures(run: TrainedRun, x: Tensor, labels: Tensor, terms: dict[str, 
     pictures.save_latent_scatter(mu, labels, folder / rundir.LATENT_MEANS)
     pictures.save_interpolation(run.model, x, mu, folder / rundir.INTERPOLATION)
     pictures.save_traversal(run.model, mu[0], folder / rundir.TRAVERSAL)
-    return rundir.eval_pictures(folder)
+    return [rundir.LATENT_HISTOGRAMS, rundir.LATENT_MEANS, rundir.INTERPOLATION, rundir.TRAVERSAL]
 
 
 def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: bool | None = None,
@@ -295,8 +295,10 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
     result["samplers"] = sampler_scores(run, data, intensities, terms["z"], samplers, options, pictures_to)
     result["sample_quality"] = result["samplers"]["prior"]["sample_quality"]  # as before samplers came
     if options.pictures:
-        result["pictures"] = write_pictures(run, intensities, data.test_labels, terms)
+        result["pictures"] = sorted([*map(rundir.samples_picture, samplers),
+                                     *write_pictures(run, intensities, data.test_labels, terms)])
     result["seconds"] = round(time.perf_counter() - started, 1)
+    rundir.remove_other_pictures(run.path, keep=result.get("pictures", []))
     rundir.write_metrics(run.path, result)
     rundir.clear_iwae_progress(run.path)
     return result

@@ -214,9 +214,13 @@ def samples_picture(name: str) -> str:
     return f"{EVAL_DIR}/samples-{name}.png"
 
 
-def eval_pictures(run_dir: Path) -> list[str]:
-    """The evaluation's pictures in a run directory, relative to it, sorted."""
-    return sorted(f"{EVAL_DIR}/{p.name}" for p in (Path(run_dir) / EVAL_DIR).glob("*.png"))
+def remove_other_pictures(run_dir: Path, keep: list[str]) -> None:
+    """Remove the pictures in eval/ that are not in `keep` (paths relative to the run directory):
+    an earlier evaluation's, such as the samples of a sampler not scored now, or all of them after
+    `--no-pictures`, so that none is read beside figures it does not belong to."""
+    for picture in (Path(run_dir) / EVAL_DIR).glob("*.png"):
+        if f"{EVAL_DIR}/{picture.name}" not in keep:
+            picture.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,8 +57,8 @@ def test_jobs_train_configurations_in_parallel_processes_with_the_same_results(c
     assert result.returncode == 0, result.stderr
     assert "4 runs, 2 at a time" in result.stdout
     lines = result.stdout.splitlines()
-    # Each worker prints its run's lines in order ("NAME: training" ... "NAME: evaluating"); the
-    # parent's "done" lines lag behind them, so overlap is read from the workers' own lines.
+    # Each job prints its run's lines in order ("NAME: training" ... "NAME: evaluating"); the
+    # parent's "done" lines lag behind them, so overlap is read from the jobs' own lines.
     names = ("bhattacharyya-beta1-seed0", "bhattacharyya-beta1-seed1", "kl-beta1-seed0", "kl-beta1-seed1")
     assert all(f"[{name}] {name}: {step}" in lines for name in names for step in ("training", "evaluating")), result.stdout
     trained = {name: (lines.index(f"[{name}] {name}: training"), lines.index(f"[{name}] {name}: evaluating"))

@@ -148,7 +148,7 @@ def test_compare_jobs_on_the_device(mnist_dir, tmp_path):
     gpus = min(2, torch.cuda.device_count()) if DEVICE == "cuda" else 0
     plan = next(line for line in result.stdout.splitlines() if line.startswith("2 runs, 2 at a time"))
     assert plan.endswith(f", on {gpus} GPUs") if gpus else "GPU" not in plan
-    # Each worker's training names the device it got: with 2 GPUs, one each.
+    # Each job's training names the device it got: with 2 GPUs, one each.
     used = set(re.findall(r" parameters; (cpu|cuda:\d+)", result.stdout))
     assert used == ({f"cuda:{i}" for i in range(gpus)} if gpus else {"cpu"}), result.stdout
     for name in ("bhattacharyya-beta1-seed0", "kl-beta1-seed0"):

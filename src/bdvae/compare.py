@@ -109,7 +109,8 @@ def _train_and_evaluate(config: Config, run_dir: Path, options: EvalOptions, pro
 
 
 def gpu_slots(jobs: int, gpus: int) -> list[int]:
-    """The GPU of each of `jobs` worker processes: spread over the `gpus` GPUs, round robin."""
+    """The GPU of each of `jobs` slots (each runs one configuration at a time): spread over the
+    `gpus` GPUs, round robin."""
     return [i % gpus for i in range(jobs)]
 
 

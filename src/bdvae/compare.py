@@ -134,18 +134,23 @@ def _job(config: Config, run_dir: Path, options: EvalOptions, threads: int, devi
 
     signal.signal(signal.SIGINT, _interrupt_once)
     try:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        if gpu is not None:
-            torch.cuda.set_device(gpu)
-        torch.set_num_threads(threads)  # train.threads, when set, still rules the training
-        metrics = _train_and_evaluate(config, run_dir, options, False, lambda m: say(f"[{run_dir.name}] {m}"), device)
-        conn.send(("done", metrics))
-    except KeyboardInterrupt:
-        conn.send(("interrupted", None))
-    except BaseException as e:  # handed to the parent, which raises it
-        conn.send(("failed", e if isinstance(e, (BdvaeError, OSError)) else
-                   RuntimeError(f"{run_dir.name}: {''.join(traceback.format_exception(e))}")))
+        try:
+            if stop.is_set():
+                raise KeyboardInterrupt
+            if gpu is not None:
+                torch.cuda.set_device(gpu)
+            torch.set_num_threads(threads)  # train.threads, when set, still rules the training
+            outcome = "done", _train_and_evaluate(config, run_dir, options, False,
+                                                  lambda m: say(f"[{run_dir.name}] {m}"), device)
+        except KeyboardInterrupt:
+            outcome = "interrupted", None
+        except BaseException as e:  # handed to the parent, which raises it
+            outcome = "failed", (e if isinstance(e, (BdvaeError, OSError)) else
+                                 RuntimeError(f"{run_dir.name}: {''.join(traceback.format_exception(e))}"))
+    except KeyboardInterrupt:  # a stop that landed while the outcome was being put together
+        outcome = "interrupted", None
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # settled: no stop may cut short telling it, or the exit
+    conn.send(outcome)
 
 
 @contextmanager
@@ -164,7 +169,7 @@ def _sigint_ignored() -> Iterator[None]:
 
 def _stop(processes: list[Any], stop: Any, grace: float = 60.0) -> None:
     """Ask running jobs to stop as a Ctrl-C does (training keeps its checkpoint, an IWAE saves its
-    progress), then end those still running after `grace` seconds."""
+    progress), then end those still running after `grace` seconds, or at once on another Ctrl-C."""
     stop.set()
     for process in processes:
         if process.is_alive():
@@ -173,8 +178,12 @@ def _stop(processes: list[Any], stop: Any, grace: float = 60.0) -> None:
             else:
                 process.terminate()
     deadline = time.monotonic() + grace
+    try:
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+    except KeyboardInterrupt:  # another Ctrl-C: wait no longer
+        pass
     for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
         if process.is_alive():
             process.terminate()
             process.join()

@@ -275,6 +275,10 @@ def test_report_refuses_runs_it_cannot_compare_in_one_line_and_keeps_an_earlier_
     config = (other_model / "config.toml").read_text()
     (other_model / "config.toml").write_text(config.replace("lr = 0.001", "lr = 0.01"))
     assert "lr = 0.01" in (other_model / "config.toml").read_text()
+    whole_data = _copy_run(run, tmp_path / "whole-data")  # no train_size: every training image
+    config = (whole_data / "config.toml").read_text()
+    (whole_data / "config.toml").write_text(config.replace("train_size = 512\n", ""))
+    assert "train_size" not in (whole_data / "config.toml").read_text()
     out = tmp_path / "report"
     out.mkdir()
     (out / "report.md").write_text("an earlier report")
@@ -284,6 +288,7 @@ def test_report_refuses_runs_it_cannot_compare_in_one_line_and_keeps_an_earlier_
         ([str(unevaluated), "--out", str(tmp_path / "r3")], "not evaluated; run `bdvae evaluate"),
         ([str(run), str(other_model), "--out", str(tmp_path / "r4")], "train.lr is 0.01, "),
         ([str(run), str(_copy_run(run, tmp_path / "twin")), "--out", str(tmp_path / "r5")], "both are kl, β=1, seed 0"),
+        ([str(run), str(whole_data), "--out", str(tmp_path / "r6")], f"data.train_size is unset, {run} has 512; "),
         ([str(run), "--out", str(out)], "holds a report (report.md); pass --overwrite"),
     ]:
         result = run_cli("report", *args)
@@ -292,4 +297,4 @@ def test_report_refuses_runs_it_cannot_compare_in_one_line_and_keeps_an_earlier_
             continue
         assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert (out / "report.md").read_text() == "an earlier report"
-    assert not any((tmp_path / f"r{i}").exists() for i in range(2, 6))
+    assert not any((tmp_path / f"r{i}").exists() for i in range(2, 7))

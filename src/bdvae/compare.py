@@ -61,8 +61,7 @@ def ensure_trained(config: Config, run_dir: Path, progress: bool | None, log: Ca
     if rundir.is_started(run_dir):
         there = config_lib.flat(rundir.read_config(run_dir), without=config_lib.MACHINE_KEYS)
         if key := config_lib.first_difference(config_lib.flat(config, without=config_lib.MACHINE_KEYS), there):
-            value = repr(there[key]) if key in there else "unset"
-            raise BdvaeError(f"{run_dir}: holds a run with a different config ({key} is {value} there); "
+            raise BdvaeError(f"{run_dir}: holds a run with a different config ({key} is {config_lib.shown(there, key)} there); "
                              "choose another --out or move that run away")
         if rundir.is_finished(run_dir):
             log(f"{run_dir.name}: finished run reused")

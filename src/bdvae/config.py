@@ -238,6 +238,11 @@ def first_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
     return next((k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)), None)
 
 
+def shown(flat_config: dict[str, Any], key: str) -> str:
+    """A flat config's value of `key` as an error message shows it: its repr, or "unset"."""
+    return repr(flat_config[key]) if key in flat_config else "unset"
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """``section.key=value`` -> (section, key, value); the value is read as TOML, else as a bare string."""
     name, sep, value_text = text.partition("=")

@@ -324,7 +324,7 @@ def read_entries(run_dirs: Sequence[Path]) -> list[Entry]:
         if first is None:
             first = run_dir, flat
         elif key := config_lib.first_difference(flat, first[1]):
-            raise BdvaeError(f"{run_dir}: {key} is {flat.get(key)!r}, {first[0]} has {first[1].get(key)!r}; "
+            raise BdvaeError(f"{run_dir}: {key} is {config_lib.shown(flat, key)}, {first[0]} has {config_lib.shown(first[1], key)}; "
                              "a report compares regularizers, betas and seeds of one model on one dataset")
         entry = Entry(config.objective.regularizer, config.objective.beta, config.train.seed, run_dir, metrics)
         if twin := next((e for e in entries if (e.regularizer, e.beta, e.seed) == (entry.regularizer, entry.beta, entry.seed)), None):

@@ -214,6 +214,20 @@ def test_a_mean_over_seeds_evaluated_with_different_k_is_flagged():
     text = markdown(mixed, summary_rows(mixed), Path("."))
     assert ("The mean ± std of bhattacharyya β=1 mixes seeds evaluated in different settings: "
             "read its figures seed by seed.") in text
+    assert "decoder ran in" not in text  # no precision recorded, nothing to say
+
+
+def test_seeds_whose_iwae_decoder_ran_in_different_precisions_are_named():
+    def entry(seed, precision):
+        metrics = {"iwae_nll": {"mean": 85.0, "k": 5000, "precision": precision}, "test_images": 10000,
+                   "prior_match": {"mmd2_null": 3e-5}}
+        return Entry("kl", 1.0, seed, Path("."), metrics)
+
+    same = [entry(0, "bf16"), entry(1, "bf16")]
+    assert "decoder ran in" not in markdown(same, summary_rows(same), Path("."))
+    mixed = [entry(0, "bf16"), entry(1, "fp32"), entry(2, "bf16")]
+    assert ("The IWAE's decoder ran in bf16 for kl β=1 seed 0, kl β=1 seed 2; in fp32 for kl β=1 seed 1 "
+            "(bdvae evaluate --precision;") in markdown(mixed, summary_rows(mixed), Path("."))
 
 
 @pytest.mark.slow

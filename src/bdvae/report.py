@@ -38,6 +38,10 @@ class Entry:
     run_dir: Path
     metrics: dict[str, Any]
 
+    @property
+    def label(self) -> str:
+        return f"{self.regularizer} β={self.beta:g} seed {self.seed}"
+
 
 # (column, path into metrics.json, decimals), from the one table of reported figures: the run's
 # (sample quality: the prior's), and each sampler's, read from metrics["samplers"][NAME].
@@ -188,7 +192,7 @@ def _notes(entries: Sequence[Entry]) -> list[str]:
     settings: dict[str, list[str]] = {}
     for e in entries:
         if e.metrics.get("iwae_nll"):
-            settings.setdefault(_setting(e.metrics), []).append(f"{e.regularizer} β={e.beta:g} seed {e.seed}")
+            settings.setdefault(_setting(e.metrics), []).append(e.label)
     if len(settings) == 1:
         notes.append(f"Each run evaluated with {next(iter(settings))}.")
     elif settings:  # runs evaluated apart (bdvae report): say which figure is which bound
@@ -200,6 +204,13 @@ def _notes(entries: Sequence[Entry]) -> list[str]:
         if mixed:
             notes.append(f"The mean ± std of {', '.join(mixed)} mixes seeds evaluated in different settings: "
                          "read its figures seed by seed.")
+    precisions: dict[str, list[str]] = {}
+    for e in entries:
+        if precision := (e.metrics.get("iwae_nll") or {}).get("precision"):
+            precisions.setdefault(precision, []).append(e.label)
+    if len(precisions) > 1:  # bf16 or fp32 decodes: the bound's estimate, not the model, differs
+        notes.append("The IWAE's decoder ran in " + "; in ".join(f"{p} for {', '.join(runs)}" for p, runs in precisions.items())
+                     + " (bdvae evaluate --precision; auto is bf16 where the hardware has it natively).")
     nulls = sorted({f"{e.metrics['prior_match']['mmd2_null']:.5f}" for e in entries})
     notes.append("MMD² compares q(z) with N(0, I); the same statistic between two N(0, I) samples of that size "
                  f"(its null, pure sampling noise) is {', '.join(nulls)}.")

@@ -190,9 +190,12 @@ def _notes(entries: Sequence[Entry]) -> list[str]:
     first = entries[0].metrics
     notes = [first.get("likelihood_note", "")]
     settings: dict[str, list[str]] = {}
+    precisions: dict[str, list[str]] = {}  # bf16 or fp32 decodes: the bound's estimate, not the model, differs
     for e in entries:
-        if e.metrics.get("iwae_nll"):
+        if iwae := e.metrics.get("iwae_nll"):
             settings.setdefault(_setting(e.metrics), []).append(e.label)
+            if "precision" in iwae:
+                precisions.setdefault(iwae["precision"], []).append(e.label)
     if len(settings) == 1:
         notes.append(f"Each run evaluated with {next(iter(settings))}.")
     elif settings:  # runs evaluated apart (bdvae report): say which figure is which bound
@@ -204,11 +207,7 @@ def _notes(entries: Sequence[Entry]) -> list[str]:
         if mixed:
             notes.append(f"The mean ± std of {', '.join(mixed)} mixes seeds evaluated in different settings: "
                          "read its figures seed by seed.")
-    precisions: dict[str, list[str]] = {}
-    for e in entries:
-        if precision := (e.metrics.get("iwae_nll") or {}).get("precision"):
-            precisions.setdefault(precision, []).append(e.label)
-    if len(precisions) > 1:  # bf16 or fp32 decodes: the bound's estimate, not the model, differs
+    if len(precisions) > 1:
         notes.append("The IWAE's decoder ran in " + "; in ".join(f"{p} for {', '.join(runs)}" for p, runs in precisions.items())
                      + " (bdvae evaluate --precision; auto is bf16 where the hardware has it natively).")
     nulls = sorted({f"{e.metrics['prior_match']['mmd2_null']:.5f}" for e in entries})

@@ -209,7 +209,7 @@ def test_the_terminal_table_of_a_published_evaluation():
 
     from bdvae.__main__ import format_table
 
-    published = Path(__file__).resolve().parents[1] / "docs/compare-quality/runs/kl-beta1-seed0/metrics.json"
+    published = Path(__file__).resolve().parents[1] / "docs/results/quality-preset/runs/kl-beta1-seed0/metrics.json"
     lines = [" ".join(line.split()) for line in format_table(json.loads(published.read_text())).splitlines()]
     for expected in ("test images 10000", "reconstruction MSE per pixel 0.00455 ± 0.00002",
                      "KL(q(z|x) || N(0,I)) (nats) 29.33 ± 0.07", "per latent dimension 0.917",

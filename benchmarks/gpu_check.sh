@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of README "Scale out" in one go, for a machine with a CUDA GPU that cannot
+# The GPU checks of docs/scaling-out.md#checking-the-gpu-paths in one go, for a machine with a CUDA GPU that cannot
 # download anything (as a lent GPU machine often cannot). Two steps:
 #
 #   bash benchmarks/gpu_check.sh prepare   # here, with bdvae installed and MNIST fetched: writes

@@ -1,4 +1,4 @@
-"""The training levers of README, Performance, one against another: fp32 or bf16 autocast, the
+"""The training levers of docs/results/performance.md, one against another: fp32 or bf16 autocast, the
 usual (NCHW) or the channels-last layout, Adam's default CPU loop or its foreach form. Each
 variant trains its own copy of the reference model on the same batch (batch 128, bdvae's loss,
 Adam); the variants take turns, window by window, so that their ratios hold on a noisy machine.

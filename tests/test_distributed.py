@@ -112,7 +112,7 @@ def single(mnist_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_processes(mnist_dir, tmp_path_factory) -> Path:
-    """torchrun with 2 gloo processes and a c10d rendezvous on 127.0.0.1, as the README runs it."""
+    """torchrun with 2 gloo processes and a c10d rendezvous on 127.0.0.1, as docs/scaling-out.md runs it."""
     out = tmp_path_factory.mktemp("torchrun") / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
            "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "-m", "bdvae", "train",
@@ -137,7 +137,7 @@ def test_two_processes_write_the_same_files_and_metrics_as_one_with_the_same_glo
 
 @pytest.mark.slow
 def test_two_torchrun_agents_as_two_machines_meet_over_loopback(single, mnist_dir, tmp_path):
-    """The README's several-machines command, with both "machines" on 127.0.0.1: a real c10d
+    """The several-machines command of docs/scaling-out.md, with both "machines" on 127.0.0.1: a real c10d
     rendezvous of 2 agents, one process each."""
     out, port = tmp_path / "run", _free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",

@@ -65,7 +65,7 @@ def _count(*layers: tuple[str, int, int]) -> int:
 
 def test_resnet_parameter_count_of_the_quality_preset():
     # The quality preset's model on 1 x 32 x 32 images: widths 32-64-128, one residual block per
-    # resolution, 32 latent dimensions. 1,302,209 parameters (the README states it).
+    # resolution, 32 latent dimensions. 1,302,209 parameters (docs/presets.md states it).
     model = build_model(ModelConfig(arch="resnet", widths=(32, 64, 128), blocks=1, latent_dim=32), ObjectiveConfig(),
                         (1, 32, 32))
     block = lambda w: [("conv", w, w, 9, False), ("bn", w), ("conv", w, w, 9, False), ("bn", w)]  # noqa: E731

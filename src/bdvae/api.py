@@ -29,7 +29,7 @@ from bdvae.training import train as _train
 def train(config: Config, run_dir: str | Path, overwrite: bool = False, progress: bool | None = None,
           device: str = "auto") -> Path:
     """Train a VAE as configured into `run_dir` and return its path; `device` is "auto" (a CUDA GPU
-    when there is one), "cpu" or "cuda". Under torchrun, every process calls it (README, Scale out)."""
+    when there is one), "cpu" or "cuda". Under torchrun, every process calls it (docs/scaling-out.md)."""
     return _train(config, Path(run_dir), overwrite=overwrite, progress=progress, device=device)
 
 

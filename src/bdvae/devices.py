@@ -35,7 +35,7 @@ def keep_freed_memory() -> bool:
     heap after the frees, so each step gets fresh pages that the kernel must fault in and zero
     again: thousands of page faults a step. An
     mmap threshold of 32 MiB and a trim threshold of 1 GiB keep them in the heap, and the faults
-    stop after the first steps (README, Performance). The price: the process's resident memory
+    stop after the first steps (docs/results/performance.md). The price: the process's resident memory
     stays at its peak until it exits. Both are set: setting either one alone stops glibc from
     adapting its mmap threshold, which faults more."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":

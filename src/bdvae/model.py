@@ -27,7 +27,7 @@ Shape = tuple[int, int, int]  # (C, H, W)
 def relu() -> nn.ReLU:
     """ReLU in place: the layer before it keeps no use for its output, so autograd allows it (and
     would raise if it did not), and a training step allocates and writes one tensor fewer per ReLU
-    (README, Performance). The same values and gradients, bit for bit."""
+    (docs/results/performance.md). The same values and gradients, bit for bit."""
     return nn.ReLU(inplace=True)
 
 
@@ -36,7 +36,7 @@ class ImageConvTranspose2d(nn.ConvTranspose2d):
     GEMM of the input pixels to k x k patches of the output, (B, H W, C_in) @ (C_in, C_out k k), and
     col2im (F.fold) adding the overlapping patches up: the same function as the plain layer (the sums
     in another order), with the same parameters and state dict. oneDNN's kernels vectorize over output
-    channels, which 1 or 3 image channels leave mostly idle (README, Performance). Elsewhere (a GPU,
+    channels, which 1 or 3 image channels leave mostly idle (docs/results/performance.md). Elsewhere (a GPU,
     bf16 autocast, a dilated or grouped layer) the plain layer's computation."""
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
@@ -307,9 +307,8 @@ class TapSumConvTranspose2d(nn.Module):
     inference, computing the same function. On the CPU in fp32 or float64: one GEMM of the input
     pixels to the 16 kernel taps, (16 C_out, C_in) @ (C_in, B H W), then each of the 4 output phases
     as the sum of its 4 tap planes, shifted by at most a pixel (_PHASE_TAPS), and the phases
-    interleaved. On a 2-core AVX2 CPU that is twice the speed of the sub-pixel convolution alone, and
-    1.4 times inside the decoder (oneDNN vectorizes over output channels, which 4 leave mostly
-    idle; README, Performance). Under bf16 autocast or on a GPU, the sub-pixel convolution, which
+    interleaved, which a CPU runs faster than the sub-pixel convolution (oneDNN vectorizes over
+    output channels, which 4 leave mostly idle; docs/results/performance.md). Under bf16 autocast or on a GPU, the sub-pixel convolution, which
     their kernels run well."""
 
     def __init__(self, deconv: nn.ConvTranspose2d) -> None:
@@ -342,7 +341,7 @@ class TapSumConvTranspose2d(nn.Module):
 
 def iwae_decoder(model: VAE) -> nn.Module:
     """The model's decoder rebuilt for the IWAE's many decodes, computing the same function (what
-    each step gains: README, Performance). A copy, so that the run's model is left as it was:
+    each step gains: docs/results/performance.md). A copy, so that the run's model is left as it was:
     - in channels-last layout, where oneDNN's convolutions need no layout reorders;
     - each transposed convolution to at most 4 channels (the one producing the image) as tap sums
       (TapSumConvTranspose2d; in sub-pixel form under bf16 autocast and on a GPU): oneDNN runs a

@@ -210,11 +210,10 @@ def resume(run_dir: Path, progress: bool | None = None, log: Callable[[str], Non
 def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: torch.Generator,
          state: tuple[dict, dict] | None, ctx: Context, progress: bool | None, log: Callable[[str], None]) -> Path:
     """The training loop from a fresh start (`state` None) or a saved training state."""
-    # Channels-last: oneDNN's convolutions then need no layout reorders (1.1x in fp32, 1.13x in
-    # bf16 on the reference model; README, Performance). Weights on disk stay in the usual layout.
+    # Channels-last: oneDNN's convolutions then need no layout reorders (docs/results/performance.md). Weights on disk stay in the usual layout.
     model.to(memory_format=torch.channels_last)
     # Freed activations stay in malloc's heap for the next step instead of coming back as fresh,
-    # page-faulted memory (README, Performance).
+    # page-faulted memory (docs/results/performance.md).
     keep_freed_memory()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     states = run_dir / rundir.STATES_DIR

@@ -27,7 +27,7 @@ from bdvae.api import load_run
 from bdvae.config import DataConfig
 from bdvae.data import load_dataset
 from bdvae.devices import resolve_device
-from bdvae.evaluate import DEFAULT_K, EvalOptions, iwae_nll, iwae_precision
+from bdvae.evaluate import DEFAULT_K, EvalOptions, iwae_dtype, iwae_nll
 from bdvae.likelihoods import LIKELIHOODS
 from bdvae.likelihoods import binarized, to_float
 
@@ -62,7 +62,7 @@ def main() -> None:
     for k in (DEFAULT_K, 1000, 5000):
         options = EvalOptions(k=k, max_batch=args.max_batch)
         nll, seconds = iwae_on(run, x, options, device)
-        rows.append({"k": k, "precision": iwae_precision(options, device), "nll": nll.mean().item(),
+        rows.append({"k": k, "precision": iwae_dtype(options, device), "nll": nll.mean().item(),
                      "std_error": (nll.std() / len(nll) ** 0.5).item(),
                      "seconds": seconds, "importance_samples_per_second": len(x) * k / seconds})
     results["iwae"] = rows

@@ -357,7 +357,7 @@ def test_images(run: Run, n: int) -> Tensor:
 def bdvae_iwae(run: Run, x: Tensor, k: int, precision: str, seed: int) -> tuple[Tensor, float]:
     """-ln p(x) per image by bdvae's IWAE (as `bdvae evaluate` calls it), and samples per second."""
     t0 = time.perf_counter()
-    nll = iwae_nll(run, x, EvalOptions(k=k, precision=precision), torch.Generator().manual_seed(seed), progress=False)
+    nll = iwae_nll(run, x, EvalOptions(k=k, dtype=precision), torch.Generator().manual_seed(seed), progress=False)
     return nll, len(x) * k / (time.perf_counter() - t0)
 
 

@@ -197,25 +197,54 @@ def test_the_command_lines_evaluation_defaults_are_evaluate_options(command):
 
     args = vars(build_parser().parse_args(command))
     defaults = EvalOptions()
-    for field in ("k", "samples", "test_size", "seed", "max_batch", "precision"):
+    for field in ("k", "samples", "test_size", "seed", "max_batch", "dtype"):
         if field in args:
             assert args[field] == getattr(defaults, field), field
     assert tuple(args["samplers"].split(",")) == defaults.samplers
 
 
+@pytest.mark.parametrize("command", [["evaluate", "RUN"], ["compare", "--out", "OUT"]])
+def test_dtype_is_the_arithmetic_and_precision_its_hidden_old_name(command, capsys):
+    """--dtype names the IWAE decoder's arithmetic (choices in --help); --precision, its first
+    name, still works in old scripts but is not shown: the word is the sample-quality metric's."""
+    from bdvae import __main__ as cli, evaluate
+    from bdvae.errors import BdvaeError
+
+    assert cli.DTYPES == evaluate.DTYPES  # spelled again so that --help needs no torch
+    parser = cli.build_parser()
+    assert parser.parse_args([*command, "--dtype", "bf16"]).dtype == "bf16"
+    assert parser.parse_args([*command, "--precision", "fp32"]).dtype == "fp32"
+    assert parser.parse_args(command).dtype == "auto"
+    with pytest.raises(BdvaeError, match=r"argument --dtype: invalid choice: 'fp16'"):
+        parser.parse_args([*command, "--dtype", "fp16"])
+    with pytest.raises(SystemExit):
+        parser.parse_args([command[0], "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--dtype {auto,fp32,bf16}" in shown and "--precision" not in shown
+
+
 def test_the_terminal_table_of_a_published_evaluation():
-    """`bdvae evaluate`'s table, from metrics.FIGURES, on the quality preset's published metrics.json."""
+    """`bdvae evaluate`'s table, from metrics.FIGURES, on the quality preset's published metrics.json,
+    which names the arithmetic "precision" as bdvae first did: read as "dtype"."""
     from pathlib import Path
 
     from bdvae.__main__ import format_table
+    from bdvae.rundir import read_metrics
 
-    published = Path(__file__).resolve().parents[1] / "docs/results/quality-preset/runs/kl-beta1-seed0/metrics.json"
-    lines = [" ".join(line.split()) for line in format_table(json.loads(published.read_text())).splitlines()]
+    published = Path(__file__).resolve().parents[1] / "docs/results/quality-preset/runs/kl-beta1-seed0"
+    assert '"precision": "bf16"' in (published / "metrics.json").read_text()  # the old key
+    lines = [" ".join(line.split()) for line in format_table(read_metrics(published)).splitlines()]
     for expected in ("test images 10000", "reconstruction MSE per pixel 0.00455 ± 0.00002",
                      "KL(q(z|x) || N(0,I)) (nats) 29.33 ± 0.07", "per latent dimension 0.917",
-                     "-ln p(x), IWAE K=5000, bf16 on cpu (nats) 84.05 ± 0.21",
+                     "-ln p(x), IWAE K=5000, decoder in bf16 on cpu (nats) 84.05 ± 0.21",
                      "MMD² of two N(0,I) samples (the null) 0.00003", "active units 32",
-                     "samples, z ~ N(0, I): Fréchet distance 355.76",
-                     "sampler gmm-10: test-latent ln p(z) -43.76 ± 0.04", "Fréchet distance 97.20"):
+                     "sample quality, z ~ N(0, I) 10000 samples against 10000 test images", "Fréchet distance 355.76",
+                     "sampler gmm-10 10000 samples against 10000 test images",
+                     "test-latent ln p(z) -43.76 ± 0.04", "Fréchet distance 97.20"):
         assert expected in lines
-    assert lines.index("sampler gmm-10: test-latent ln p(z) -43.76 ± 0.04") < lines.index("Fréchet distance 97.20")
+    # Every group of sample-quality figures opens with what it scored: the prior's, then gmm-10's.
+    gmm = lines.index("sampler gmm-10 10000 samples against 10000 test images")
+    assert lines.index("sample quality, z ~ N(0, I) 10000 samples against 10000 test images") + 1 == lines.index(
+        "Fréchet distance 355.76")
+    assert gmm < lines.index("test-latent ln p(z) -43.76 ± 0.04") < lines.index("Fréchet distance 97.20")
+    assert sum(line.endswith("samples against 10000 test images") for line in lines) == 3  # prior, gmm-10, two_stage

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -14,8 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bdvae._version import __version__
 from bdvae.compare import Entry, gpu_slots
-from bdvae.report import markdown, markdown_table, summary_line, summary_rows
+from bdvae.report import (COLUMNS, SAMPLER_COLUMNS, THEMES, heading, html_page, markdown, markdown_table, minus_signs,
+                          number, summary_line, summary_rows, table, theme_columns)
 from conftest import run_cli
 
 
@@ -41,7 +44,11 @@ def test_every_configuration_and_seed_is_trained_evaluated_and_reported(compared
         m = json.loads((compared / "runs" / name / "metrics.json").read_text())
         assert m["regularizer"] == name.split("-")[0] and m["test_images"] == 300
     md = (compared / "report.md").read_text()
-    assert md.count("| bhattacharyya | 1 | 2 |") == 1 and md.count("| kl | 1 | 2 |") == 1
+    assert md.count("| bhattacharyya | 1 | 2 |") == 3 and md.count("| kl | 1 | 2 |") == 3  # a row in each theme's table
+    facts = dict(re.findall(r"^- \*\*(.+?)\*\*: (.+)$", md, re.MULTILINE))
+    assert facts["dataset"] == "mnist, images 1×32×32 (channels×height×width), 512 training images; 300 test images evaluated"
+    assert facts["bdvae"] == f"trained with {__version__}; evaluated with {__version__}; this report by {__version__}"
+    assert re.fullmatch(r"evaluated \d{4}-\d\d-\d\d( to \d{4}-\d\d-\d\d)?; this report written .+ UTC", facts["dates"])
     assert " ± " in md and "![rate-distortion](rate_distortion.png)" in md
     assert "runs/kl-beta1-seed0/samples.png" in md
     page = (compared / "report.html").read_text()
@@ -193,13 +200,80 @@ def test_summary_is_mean_and_sample_std_over_seeds():
 
     rows = summary_rows([entry("bhattacharyya", 0, 10.0), entry("bhattacharyya", 1, 14.0), entry("kl", 0, 7.0)])
     assert [(r["regularizer"], r["seeds"]) for r in rows] == [("bhattacharyya", 2), ("kl", 1)]
-    mean, std = rows[0]["cells"]["recon NLL ↓"]
+    mean, std = rows[0]["cells"]["recon NLL"]
     assert mean == 12.0 and std == pytest.approx(2 ** 1.5)  # sample std of 10 and 14
     assert rows[0]["cells"]["KL"] is None
-    table = markdown_table(rows)
-    assert "| bhattacharyya | 1 | 2 | 12.00 ± 2.83 |" in table and "| kl | 1 | 1 | 7.00 |" in table
+    text = markdown_table(table(rows, theme_columns("likelihood")))
+    assert "| bhattacharyya | 1 | 2 | 12.00 ± 2.83 |" in text and "| kl | 1 | 1 | **7.00** |" in text  # lower is better
+    assert text.startswith("| regularizer | β | seeds | recon NLL ↓ (nats) | MSE ↓ (per pixel) | KL (nats) |")
     assert summary_line(rows).startswith("2 configurations, 1/2 seeds each; mean ± std over seeds;")
     assert summary_line(rows[1:]).startswith("1 configuration, 1 seed each; one seed, so no spread over seeds;")
+
+
+def _entry(reg, beta, seed, **figures):
+    """An entry whose metrics hold the given figures, by column name (report.COLUMNS)."""
+    metrics = {"iwae_nll": {"mean": 85.0, "k": 5000}, "test_images": 10000, "prior_match": {"mmd2_null": 3e-5}}
+    for f in COLUMNS:
+        if f.column in figures:
+            where = metrics
+            for key in f.path[:-1]:
+                where = where.setdefault(key, {})
+            where[f.path[-1]] = figures[f.column]
+    return Entry(reg, beta, seed, Path("."), metrics)
+
+
+def test_the_best_of_each_column_with_a_direction_is_bold_and_ties_share_it():
+    entries = [_entry("bhattacharyya", 1.0, 0, **{"recon NLL": 50.0, "classifier score": 6.0, "KL": 40.0, "precision": 0.6}),
+               _entry("kl", 1.0, 0, **{"recon NLL": 60.0, "classifier score": 7.5, "KL": 20.0, "precision": 0.6004}),
+               _entry("kl", 2.0, 0, **{"recon NLL": 70.0, "classifier score": 7.0, "KL": 10.0})]
+    rows = summary_rows(entries)
+    likelihood = markdown_table(table(rows, theme_columns("likelihood")))
+    assert "| bhattacharyya | 1 | 1 | **50.00** | – | 40.00 |" in likelihood  # ↓: the lowest NLL
+    assert "| kl | 2 | 1 | 70.00 | – | 10.00 |" in likelihood  # KL has no direction: never bold
+    quality = table(rows, theme_columns("sample quality"))
+    column = [name for name, _ in quality.header]
+    score, precision = column.index("classifier score ↑"), column.index("precision ↑")
+    assert [r[score] for r in quality.best] == [False, True, False]  # ↑: the highest score
+    assert [r[precision] for r in quality.best] == [True, True, False]  # 0.600 and 0.600 as shown: a tie
+    page = html_page(entries, rows, Path("."))
+    assert '<td class="best"><b>50.00</b></td>' in page and '<td class="best"><b>7.50</b></td>' in page
+    alone = summary_rows(entries[:1])  # one configuration: nothing to compare, nothing marked
+    assert not any(any(r) for r in table(alone, theme_columns("likelihood")).best)
+
+
+def test_negative_numbers_take_one_minus_sign():
+    assert number(-43.234, 2) == "\u221243.23" and number(-0.001, 2) == "0.00" and number(3.5, 1) == "3.5"
+    assert minus_signs("so -ln p(x) = -85.2, gmm-10 and two_stage-kl, rate-distortion") == (
+        "so \u2212ln p(x) = \u221285.2, gmm-10 and two_stage-kl, rate-distortion")
+    entries = [_entry("kl", 1.0, s, **{"‖mean q(z)‖": 0.2, "cov eig min": -0.01 * (s + 1)}) for s in range(2)]
+    entries[0].metrics["likelihood_note"] = "so -ln p(x) compares"
+    text = markdown(entries, summary_rows(entries), Path("."))
+    tables = [line for line in text.splitlines() if line.startswith("| ")]
+    assert any(line.startswith("| kl | 1 | 2 | 0.200 ± 0.000 | \u22120.015 ± 0.007 |") for line in tables)
+    assert not any(re.search(r"-\d", line) for line in tables)  # no hyphen-minus before a digit in a table
+    assert "\u2212ln p(x) compares" in text and "-ln" not in text
+
+
+def test_markdown_and_html_give_the_same_sections_in_the_same_order():
+    entries = [_entry(reg, 1.0, 0, **{"recon NLL": 50.0}) for reg in ("bhattacharyya", "kl")]
+    for e in entries:
+        e.metrics["samplers"] = {"prior": {}, "gmm-10": {}}  # fitted samplers: their sections too
+    rows = summary_rows(entries)
+    md = re.findall(r"^## (.+)$", markdown(entries, rows, Path(".")), re.MULTILINE)
+    page = [html.unescape(h) for h in re.findall(r"<h2>(.+?)</h2>", html_page(entries, rows, Path(".")))]
+    assert md == page
+    assert md[:5] == ["What was compared", "Likelihood and reconstruction", "Prior match: q(z) against N(0, I)",
+                      "Sample quality of z ~ N(0, I)", "Notes"]
+    assert {"Samplers", "Rate–distortion", "Pictures (first seed of each configuration)"} <= set(md)
+
+
+def test_every_column_has_a_theme_and_a_header_with_its_direction():
+    for f in COLUMNS:
+        assert f.theme in THEMES, f.column
+    for f in COLUMNS + SAMPLER_COLUMNS:
+        assert f.better in ("", "↓", "↑") and heading(f)[0] == (f"{f.column} {f.better}" if f.better else f.column)
+    assert sum(len(theme_columns(t)) for t in THEMES) == len(COLUMNS)
+    assert max(len(theme_columns(t)) for t in THEMES) <= 6  # with the 3 leading columns, a table fits a page
 
 
 def test_a_mean_over_seeds_evaluated_with_different_k_is_flagged():
@@ -210,16 +284,19 @@ def test_a_mean_over_seeds_evaluated_with_different_k_is_flagged():
     same = [entry("kl", 0, 5000), entry("kl", 1, 5000), entry("bhattacharyya", 0, 1000), entry("bhattacharyya", 1, 1000)]
     text = markdown(same, summary_rows(same), Path("."))
     assert "Evaluation settings differ between runs" in text and "mixes seeds" not in text  # each mean is of one K
+    assert ("- **IWAE −ln p(x)**: importance samples per test image: K = 5,000 (kl β=1 seed 0, kl β=1 seed 1); "
+            "1,000 (bhattacharyya β=1 seed 0, bhattacharyya β=1 seed 1)") in text
     mixed = [*same[:3], entry("bhattacharyya", 1, 5000)]
     text = markdown(mixed, summary_rows(mixed), Path("."))
     assert ("The mean ± std of bhattacharyya β=1 mixes seeds evaluated in different settings: "
             "read its figures seed by seed.") in text
-    assert "decoder ran in" not in text  # no precision recorded, nothing to say
+    assert "importance samples per test image: K = 5,000 (3 runs); 1,000 (bhattacharyya β=1 seed 0)" in text
+    assert "decoder ran in" not in text  # no dtype recorded, nothing to say
 
 
-def test_seeds_whose_iwae_decoder_ran_in_different_precisions_are_named():
-    def entry(seed, precision):
-        metrics = {"iwae_nll": {"mean": 85.0, "k": 5000, "precision": precision}, "test_images": 10000,
+def test_seeds_whose_iwae_decoder_ran_in_different_dtypes_are_named():
+    def entry(seed, dtype):
+        metrics = {"iwae_nll": {"mean": 85.0, "k": 5000, "dtype": dtype}, "test_images": 10000,
                    "prior_match": {"mmd2_null": 3e-5}}
         return Entry("kl", 1.0, seed, Path("."), metrics)
 
@@ -227,7 +304,62 @@ def test_seeds_whose_iwae_decoder_ran_in_different_precisions_are_named():
     assert "decoder ran in" not in markdown(same, summary_rows(same), Path("."))
     mixed = [entry(0, "bf16"), entry(1, "fp32"), entry(2, "bf16")]
     assert ("The IWAE's decoder ran in bf16 for kl β=1 seed 0, kl β=1 seed 2; in fp32 for kl β=1 seed 1 "
-            "(bdvae evaluate --precision;") in markdown(mixed, summary_rows(mixed), Path("."))
+            "(bdvae evaluate --dtype;") in markdown(mixed, summary_rows(mixed), Path("."))
+
+
+PUBLISHED = Path(__file__).resolve().parents[1] / "docs/results/quality-preset/runs"
+
+
+def test_the_report_of_published_runs_says_what_they_are(tmp_path):
+    """`bdvae report` on the quality preset's published runs, whose metrics.json name the IWAE's
+    arithmetic "precision" (as bdvae first did): the header gives their dataset, image shape,
+    preset, epochs, likelihood, K and sample counts; the old key reads as "dtype"."""
+    runs = sorted(PUBLISHED.iterdir())
+    assert all('"precision": "' in (r / "metrics.json").read_text() for r in runs)  # the old format
+    result = run_cli("report", *map(str, runs), "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    md = (tmp_path / "report.md").read_text()
+    facts = dict(re.findall(r"^- \*\*(.+?)\*\*: (.+)$", md, re.MULTILINE))
+    assert facts["dataset"].startswith("mnist, images 1×32×32 (channels×height×width), 60,000 training images; "
+                                       "10,000 test images")
+    assert facts["model"] == ("the quality preset: resnet (widths 32/64/128, 1 residual block per resolution), "
+                              "32 latent dimensions")
+    assert facts["training"] == "36 epochs, batch 128, likelihood bernoulli_binarized"
+    assert facts["IWAE −ln p(x)"] == "importance samples per test image: K = 5,000 (4 runs); 1,000 (bhattacharyya β=2 seed 0)"
+    assert facts["sample quality"] == "10,000 decoded samples against the 10,000 test images"
+    assert facts["bdvae"] == f"trained with 0.1.0; evaluated with an unrecorded version; this report by {__version__}"
+    assert re.fullmatch(r"evaluated on dates not recorded; this report written \d{4}-\d\d-\d\d \d\d:\d\d UTC", facts["dates"])
+    # The old "precision" key, read as dtype: the runs decoded in bf16 and in fp32 are named.
+    assert ("The IWAE's decoder ran in bf16 for bhattacharyya β=1 seed 0, bhattacharyya β=1 seed 1, kl β=1 seed 0; "
+            "in fp32 for bhattacharyya β=2 seed 0, kl β=1 seed 1") in md
+    page = (tmp_path / "report.html").read_text()
+    assert "<th>model</th><td>the quality preset: resnet" in page and "1×32×32" in page
+    assert md.count("**") >= 2 * 10 and page.count('class="best"') >= 10  # bests marked in both
+
+
+def test_compare_reuses_an_evaluation_whose_metrics_json_has_the_old_key(tmp_path, monkeypatch):
+    from bdvae import compare as compare_module
+    from bdvae.evaluate import EvalOptions
+
+    run_dir = tmp_path / "kl-beta1-seed0"
+    shutil.copytree(PUBLISHED / "kl-beta1-seed0", run_dir)
+    # Its fitted samplers' arrays are not published: keep the prior's scores only, as an evaluation
+    # with --samplers prior would have written them.
+    old = json.loads((run_dir / "metrics.json").read_text())
+    old["options"]["samplers"], old["samplers"] = ["prior"], {"prior": old["samplers"]["prior"]}
+    (run_dir / "metrics.json").write_text(json.dumps(old))
+    assert old["options"]["precision"] == "auto" and old["iwae_nll"]["precision"] == "bf16"
+    monkeypatch.setattr(compare_module, "evaluate_run", lambda *a, **k: pytest.fail("evaluated again"))
+    options = EvalOptions(k=5000)
+    metrics = compare_module.ensure_evaluated(run_dir, options, progress=False, log=print)
+    assert metrics["options"]["dtype"] == "auto" and metrics["iwae_nll"]["dtype"] == "bf16"
+    assert "precision" not in metrics["options"] and metrics["iwae_nll"]["mean"] == pytest.approx(84.05, abs=0.01)
+    # Another dtype is another evaluation.
+    called = []
+    monkeypatch.setattr(compare_module, "evaluate_run", lambda *a, **k: called.append(a) or {})
+    compare_module.ensure_evaluated(run_dir, EvalOptions(k=5000, samplers=options.samplers, dtype="fp32"),
+                                    progress=False, log=print)
+    assert len(called) == 1
 
 
 @pytest.mark.slow
@@ -267,7 +399,11 @@ def test_report_of_runs_evaluated_apart_matches_compare_and_links_them_from_anyw
     assert "../../kept/kl-beta1-seed0/samples.png" in links
     page = (out / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 1 + 2 * 4 and "missing" not in page
-    assert "Each run evaluated with IWAE K = 2 importance samples per image, 300 test images, 300 decoded samples scored." in ours
+    assert "- **IWAE −ln p(x)**: importance samples per test image: K = 2\n" in ours
+    assert "- **sample quality**: 300 decoded samples against the 300 test images\n" in ours
+    assert "- **training**: 1 epoch, batch 64, likelihood bernoulli\n" in ours
+    assert ("- **model**: custom (the reference preset with data.train_size = 512, train.epochs = 1, "
+            "train.batch_size = 64): reference (widths 32/64/128), 16 latent dimensions") in ours
 
     # A run evaluated with another K: the notes say which figure is which bound.
     metrics = json.loads((copies[0] / "metrics.json").read_text())
@@ -275,9 +411,9 @@ def test_report_of_runs_evaluated_apart_matches_compare_and_links_them_from_anyw
     (copies[0] / "metrics.json").write_text(json.dumps(metrics))
     result = run_cli("report", *map(str, copies), "--out", str(out), "--overwrite")
     assert result.returncode == 0, result.stderr
-    assert ("Evaluation settings differ between runs: IWAE K = 7 importance samples per image, 300 test images, 300 decoded "
-            "samples scored for bhattacharyya β=1 seed 0; IWAE K = 2 importance samples per image, 300 test images, 300 decoded "
-            "samples scored for bhattacharyya β=1 seed 1, kl β=1 seed 0, kl β=1 seed 1.") in (out / "report.md").read_text()
+    assert ("- **IWAE −ln p(x)**: importance samples per test image: K = 2 (3 runs); 7 (bhattacharyya β=1 seed 0)\n"
+            in (out / "report.md").read_text())
+    assert "Evaluation settings differ between runs (see above)" in (out / "report.md").read_text()
     assert "The mean ± std of bhattacharyya β=1 mixes seeds" in (out / "report.md").read_text()  # its two seeds' K differ
 
 

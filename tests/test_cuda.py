@@ -119,7 +119,7 @@ def test_the_iwae_on_the_device_is_the_cpus(device_run, exact_fp32):
 
     run = load_run(device_run)
     x = to_float(load_dataset(run.config.data, log=lambda _: None).test_images[:40])
-    options = EvalOptions(k=50, max_batch=500, precision="fp32")
+    options = EvalOptions(k=50, max_batch=500, dtype="fp32")
     on_device, on_cpu = (iwae_nll(run, x, options, torch.Generator().manual_seed(0), False, torch.device(d))
                          for d in (DEVICE, "cpu"))  # the same draws: the noise comes from the CPU generator
     assert on_device.device.type == "cpu" and on_device.shape == (40,)

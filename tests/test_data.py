@@ -364,3 +364,12 @@ def test_every_dataset_says_whether_it_needs_a_path(name):
             DataConfig(name=name)
     else:
         assert DataConfig(name=name).path is None
+
+
+def test_the_image_shape_of_an_official_dataset_is_known_without_reading_it():
+    from bdvae.config import DataConfig
+    from bdvae.data import known_image_shape
+
+    assert known_image_shape(DataConfig()) == (1, 32, 32)  # 28x28 digits padded by 2, as load_dataset does
+    assert known_image_shape(DataConfig(name="fashion_mnist", pad=0)) == (1, 28, 28)
+    assert known_image_shape(DataConfig(name="npz", path="x.npz")) is None  # only its file knows

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pytest
 import torch
+from PIL import Image
 
+from bdvae import evaluate, metrics, pictures
 from bdvae.api import Run, load_run
 from bdvae.config import Config, ModelConfig
 from bdvae.data import load_dataset
-from bdvae import evaluate, metrics
+from bdvae._version import __version__
 from bdvae.evaluate import EvalOptions, evaluate_run, iwae_nll
 from bdvae.errors import BdvaeError
 from bdvae.likelihoods import LIKELIHOODS, to_float
@@ -38,9 +41,23 @@ def test_evaluate_writes_metrics_and_pictures(evaluated):
     assert m["iwae_nll"]["k"] == 8 and m["options"]["samples"] == 1000
     for picture in ("latent_histograms", "latent_means", "interpolation", "traversal"):
         assert f"eval/{picture}.png" in m["pictures"] and (run_dir / "eval" / f"{picture}.png").stat().st_size > 1000
-    assert "-ln p(x), IWAE K=8" in stdout and "not a density of the data" in stdout
+    with Image.open(run_dir / "eval" / "traversal.png") as traversal:  # 16 dimensions x 11 values, 2x, in labelled margins
+        tiles = pictures.GAP + 32
+        margins = pictures.LABEL_MARGINS
+        assert traversal.size == (2 * (11 * tiles + pictures.GAP) + margins["left"] + margins["right"],
+                                  2 * (16 * tiles + pictures.GAP) + margins["top"] + margins["bottom"])
+    assert "-ln p(x), IWAE K=8, decoder in " in stdout and "not a density of the data" in stdout
     device = "cuda" if torch.cuda.is_available() else "cpu"  # --device auto
     assert m["iwae_nll"]["device"] == device and f"on {device} (nats)" in stdout
+    # The arithmetic is the dtype; "precision" is the sample-quality metric's alone.
+    assert m["options"]["dtype"] == "auto" and m["iwae_nll"]["dtype"] in ("fp32", "bf16")
+    assert "precision" not in m["options"] and "precision" not in m["iwae_nll"] and "precision" in m["sample_quality"]
+    assert m["bdvae_version"] == __version__ and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", m["evaluated"])
+    # Each group of sample-quality figures says what it scored: 1000 samples against the 10000 test images.
+    lines = [" ".join(line.split()) for line in stdout.splitlines()]
+    assert "sample quality, z ~ N(0, I) 1000 samples against 10000 test images" in lines
+    assert lines.index("sample quality, z ~ N(0, I) 1000 samples against 10000 test images") + 1 == next(
+        i for i, line in enumerate(lines) if line.startswith("Fréchet distance "))
     assert not list(run_dir.glob(".*.tmp"))
 
 
@@ -169,8 +186,8 @@ def test_option_ranges():
         EvalOptions(k=0)
     with pytest.raises(BdvaeError, match="--seed must be in"):
         EvalOptions(seed=-1)
-    with pytest.raises(BdvaeError, match="--precision must be one of auto, fp32, bf16, got 'fp16'"):
-        EvalOptions(precision="fp16")
+    with pytest.raises(BdvaeError, match="--dtype must be one of auto, fp32, bf16, got 'fp16'"):
+        EvalOptions(dtype="fp16")
 
 
 def test_subpixel_convolution_is_the_transposed_convolution():
@@ -256,7 +273,7 @@ def test_bf16_iwae_is_within_a_tenth_of_a_nat_of_fp32(trained_run):
     hundredths of a nat (benchmarks/performance.py measures it on 100 images at K = 1000)."""
     run = load_run(trained_run)
     x = to_float(load_dataset(run.config.data, log=lambda _: None).test_images[:40])
-    fp32, bf16 = (iwae_nll(run, x, EvalOptions(k=100, precision=p), torch.Generator().manual_seed(0), progress=False)
+    fp32, bf16 = (iwae_nll(run, x, EvalOptions(k=100, dtype=p), torch.Generator().manual_seed(0), progress=False)
                   for p in ("fp32", "bf16"))
     assert abs((bf16 - fp32).mean().item()) < 0.1
     assert (bf16 - fp32).abs().max().item() < 0.5
@@ -292,7 +309,7 @@ def test_every_reported_figure_is_computed_shown_and_required(evaluated, figure)
     if figure.column:
         from bdvae.report import COLUMNS, SAMPLER_COLUMNS
 
-        assert (figure.column, figure.path, figure.decimals) in (SAMPLER_COLUMNS if figure.scope == "sampler" else COLUMNS)
+        assert figure in (SAMPLER_COLUMNS if figure.scope == "sampler" else COLUMNS)
     assert not missing_figures(m)
     parent = figure_value(where, figure.path[:-1])
     del parent[figure.path[-1]]

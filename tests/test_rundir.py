@@ -48,3 +48,30 @@ def test_files_get_the_users_usual_permissions_also_when_safetensors_writes_them
         os.umask(umask)
     for path in (tmp_path / "checkpoints" / "step-000000007.safetensors", tmp_path / "f.txt"):
         assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_metrics_json_of_the_first_format_reads_with_the_arithmetic_as_dtype(tmp_path):
+    """bdvae first wrote the IWAE decoder's arithmetic as "precision"; read_metrics gives it as "dtype",
+    and leaves the sample-quality metric precision, and a file already new, as they are."""
+    import json
+
+    old = {"options": {"k": 100, "precision": "auto"}, "iwae_nll": {"mean": 85.0, "precision": "bf16"},
+           "sample_quality": {"precision": 0.61, "recall": 0.8}}
+    (tmp_path / "metrics.json").write_text(json.dumps(old))
+    assert rundir.read_metrics(tmp_path) == {"options": {"k": 100, "dtype": "auto"}, "iwae_nll": {"mean": 85.0, "dtype": "bf16"},
+                                             "sample_quality": {"precision": 0.61, "recall": 0.8}}
+    new = {"options": {"dtype": "fp32"}, "iwae_nll": {"dtype": "fp32"}}
+    (tmp_path / "metrics.json").write_text(json.dumps(new))
+    assert rundir.read_metrics(tmp_path) == new
+    assert rundir.upgrade_metrics([1, 2]) == [1, 2]  # not a metrics dict: left for the caller to refuse
+
+
+def test_an_unfinished_iwae_of_the_first_format_is_taken_up(tmp_path):
+    import torch
+
+    setting = {"k": 8, "seed": 0, "images": 200, "device": "cpu", "decode_batch": 256, "weights": "abc"}
+    nll, state = torch.arange(100.0), torch.Generator().manual_seed(3).get_state()
+    rundir.save_iwae_progress(tmp_path, {**setting, "precision": "bf16"}, nll, state)  # as bdvae first wrote it
+    found = rundir.load_iwae_progress(tmp_path, {**setting, "dtype": "bf16"}, log=print)
+    assert found is not None and torch.equal(found[0], nll) and torch.equal(found[1], state)
+    assert rundir.load_iwae_progress(tmp_path, {**setting, "dtype": "fp32"}, log=print) is None  # another dtype

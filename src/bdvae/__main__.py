@@ -81,14 +81,22 @@ def _shown(where: dict[str, Any], figure: Any) -> str | None:
     return f"{text} ± {parent['std_error']:.{decimals}f}" if parent and "std_error" in parent else text
 
 
+def scored_against(where: dict[str, Any], test_images: int) -> str:
+    """How many decoded samples the sample-quality figures of `where` (the run's metrics or one
+    sampler's) were scored against how many test images: they depend on both."""
+    return f"{where['sample_quality']['samples']} samples against {test_images} test images"
+
+
 def format_table(m: dict[str, Any]) -> str:
     """The figures of a metrics dict (metrics.FIGURES, in its order), one per line, for the
-    terminal: the run's, then each sampler's (the prior's sample quality among the run's)."""
+    terminal: the run's, then each sampler's (the prior's sample quality among the run's). Each
+    group of sample-quality figures opens with a row that says how many samples it scored
+    against how many test images."""
     from bdvae.metrics import FIGURES
 
-    def group(figures: list[Any], where: dict[str, Any], name: str) -> list[tuple[str, Any]]:
-        """A group of rows: the first labelled with the group's name, the others indented."""
-        return [(f"{name}{f.row}" if i == 0 else f"  {f.row}", _shown(where, f)) for i, f in enumerate(figures)]
+    def group(figures: list[Any], where: dict[str, Any], name: str, value: str | None = None) -> list[tuple[str, Any]]:
+        """A group of rows: a heading row with the group's name (and `value`), then its figures indented."""
+        return [(name, value or ""), *((f"  {f.row}", _shown(where, f)) for f in figures)]
 
     quality = [f for f in FIGURES if f.row and f.scope == "both"]
     own = [f for f in FIGURES if f.row and f.scope == "sampler"]  # a sampler's own figures lead its rows
@@ -96,12 +104,14 @@ def format_table(m: dict[str, Any]) -> str:
     if m["sample_quality"] is None:
         rows.append(("samples", "no sample-quality scores: the reference classifier knows 32x32 MNIST only"))
     else:
-        rows += group(quality, m, "samples, z ~ N(0, I): ")
+        rows += group(quality, m, "sample quality, z ~ N(0, I)", scored_against(m, m["test_images"]))
     for name, entry in m.get("samplers", {}).items():
-        rows += group(own + (quality if name != "prior" else []), entry, f"sampler {name}: ")
+        scored = name != "prior" and entry.get("sample_quality") is not None
+        rows += group(own + (quality if scored else []), entry, f"sampler {name}",
+                      scored_against(entry, m["test_images"]) if scored else None)
     rows = [(label, value) for label, value in rows if value is not None]
     width = max(len(label) for label, _ in rows)
-    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+    return "\n".join(f"{label:<{width}}  {value}".rstrip() for label, value in rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,12 +227,12 @@ def reconstruct(*, run: Path, n: int, ncol: int, out: Path, overwrite: bool) -> 
 
 
 def evaluate(*, run: Path, k: int, samples: int, test_size: int | None, seed: int, max_batch: int,
-             no_pictures: bool, samplers: str, precision: str, device: str, quiet: bool) -> None:
+             no_pictures: bool, samplers: str, dtype: str, device: str, quiet: bool) -> None:
     from bdvae.evaluate import EvalOptions, evaluate_run
     from bdvae.rundir import METRICS_FILE
 
     options = EvalOptions(k=k, samples=samples, test_size=test_size, seed=seed, max_batch=max_batch,
-                          pictures=not no_pictures, precision=precision,
+                          pictures=not no_pictures, dtype=dtype,
                           samplers=tuple(_csv(samplers, str, "--samplers")))
     result = evaluate_run(run, options, progress=_progress(quiet), device=device)
     print(format_table(result))
@@ -231,7 +241,7 @@ def evaluate(*, run: Path, k: int, samples: int, test_size: int | None, seed: in
 
 def compare(*, regularizers: str, beta: str, seeds: int, epochs: int | None, out: Path, preset: str | None,
             config_file: Path | None, overrides: list[str] | None, data_dir: Path | None, k: int, samples: int,
-            test_size: int | None, samplers: str, precision: str, device: str, jobs: int, quiet: bool) -> None:
+            test_size: int | None, samplers: str, dtype: str, device: str, jobs: int, quiet: bool) -> None:
     from bdvae.compare import compare as compare_runs
     from bdvae.evaluate import EvalOptions
     from bdvae.report import REPORT_HTML, REPORT_MD
@@ -241,7 +251,7 @@ def compare(*, regularizers: str, beta: str, seeds: int, epochs: int | None, out
     betas = _csv(beta, float, "--beta")
     if seeds <= 0 or (epochs is not None and epochs <= 0):
         raise BdvaeError(f"--seeds and --epochs must be positive, got {seeds} and {epochs}")
-    options = EvalOptions(k=k, samples=samples, test_size=test_size, precision=precision,
+    options = EvalOptions(k=k, samples=samples, test_size=test_size, dtype=dtype,
                           samplers=tuple(_csv(samplers, str, "--samplers")))
     compare_runs(base, regularizer_list, betas, seeds, out, epochs=epochs, options=options, progress=_progress(quiet),
                  jobs=jobs, device=device)
@@ -280,9 +290,12 @@ def classifier_scales(*, data_dir: Path | None) -> None:
     from bdvae.data import load_dataset
 
     data = load_dataset(DataConfig(name="mnist", data_dir=None if data_dir is None else str(data_dir)))
-    print(f"{'reference set (against the test set)':<36} {'Fréchet':>9} {'score':>6} {'entropy':>7} {'precision':>9} {'recall':>6}")
-    for name, s in reference_scores(data).items():
-        print(f"{name:<36} {s['frechet_distance']:>9.2f} {s['classifier_score']:>6.2f} {s['class_entropy']:>7.3f} "
+    scores = reference_scores(data)
+    heading = f"reference set, against {len(data.test_images)} test images"
+    width = max(len(heading), *map(len, scores))
+    print(f"{heading:<{width}} {'Fréchet':>9} {'score':>6} {'entropy':>7} {'precision':>9} {'recall':>6}")
+    for name, s in scores.items():
+        print(f"{name:<{width}} {s['frechet_distance']:>9.2f} {s['classifier_score']:>6.2f} {s['class_entropy']:>7.3f} "
               f"{s['precision']:>9.3f} {s['recall']:>6.3f}")
 
 
@@ -329,10 +342,16 @@ def _add_preset(p: argparse.ArgumentParser) -> None:
                         "(default: reference, the defaults; --config and --set apply on top)")
 
 
-def _add_precision_and_device(p: argparse.ArgumentParser, what: str) -> None:
-    """evaluate's and compare's --precision and --device; `what` the device runs."""
-    p.add_argument("--precision", default="auto", help="IWAE decoder arithmetic: auto (bf16 where the device computes "
-                   "it natively, else fp32), fp32 or bf16 (default auto)")
+DTYPES = ("auto", "fp32", "bf16")  # evaluate.DTYPES, spelled here so that --help needs no torch
+
+
+def _add_dtype_and_device(p: argparse.ArgumentParser, what: str) -> None:
+    """evaluate's and compare's --dtype and --device; `what` the device runs."""
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="the IWAE decoder's arithmetic: auto (bf16 where "
+                   "the device computes it natively, else fp32), fp32 or bf16 (default auto)")
+    # Its first name, kept for the scripts that use it; hidden, since "precision" now means only
+    # the sample-quality metric.
+    p.add_argument("--precision", dest="dtype", choices=DTYPES, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--device", default="auto", help=f"{what}: {DEVICE_HELP}")
 
 
@@ -399,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most latents decoded at once (default 1000; on a CPU the IWAE decodes at most 256 anyway)")
     p.add_argument("--no-pictures", action="store_true", help="skip the pictures in RUN/eval/")
     p.add_argument("--samplers", default="prior", help=SAMPLERS_HELP)
-    _add_precision_and_device(p, "where the IWAE runs (the rest of the evaluation stays on the CPU)")
+    _add_dtype_and_device(p, "where the IWAE runs (the rest of the evaluation stays on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = commands.add_parser("compare", help="train and evaluate regularizers x betas x seeds; write a report")
@@ -416,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=10000, help="samples for the sample-quality scores (default 10000)")
     p.add_argument("--test-size", type=int, help="evaluate on the first N test images only (default: all)")
     p.add_argument("--samplers", default="prior", help=SAMPLERS_HELP)
-    _add_precision_and_device(p, "where the runs train and their IWAE runs")
+    _add_dtype_and_device(p, "where the runs train and their IWAE runs")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train and evaluate N configurations at once, in separate processes (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -181,7 +181,7 @@ def reference_scores(data: Dataset, seed: int = 0) -> dict[str, dict[str, Any]]:
     train = to_float(data.train_images[:len(test)])
     return {
         f"{len(train):,} training images": score_samples(classifier, real, train),
-        "test half vs other half": score_samples(classifier, test[:half], test[half:]),
+        f"test half vs other half ({half} each)": score_samples(classifier, test[:half], test[half:]),
         "test blurred, sigma 1 px": score_samples(classifier, real, blurred(test, 1.0)),
         "test blurred, sigma 2 px": score_samples(classifier, real, blurred(test, 2.0)),
         "uniform noise": score_samples(classifier, real, noise),

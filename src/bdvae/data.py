@@ -560,6 +560,22 @@ def load_arrays(cfg: Any, log: Callable[[str], None]) -> tuple[dict[str, np.ndar
     return split(raw, cfg.test_fraction, str(name)), source
 
 
+def default_pad(height_width: tuple[int, ...]) -> int:
+    """Zero pixels added on each side when data.pad is unset: 28x28 digits -> 32x32, as in the
+    reference design; other sizes as they are."""
+    return 2 if tuple(height_width) == (28, 28) else 0
+
+
+def known_image_shape(cfg: Any) -> tuple[int, int, int] | None:
+    """(C, H, W) of the images a config.DataConfig of an official dataset (KNOWN) gives, padded as
+    configured, without reading them; None for other data, whose shape only its files tell."""
+    if cfg.name not in KNOWN:
+        return None
+    h, w = KNOWN[cfg.name].shapes["train_images"][1:]
+    pad = cfg.pad if cfg.pad is not None else default_pad((h, w))
+    return 1, h + 2 * pad, w + 2 * pad
+
+
 def load_dataset(cfg: Any, log: Callable[[str], None] = print) -> Dataset:
     """The images a config.DataConfig describes, as uint8 (N, C, H, W) tensors, subset and padded
     as configured."""
@@ -567,9 +583,7 @@ def load_dataset(cfg: Any, log: Callable[[str], None] = print) -> Dataset:
 
     arrays, source = load_arrays(cfg, log)
     train_x, test_x = arrays["train_images"][: cfg.train_size], arrays["test_images"][: cfg.test_size]
-    pad = cfg.pad
-    if pad is None:
-        pad = 2 if train_x.shape[2:] == (28, 28) else 0  # 28x28 digits -> 32x32, as in the reference design
+    pad = cfg.pad if cfg.pad is not None else default_pad(train_x.shape[2:])
     if pad:
         widths = ((0, 0), (0, 0), (pad, pad), (pad, pad))
         train_x, test_x = np.pad(train_x, widths), np.pad(test_x, widths)

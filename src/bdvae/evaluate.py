@@ -12,6 +12,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bdvae import metrics, pictures, rundir
+from bdvae._version import __version__
 from bdvae.classifier import classifier_facts, features_and_logits, load_classifier, score_samples
 from bdvae.data import Dataset, load_dataset
 from bdvae.devices import keep_freed_memory, native_bf16, resolve_device
@@ -39,7 +41,7 @@ IWAE_SAVE_SECONDS = 60.0  # how often an evaluation saves its IWAE's progress (r
 # decoder's activations stay in the CPU's caches (1.6x the samples/s of 1000 at once on 2 cores).
 # A GPU decodes --max-batch latents at once.
 IWAE_DECODE_BATCH = 256
-PRECISIONS = ("auto", "fp32", "bf16")
+DTYPES = ("auto", "fp32", "bf16")  # the IWAE decoder's arithmetic (EvalOptions.dtype)
 MIN_IMAGES = 16  # the pictures use 16 test images; k-NN radii and covariances need a handful
 
 
@@ -55,8 +57,9 @@ class EvalOptions:
     # The IWAE decoder's arithmetic: "fp32", "bf16" (bfloat16 autocast; the likelihood sums and the
     # logsumexp stay in fp32), or "auto": bf16 where the device computes it natively, else fp32. With
     # bf16 matrix units it is 2.2-2.5x faster and moves -ln p(x) by about 0.01 nat per image on
-    # average (README, Performance; benchmarks/performance.py measures both).
-    precision: str = "auto"
+    # average (README, Performance; benchmarks/performance.py measures both). Called "precision"
+    # in metrics.json before, a word that now means only the sample-quality metric.
+    dtype: str = "auto"
     pictures: bool = True
     # The latent samplers whose draws are scored ("prior" is N(0, I), always first); those not yet
     # fitted in the run directory are fitted first, with their default options (samplers.py).
@@ -72,8 +75,8 @@ class EvalOptions:
             if value is not None and value < MIN_IMAGES:
                 raise BdvaeError(f"{flag} must be at least {MIN_IMAGES}, got {value}")
         check_seed(self.seed, "--seed")
-        if self.precision not in PRECISIONS:
-            raise BdvaeError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.dtype not in DTYPES:
+            raise BdvaeError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         names = (self.samplers,) if isinstance(self.samplers, str) else self.samplers
         object.__setattr__(self, "samplers", canonical_names(names))  # "gmm" -> "gmm-10", prior first
 
@@ -108,10 +111,10 @@ def reconstruction_and_divergences(run: TrainedRun, x: Tensor, intensities: Tens
             "kl": kl(mu, logvar), "bd": bd(mu, logvar), "kl_per_dim": per_dim_mean(kl), "bd_per_dim": per_dim_mean(bd)}
 
 
-def iwae_precision(options: EvalOptions, device: torch.device = torch.device("cpu")) -> str:
-    """options.precision with "auto" resolved for `device`."""
-    if options.precision != "auto":
-        return options.precision
+def iwae_dtype(options: EvalOptions, device: torch.device = torch.device("cpu")) -> str:
+    """options.dtype with "auto" resolved for `device`."""
+    if options.dtype != "auto":
+        return options.dtype
     return "bf16" if native_bf16(device) else "fp32"
 
 
@@ -135,7 +138,7 @@ def iwae_nll(run: TrainedRun, x: Tensor, options: EvalOptions, gen: torch.Genera
         keep_freed_memory()  # each decode's activations from the heap, not fresh pages (README, Performance)
     nll = LIKELIHOODS[run.config.objective.likelihood].nll
     decoder = iwae_decoder(model)
-    bf16 = iwae_precision(options, device) == "bf16"
+    bf16 = iwae_dtype(options, device) == "bf16"
     max_batch = iwae_decode_batch(options, device)
 
     def log_px_given_z(z: Tensor, xs: Tensor) -> Tensor:
@@ -253,9 +256,9 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
     n = len(x)
 
     terms = reconstruction_and_divergences(run, x, intensities, gen)
-    precision = iwae_precision(options, where)
+    dtype = iwae_dtype(options, where)
     # An unfinished IWAE of this very setting (the evaluation was stopped) is taken up, not redone.
-    setting = {"k": options.k, "seed": options.seed, "images": n, "precision": precision,
+    setting = {"k": options.k, "seed": options.seed, "images": n, "dtype": dtype,
                "device": where.type, "decode_batch": iwae_decode_batch(options, where),
                "weights": rundir.weights_digest(run.path)}
     done = None
@@ -272,6 +275,8 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
 
     result: dict[str, Any] = {
         "run": str(run_dir),
+        "bdvae_version": __version__,  # the evaluating version, and when (UTC), for reports
+        "evaluated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "regularizer": objective.regularizer,
         "beta": objective.beta,
         "likelihood": objective.likelihood,
@@ -285,7 +290,7 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
             "kl_dim_mean": terms["kl_per_dim"].mean().item(), "bhattacharyya_dim_mean": terms["bd_per_dim"].mean().item(),
         },
         "neg_elbo": mean_and_error(neg_elbo),
-        "iwae_nll": {**mean_and_error(nll), "k": options.k, "precision": precision,
+        "iwae_nll": {**mean_and_error(nll), "k": options.k, "dtype": dtype,
                      "device": where.type,
                      "importance_samples_per_second": (n - resumed_after) * options.k / iwae_seconds,
                      "resumed_after_images": resumed_after},

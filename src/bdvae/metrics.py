@@ -195,42 +195,56 @@ class Figure:
 
     path: tuple[str, ...]  # its keys in metrics.json; under metrics["samplers"][NAME] for a sampler's
     decimals: int | None  # None: a text, shown as it is
-    column: str | None = None  # its column in the comparison report ("↓" lower is better, "↑" higher)
+    column: str | None = None  # its column in the comparison report
     # Its row in `bdvae evaluate`'s table: a label formatted with the metrics (str.format_map), so
     # that it can name the options it was computed with.
     row: str | None = None
     scope: str = "run"  # "run": the run's; "sampler": each sampler's; "both": the prior's at the top and each sampler's
     row_decimals: int | None = None  # the terminal's, where it shows more than the report (default: decimals)
+    better: str = ""  # "↓": lower is better, "↑": higher is better, "": neither (the report marks the best of each column that has one)
+    unit: str = ""  # what the report's column header gives as its unit
+    theme: str = ""  # the report's table of the run's figures that holds its column (report.THEMES)
 
 
 _SAMPLE_QUALITY = (
-    Figure(("sample_quality", "frechet_distance"), 1, "Fréchet ↓", "Fréchet distance", "both", row_decimals=2),
-    Figure(("sample_quality", "classifier_score"), 2, "classifier score ↑", "classifier score (max 10)", "both"),
-    Figure(("sample_quality", "class_entropy"), 3, "class entropy ↑", "class entropy (max 2.303)", "both"),
-    Figure(("sample_quality", "precision"), 3, "precision ↑", "precision (k=3)", "both"),
-    Figure(("sample_quality", "recall"), 3, "recall ↑", "recall (k=3)", "both"),
+    Figure(("sample_quality", "frechet_distance"), 1, "Fréchet", "Fréchet distance", "both", row_decimals=2,
+           better="↓", unit="classifier features", theme="sample quality"),
+    Figure(("sample_quality", "classifier_score"), 2, "classifier score", "classifier score (max 10)", "both",
+           better="↑", unit="1 to 10", theme="sample quality"),
+    Figure(("sample_quality", "class_entropy"), 3, "class entropy", "class entropy (max 2.303)", "both",
+           better="↑", unit="nats, max 2.303", theme="sample quality"),
+    Figure(("sample_quality", "precision"), 3, "precision", "precision (k=3)", "both",
+           better="↑", unit="share, k = 3", theme="sample quality"),
+    Figure(("sample_quality", "recall"), 3, "recall", "recall (k=3)", "both",
+           better="↑", unit="share, k = 3", theme="sample quality"),
 )
 FIGURES: tuple[Figure, ...] = (
     Figure(("test_images",), 0, row="test images"),
-    Figure(("reconstruction", "nll", "mean"), 2, "recon NLL ↓", "reconstruction NLL (nats)"),
-    Figure(("reconstruction", "mse_per_pixel", "mean"), 4, "MSE/pixel ↓", "reconstruction MSE per pixel", row_decimals=5),
-    Figure(("divergences", "kl", "mean"), 2, "KL", "KL(q(z|x) || N(0,I)) (nats)"),
+    Figure(("reconstruction", "nll", "mean"), 2, "recon NLL", "reconstruction NLL (nats)",
+           better="↓", unit="nats", theme="likelihood"),
+    Figure(("reconstruction", "mse_per_pixel", "mean"), 4, "MSE", "reconstruction MSE per pixel", row_decimals=5,
+           better="↓", unit="per pixel", theme="likelihood"),
+    Figure(("divergences", "kl", "mean"), 2, "KL", "KL(q(z|x) || N(0,I)) (nats)", unit="nats", theme="likelihood"),
     Figure(("divergences", "kl_dim_mean"), 3, row="  per latent dimension"),
-    Figure(("divergences", "bhattacharyya", "mean"), 2, "BD", "BD(q(z|x), N(0,I)) (nats)"),
+    Figure(("divergences", "bhattacharyya", "mean"), 2, "BD", "BD(q(z|x), N(0,I)) (nats)", unit="nats", theme="likelihood"),
     Figure(("divergences", "bhattacharyya_dim_mean"), 3, row="  per latent dimension"),
-    Figure(("neg_elbo", "mean"), 2, "−ELBO ↓", "negative ELBO (nats)"),
-    Figure(("iwae_nll", "mean"), 2, "IWAE −ln p(x) ↓",
-           "-ln p(x), IWAE K={iwae_nll[k]}, {iwae_nll[precision]} on {iwae_nll[device]} (nats)"),
+    Figure(("neg_elbo", "mean"), 2, "−ELBO", "negative ELBO (nats)", better="↓", unit="nats", theme="likelihood"),
+    Figure(("iwae_nll", "mean"), 2, "IWAE −ln p(x)",
+           "-ln p(x), IWAE K={iwae_nll[k]}, decoder in {iwae_nll[dtype]} on {iwae_nll[device]} (nats)",
+           better="↓", unit="nats", theme="likelihood"),
     Figure(("likelihood_note",), None, row="  note"),
-    Figure(("prior_match", "mean_norm"), 3, "‖mean q(z)‖ ↓", "aggregate posterior: |mean|"),
-    Figure(("prior_match", "cov_eigenvalue_min"), 3, "cov eig min", "  smallest covariance eigenvalue"),
-    Figure(("prior_match", "cov_eigenvalue_max"), 3, "cov eig max", "  largest covariance eigenvalue"),
-    Figure(("prior_match", "mmd2"), 4, "MMD² to N(0,I) ↓", "  MMD² to N(0,I)", row_decimals=5),
+    Figure(("prior_match", "mean_norm"), 3, "‖mean q(z)‖", "aggregate posterior: |mean|", better="↓", theme="prior match"),
+    Figure(("prior_match", "cov_eigenvalue_min"), 3, "cov eig min", "  smallest covariance eigenvalue",
+           unit="N(0, I): 1", theme="prior match"),
+    Figure(("prior_match", "cov_eigenvalue_max"), 3, "cov eig max", "  largest covariance eigenvalue",
+           unit="N(0, I): 1", theme="prior match"),
+    Figure(("prior_match", "mmd2"), 4, "MMD² to N(0,I)", "  MMD² to N(0,I)", row_decimals=5, better="↓", theme="prior match"),
     Figure(("prior_match", "mmd2_null"), 4, row="  MMD² of two N(0,I) samples (the null)", row_decimals=5),
-    Figure(("prior_match", "active_units"), 0, "active units", "  active units"),
+    Figure(("prior_match", "active_units"), 0, "active units", "  active units", unit="dimensions", theme="prior match"),
     *_SAMPLE_QUALITY,
-    Figure(("test_latent_log_density", "mean"), 2, "test-latent ln p(z) ↑", "test-latent ln p(z)", "sampler"),
-    Figure(("frechet_ratio",), 2, "Fréchet prior / this ↑", "Fréchet prior / this", "sampler"),
+    Figure(("test_latent_log_density", "mean"), 2, "test-latent ln p(z)", "test-latent ln p(z)", "sampler",
+           better="↑", unit="nats"),
+    Figure(("frechet_ratio",), 2, "Fréchet prior / this", "Fréchet prior / this", "sampler", better="↑", unit="×"),
 )
 
 

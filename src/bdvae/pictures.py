@@ -70,24 +70,83 @@ def save_run_pictures(model: torch.nn.Module, originals: Tensor, originals_path:
     save_grid(samples, samples_path)
 
 
+def tile_centres(count: int, size: int, scale: int = 1) -> list[float]:
+    """Pixel coordinates of the centres of `count` tiles of `size` pixels along one axis of a grid
+    (GAP between and around them), each pixel drawn as scale x scale."""
+    return [scale * (GAP + i * (size + GAP) + size / 2) - 0.5 for i in range(count)]
+
+
+# Margins (pixels) of a labelled grid: left for the row labels and the axis name, bottom for the
+# column labels and the axis name, top for the title.
+LABEL_MARGINS = {"left": 100, "right": 16, "top": 30, "bottom": 52}
+
+
+def labelled_grid(images: Tensor, ncol: int, scale: int, row_labels: list[str], column_labels: list[str],
+                  xlabel: str, ylabel: str, title: str):
+    """A figure of the grid of `images` drawn pixel for pixel (save_grid's picture, unscaled by
+    matplotlib) with a label per row and per column, names of both axes and a title in margins
+    of LABEL_MARGINS pixels; save it with save_figure (its dpi, 100)."""
+    plt = pyplot()
+    array = grid(images, ncol)
+    array = array.repeat(scale, axis=0).repeat(scale, axis=1)
+    h, w = array.shape[:2]
+    m, dpi = LABEL_MARGINS, 100
+    width, height = w + m["left"] + m["right"], h + m["top"] + m["bottom"]
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    ax = fig.add_axes((m["left"] / width, m["bottom"] / height, w / width, h / height))
+    ax.imshow(array, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    _, _, tile_h, tile_w = images.shape
+    ax.set_xticks(tile_centres(len(column_labels), tile_w, scale), column_labels, fontsize=8)
+    ax.set_yticks(tile_centres(len(row_labels), tile_h, scale), row_labels, fontsize=8)
+    ax.tick_params(length=2, pad=2)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_title(title, fontsize=10)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    return fig
+
+
+def _value(v: float) -> str:
+    """A z value as a tick label: "−3", "0", "1.2" (the minus sign U+2212)."""
+    return f"{v:g}".replace("-", "\u2212") if round(v, 6) != 0 else "0"
+
+
+INTERPOLATION_STEPS = 10
+TRAVERSAL_STEPS, TRAVERSAL_RANGE = 11, 3.0  # each dimension from -3 to 3 in 11 steps
+
+
 @torch.inference_mode()
 def save_interpolation(model: torch.nn.Module, x: Tensor, mu: Tensor, path: Path) -> None:
     """8 pairs of images x (the first 16, (N, C, H, W) in [0, 1]), each row an image, the decoded
-    straight line between their posterior means mu (N, D) in 10 steps, and the other image."""
-    steps = torch.linspace(0, 1, 10)[None, :, None]
+    straight line between their posterior means mu (N, D) in 10 steps, and the other image;
+    labelled: which test images a row joins, how far along the line a column is."""
+    steps = torch.linspace(0, 1, INTERPOLATION_STEPS)
     a, b = mu[0:16:2, None], mu[1:16:2, None]  # (8, 1, D)
-    line = (a + steps * (b - a)).reshape(-1, mu.shape[1])  # (80, D), row by row
-    rows = model.decode_mean(line).reshape(8, 10, *x.shape[1:])
-    save_grid(torch.cat([x[0:16:2, None], rows, x[1:16:2, None]], 1).reshape(-1, *x.shape[1:]), path, ncol=12, scale=2)
+    line = (a + steps[None, :, None] * (b - a)).reshape(-1, mu.shape[1])  # (80, D), row by row
+    rows = model.decode_mean(line).reshape(8, INTERPOLATION_STEPS, *x.shape[1:])
+    images = torch.cat([x[0:16:2, None], rows, x[1:16:2, None]], 1).reshape(-1, *x.shape[1:])
+    fig = labelled_grid(images, INTERPOLATION_STEPS + 2, 2,
+                        row_labels=[f"{i} → {i + 1}" for i in range(0, 16, 2)],
+                        column_labels=["a", *(f"{t:.2g}" for t in steps.tolist()), "b"],
+                        xlabel="test image a, the decoded (1 − t) μ(a) + t μ(b) for t from 0 to 1, test image b",
+                        ylabel="test images a → b", title="interpolation between posterior means")
+    save_figure(fig, path)
 
 
 @torch.inference_mode()
 def save_traversal(model: torch.nn.Module, mu: Tensor, path: Path) -> None:
-    """Each latent dimension swept over [-3, 3] in 11 steps, a row each, the others at mu (D,)."""
+    """Each latent dimension swept over [-3, 3] in 11 steps, a row each, the others at mu (D,);
+    labelled: the dimension of a row, the value of z of a column."""
     d = mu.shape[0]
-    z = mu.repeat(d, 11, 1)  # (D, 11, D)
-    z[torch.arange(d), :, torch.arange(d)] = torch.linspace(-3, 3, 11)
-    save_grid(model.decode_mean(z.reshape(-1, d)), path, ncol=11, scale=2)
+    values = torch.linspace(-TRAVERSAL_RANGE, TRAVERSAL_RANGE, TRAVERSAL_STEPS)
+    z = mu.repeat(d, TRAVERSAL_STEPS, 1)  # (D, 11, D)
+    z[torch.arange(d), :, torch.arange(d)] = values
+    fig = labelled_grid(model.decode_mean(z.reshape(-1, d)), TRAVERSAL_STEPS, 2,
+                        row_labels=[f"z{j}" for j in range(d)], column_labels=[_value(v) for v in values.tolist()],
+                        xlabel="value of z_j (the other dimensions at the posterior mean of test image 0)",
+                        ylabel="latent dimension j", title="latent traversal")
+    save_figure(fig, path)
 
 
 def pyplot():

@@ -202,11 +202,41 @@ def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     write_json(Path(run_dir) / METRICS_FILE, metrics)
 
 
+# Keys that metrics.json (and an unfinished IWAE's setting) wrote under an older name, by where
+# they sit: (section or "" for the top level, old key, new key). The IWAE decoder's arithmetic,
+# now "dtype", was "precision" at first: a word the sample-quality metric precision/recall uses too.
+RENAMED_KEYS = (("options", "precision", "dtype"), ("iwae_nll", "precision", "dtype"))
+
+
+def _renamed(section: Any, old: str, new: str) -> None:
+    if isinstance(section, dict) and old in section and new not in section:
+        section[new] = section.pop(old)
+
+
+def upgrade_metrics(metrics: Any) -> Any:
+    """A metrics dict as the current version writes it: keys of older versions renamed (RENAMED_KEYS),
+    in place; anything else is left as it is."""
+    if isinstance(metrics, dict):
+        for section, old, new in RENAMED_KEYS:
+            _renamed(metrics.get(section) if section else metrics, old, new)
+    return metrics
+
+
 def read_metrics(run_dir: Path) -> Any:
-    """The evaluation's metrics.json as JSON holds it; None when there is none, ValueError (or
-    OSError) when it cannot be read."""
+    """The evaluation's metrics.json, its older keys renamed (upgrade_metrics); None when there is
+    none, ValueError (or OSError) when it cannot be read."""
     path = Path(run_dir) / METRICS_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return upgrade_metrics(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
+
+
+def read_run_facts(run_dir: Path) -> dict[str, Any]:
+    """run.json (bdvae version, image shape, epochs done, ...) as JSON holds it; {} where there is
+    none or it is damaged: for what reports say about a run, never to rebuild one (load_model)."""
+    try:
+        facts = json.loads((Path(run_dir) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return facts if isinstance(facts, dict) else {}
 
 
 def samples_picture(name: str) -> str:
@@ -447,7 +477,7 @@ def restore_training_state(tensors: dict[str, Tensor], state: dict[str, Any], mo
 
 # ---------------------------------------------------------------------------------------------
 # An unfinished IWAE: the evaluation's long part, resumable. One sealed file holds the per-image
-# -ln p(x) so far and the state of the generator after them; `setting` (K, seed, images, precision,
+# -ln p(x) so far and the state of the generator after them; `setting` (K, seed, images, dtype,
 # device, decode batch, the weights' sha256) must match exactly for a later evaluation to go on
 # from it, so that the finished figure is the one an uninterrupted evaluation gives.
 
@@ -474,6 +504,7 @@ def load_iwae_progress(run_dir: Path, setting: dict[str, Any], log: Callable[[st
         return None
     try:
         tensors, state = _load_sealed(path)
+        _renamed(state["setting"], "precision", "dtype")  # a pass stopped by an older version
         if state["setting"] != setting:
             log(f"{path}: an unfinished IWAE of other options or weights; starting anew")
             return None

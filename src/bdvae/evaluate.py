@@ -2,7 +2,7 @@
 
 Writes RUN/metrics.json and RUN/eval/*.png, returns the metrics as a dict. Every number is per
 test image (nats) unless its name says otherwise; the prior is N(0, I) for every model, so the
-numbers compare across regularizers. See README, "Evaluation", for what each one means.
+numbers compare across regularizers. docs/evaluation.md#what-each-figure-means says what each one means.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ DEFAULT_K = 100
 IWAE_IMAGES_PER_STEP = 100  # images per IWAE step: the progress bar's unit of work
 IWAE_SAVE_SECONDS = 60.0  # how often an evaluation saves its IWAE's progress (rundir.save_iwae_progress)
 # Latents per IWAE decode at most on a CPU, whatever --max-batch allows: with a few hundred the
-# decoder's activations stay in the CPU's caches (1.6x the samples/s of 1000 at once on 2 cores).
+# decoder's activations stay in the CPU's caches (docs/results/performance.md#intel-xeon-with-amx-the-levers).
 # A GPU decodes --max-batch latents at once.
 IWAE_DECODE_BATCH = 256
 DTYPES = ("auto", "fp32", "bf16")  # the IWAE decoder's arithmetic (EvalOptions.dtype)
@@ -55,9 +55,9 @@ class EvalOptions:
     seed: int = 0  # seed of every random draw of the evaluation (binarization, z, samples)
     max_batch: int = 1000  # most latents decoded at once: bounds memory whatever k is
     # The IWAE decoder's arithmetic: "fp32", "bf16" (bfloat16 autocast; the likelihood sums and the
-    # logsumexp stay in fp32), or "auto": bf16 where the device computes it natively, else fp32. With
-    # bf16 matrix units it is 2.2-2.5x faster and moves -ln p(x) by about 0.01 nat per image on
-    # average (README, Performance; benchmarks/performance.py measures both). Called "precision"
+    # logsumexp stay in fp32), or "auto": bf16 where the device computes it natively, else fp32; with
+    # bf16 matrix units that is faster, and moves -ln p(x) by a small fraction of a nat per image
+    # ({P}; benchmarks/performance.py measures both). Called "precision"
     # in metrics.json before, a word that now means only the sample-quality metric.
     dtype: str = "auto"
     pictures: bool = True
@@ -135,7 +135,7 @@ def iwae_nll(run: TrainedRun, x: Tensor, options: EvalOptions, gen: torch.Genera
     far, generator state after them)` is called every IWAE_SAVE_SECONDS and on Ctrl-C."""
     model = run.model if device.type == "cpu" else copy.deepcopy(run.model).to(device)
     if device.type == "cpu":
-        keep_freed_memory()  # each decode's activations from the heap, not fresh pages (README, Performance)
+        keep_freed_memory()  # each decode's activations from the heap, not fresh pages (docs/results/performance.md)
     nll = LIKELIHOODS[run.config.objective.likelihood].nll
     decoder = iwae_decoder(model)
     bf16 = iwae_dtype(options, device) == "bf16"

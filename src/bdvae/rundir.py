@@ -1,7 +1,7 @@
 """The run directory: the one module that knows its file names, whether a run is finished or can
 be resumed, and the formats of what it stores (a training state, a fitted sampler).
 
-Layout (README, "The run directory"):
+Layout (docs/run-directory.md):
     config.toml        the resolved config (written first); enough, with run.json, to rebuild the model
     run.json           bdvae version, image shape (C, H, W), data source, epochs done, wall time
     model.safetensors  the VAE's weights (written last, with run.json: a run without them is unfinished)

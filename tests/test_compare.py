@@ -328,7 +328,7 @@ def test_the_report_of_published_runs_says_what_they_are(tmp_path):
     assert facts["IWAE −ln p(x)"] == "importance samples per test image: K = 5,000 (4 runs); 1,000 (bhattacharyya β=2 seed 0)"
     assert facts["sample quality"] == "10,000 decoded samples against the 10,000 test images"
     assert facts["bdvae"] == f"trained with 0.1.0; evaluated with an unrecorded version; this report by {__version__}"
-    assert re.fullmatch(r"evaluated on dates not recorded; this report written \d{4}-\d\d-\d\d \d\d:\d\d UTC", facts["dates"])
+    assert re.fullmatch(r"evaluated \(the runs' metrics.json record no date\); this report written \d{4}-\d\d-\d\d \d\d:\d\d UTC", facts["dates"])
     # The old "precision" key, read as dtype: the runs decoded in bf16 and in fp32 are named.
     assert ("The IWAE's decoder ran in bf16 for bhattacharyya β=1 seed 0, bhattacharyya β=1 seed 1, kl β=1 seed 0; "
             "in fp32 for bhattacharyya β=2 seed 0, kl β=1 seed 1") in md

@@ -337,6 +337,26 @@ def test_the_report_of_published_runs_says_what_they_are(tmp_path):
     assert md.count("**") >= 2 * 10 and page.count('class="best"') >= 10  # bests marked in both
 
 
+def test_the_report_takes_runs_evaluated_before_the_samplers_and_refuses_one_lacking_a_figure(tmp_path):
+    """The β sweep's published runs were evaluated before bdvae had samplers (no "samplers" in
+    their metrics.json, the prior's scores at its top level): their report has every table but the
+    samplers'. A metrics.json that lacks one of the run's own figures is still one line."""
+    sweep = sorted((PUBLISHED.parent.parent / "beta-sweep" / "runs").iterdir())
+    assert sweep and not any('"samplers"' in (r / "metrics.json").read_text() for r in sweep)
+    result = run_cli("report", *map(str, sweep), "--out", str(tmp_path / "sweep"))
+    assert result.returncode == 0, result.stderr
+    md = (tmp_path / "sweep" / "report.md").read_text()
+    assert "## Sample quality of z ~ N(0, I)" in md and "## Samplers" not in md
+    assert "| kl | 1 | 1 | **572.6** |" in md  # KL β = 1's prior Fréchet distance, the best of the six
+    damaged = tmp_path / "damaged"
+    shutil.copytree(sweep[0], damaged)
+    metrics = json.loads((damaged / "metrics.json").read_text())
+    del metrics["prior_match"]
+    (damaged / "metrics.json").write_text(json.dumps(metrics))
+    result = run_cli("report", str(damaged), "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and "its metrics.json lacks prior_match" in result.stderr, result.stderr
+
+
 def test_compare_reuses_an_evaluation_whose_metrics_json_has_the_old_key(tmp_path, monkeypatch):
     from bdvae import compare as compare_module
     from bdvae.evaluate import EvalOptions

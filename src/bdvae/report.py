@@ -293,7 +293,7 @@ def _dates(entries: Sequence[Entry]) -> str:
     days = sorted({e.metrics["evaluated"][:10] for e in entries if e.metrics.get("evaluated")})
     unknown = sum(not e.metrics.get("evaluated") for e in entries)
     if not days:
-        return "(the runs' metrics.json record no date)"
+        return f"(the runs' {rundir.METRICS_FILE} record no date)"
     span = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
     return span + (f" (not recorded for {unknown} run{'s' if unknown > 1 else ''})" if unknown else "")
 

@@ -248,3 +248,20 @@ def test_the_terminal_table_of_a_published_evaluation():
         "Fréchet distance 355.76")
     assert gmm < lines.index("test-latent ln p(z) -43.76 ± 0.04") < lines.index("Fréchet distance 97.20")
     assert sum(line.endswith("samples against 10000 test images") for line in lines) == 3  # prior, gmm-10, two_stage
+
+
+def test_config_show_prints_the_resolved_config_that_config_takes_back(tmp_path):
+    from bdvae import config as config_lib
+
+    result = run_cli("config", "show", "--preset", "quality", "--set", "objective.beta=2")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.startswith("# bdvae's configuration: preset 'quality'")
+    shown = tmp_path / "shown.toml"
+    shown.write_text(result.stdout)
+    assert config_lib.load(shown) == config_lib.load(None, ["objective.beta=2"], preset="quality")
+    bad = run_cli("config", "show", "--set", "train.epohcs=3")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.startswith("bdvae: error: unknown key train.epohcs (did you mean train.epochs?); valid: ")
+    assert bad.stderr.count("\n") == 1
+    help_text = run_cli("train", "--help").stdout
+    assert "`bdvae config show` prints every key, its default and meaning" in help_text and "--set SECTION.KEY=VALUE" in help_text

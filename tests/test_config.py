@@ -1,5 +1,8 @@
 """Config: TOML round trip, overrides, and one-line errors for unknown keys and invalid values."""
 
+import dataclasses
+import importlib
+import re
 import tomllib
 
 import pytest
@@ -36,7 +39,7 @@ def test_overrides_apply_on_top_of_the_file(tmp_path):
     (["objective.beta=-1"], "objective.beta must be >= 0"),
     (["objective.beta=inf"], "objective.beta must be >= 0 and finite"),
     (["train.lr=nan"], "train.lr must be positive"),
-    (["train.epoch=3"], "unknown key train.epoch; valid: epochs, batch_size"),
+    (["train.epoch=3"], "unknown key train.epoch (did you mean train.epochs?); valid: epochs, batch_size"),
     (["optim.lr=3"], "unknown config section 'optim'"),
     (["train.epochs=two"], "train.epochs must be an integer"),
     (["train.epochs=2.5"], "train.epochs must be an integer"),
@@ -106,3 +109,53 @@ def test_an_unknown_preset_is_a_one_line_error_naming_the_valid_ones():
 def test_new_fields_are_validated(overrides, message):
     with pytest.raises(BdvaeError, match=message):
         config_lib.load(None, overrides)
+
+
+def test_every_key_has_its_meaning_written_beside_its_field():
+    meanings = config_lib.meanings()
+    keys = [f"{s}.{f.name}" for s, cls in config_lib.SECTIONS.items() for f in dataclasses.fields(cls)]
+    assert sorted(meanings) == sorted(keys)
+    assert all(len(text) > 10 and "  " not in text for text in meanings.values())
+    assert meanings["train.checkpoint_every"].startswith("Optimizer steps between saved training states")
+
+
+@pytest.mark.parametrize("key,registry", [
+    ("data.name", "bdvae.data:DATASETS"), ("model.arch", "bdvae.model:ARCHITECTURES"),
+    ("objective.likelihood", "bdvae.likelihoods:LIKELIHOODS"), ("objective.regularizer", "bdvae.regularizers:REGULARIZERS"),
+    ("train.lr_schedule", "bdvae.config:LR_SCHEDULES")])
+def test_a_meaning_that_lists_choices_names_every_entry_of_its_registry(key, registry):
+    module, name = registry.split(":")
+    choices = getattr(importlib.import_module(module), name)
+    assert choices and all(re.search(rf"\b{choice}\b", config_lib.meanings()[key]) for choice in choices), key
+
+
+@pytest.mark.parametrize("preset", [None, *config_lib.preset_names()])
+def test_show_gives_back_the_config_with_every_key_its_default_and_meaning(preset):
+    config = config_lib.load(None, ["objective.beta=2", "data.train_size=100"], preset=preset)
+    text = config_lib.show(config, preset=preset)
+    assert config_lib.from_dict(tomllib.loads(text)) == config  # valid TOML, --config takes it back
+    flat_text = " ".join(line.lstrip("# ").strip() for line in text.splitlines())
+    for key, meaning in config_lib.meanings().items():
+        assert meaning in flat_text, key
+    assert "\nbeta = 2.0\n" in text and "[default: 1.0]" in text
+    assert "\ntrain_size = 100\n" in text and "\n# test_size =  (unset)\n" in text  # unset: commented out
+    assert "\nwidths = [32, 64, 128]\n" in text if preset == "quality" else "\n# widths =  (unset)\n" in text
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.epohcs=3"], "unknown key train.epohcs (did you mean train.epochs?)"),
+    (["trian.epochs=3"], "unknown config section 'trian' (did you mean train?)"),
+    (["objective.regularizer=bhattacharya"], "got 'bhattacharya' (did you mean bhattacharyya?)"),
+    (["data.name=mnsit"], "got 'mnsit' (did you mean mnist?)"),
+    (["model.arch=resent"], "got 'resent' (did you mean resnet?)"),
+    (["train.lr_schedule=cosin"], "got 'cosin' (did you mean cosine?)"),
+])
+def test_a_misspelt_key_or_value_suggests_the_nearest(overrides, message):
+    with pytest.raises(BdvaeError, match=re.escape(message)):
+        config_lib.load(None, overrides)
+
+
+def test_a_value_near_no_choice_suggests_nothing():
+    with pytest.raises(BdvaeError) as e:
+        config_lib.load(None, ["objective.regularizer=zzz"])
+    assert str(e.value).endswith("got 'zzz'") and "did you mean" not in str(e.value)

@@ -51,9 +51,10 @@ def test_slug_follows_mkdocs():
 
 
 def _configuration_rows() -> dict[str, str]:
-    """{"section.key": default cell} of docs/configuration.md's tables."""
+    """{"section.key": default cell} of docs/configuration.md's tables, as the site's hook renders them."""
+    page = types.SimpleNamespace(file=types.SimpleNamespace(src_uri="configuration.md"))
     rows = {}
-    for line in (DOCS / "configuration.md").read_text(encoding="utf-8").splitlines():
+    for line in _hook().on_page_markdown((DOCS / "configuration.md").read_text(encoding="utf-8"), page).splitlines():
         if m := re.match(r"\| `(\w+\.\w+)` \| ([^|]+) \|", line):
             assert m.group(1) not in rows, f"{m.group(1)} is listed twice"
             rows[m.group(1)] = m.group(2).strip()

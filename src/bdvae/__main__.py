@@ -299,6 +299,13 @@ def classifier_scales(*, data_dir: Path | None) -> None:
               f"{s['precision']:>9.3f} {s['recall']:>6.3f}")
 
 
+def config_show(*, preset: str | None, config_file: Path | None, overrides: list[str] | None,
+                data_dir: Path | None) -> None:
+    from bdvae.config import show
+
+    print(show(_config(preset, config_file, overrides, data_dir), preset=preset), end="")
+
+
 def data_fetch(*, name: str, data_dir: Path | None, source_dir: Path | None, force: bool) -> None:
     from bdvae.data import fetch
 
@@ -317,6 +324,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "compare": compare,
     "report": report,
     "classifier": {"train": classifier_train, "scales": classifier_scales},
+    "config": {"show": config_show},
     "data": {"fetch": data_fetch},
 }
 
@@ -334,12 +342,20 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, metavar="RUN", help="a run directory written by `bdvae train`")
 
 
-def _add_preset(p: argparse.ArgumentParser) -> None:
+def _add_config(p: argparse.ArgumentParser, what: str) -> None:
+    """--preset, --config, --set and --data-dir, which train, compare and config show share: the
+    config of `what`."""
     from bdvae.config import preset_names  # the config module imports no torch
 
-    p.add_argument("--preset", metavar="NAME",
-                   help=f"start from a config shipped with bdvae: {', '.join(preset_names())} "
-                        "(default: reference, the defaults; --config and --set apply on top)")
+    group = p.add_argument_group(f"configuration of {what} (`bdvae config show` prints every key, its default and meaning)")
+    group.add_argument("--preset", metavar="NAME",
+                       help=f"start from a config shipped with bdvae: {', '.join(preset_names())} "
+                            "(default: reference, the defaults; --config and --set apply on top)")
+    group.add_argument("--config", type=Path, dest="config_file", metavar="CONFIG",
+                       help="a TOML file with [data], [model], [objective], [train] tables, laid over the preset")
+    group.add_argument("--set", action="append", dest="overrides", metavar="SECTION.KEY=VALUE",
+                       help="override one config value, read as TOML (repeatable), e.g. --set objective.beta=2")
+    group.add_argument("--data-dir", type=Path, help="dataset cache folder (the same as --set data.data_dir=...)")
 
 
 DTYPES = ("auto", "fp32", "bf16")  # evaluate.DTYPES, spelled here so that --help needs no torch
@@ -364,18 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = commands.add_parser("train", help="train a VAE into a run directory")
-    _add_preset(p)
-    p.add_argument("--config", type=Path, dest="config_file", metavar="CONFIG", help="a TOML file with [data], [model], [objective], [train] tables"
-                                               " (laid over the preset)")
-    p.add_argument("--set", action="append", dest="overrides", metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
     p.add_argument("--out", type=Path, help="run directory (default: runs/REGULARIZER-betaBETA-seedSEED)")
-    p.add_argument("--data-dir", type=Path, help="dataset cache folder (same as --set data.data_dir=...)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an existing run directory")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run from its newest good checkpoint")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train with N data-parallel processes on this machine (launches torchrun)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config(p, "the run")
 
     p = commands.add_parser("sample", help="decode draws of z (from N(0, I) or a fitted sampler) into a grid of images")
     _add_run(p)
@@ -427,10 +439,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per configuration (default 3)")
     p.add_argument("--epochs", type=int, help="epochs per run (default: the config's)")
     p.add_argument("--out", type=Path, required=True, help="folder for the runs and the report")
-    _add_preset(p)
-    p.add_argument("--config", type=Path, dest="config_file", metavar="CONFIG", help="base TOML config shared by every run (laid over the preset)")
-    p.add_argument("--set", action="append", dest="overrides", metavar="SECTION.KEY=VALUE", help="override a base config value")
-    p.add_argument("--data-dir", type=Path, help="dataset cache folder")
     p.add_argument("-k", type=int, default=100, help="IWAE importance samples per image (default 100)")
     p.add_argument("--samples", type=int, default=10000, help="samples for the sample-quality scores (default 10000)")
     p.add_argument("--test-size", type=int, help="evaluate on the first N test images only (default: all)")
@@ -439,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train and evaluate N configurations at once, in separate processes (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config(p, "every run (their base, which --regularizers, --beta, --seeds and --epochs vary)")
 
     p = commands.add_parser("report", help="the comparison report of runs trained and evaluated apart")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN",
@@ -457,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = classifier_commands.add_parser("scales", help="the sample-quality scores of reference image sets")
     p.add_argument("--data-dir", type=Path, help="dataset cache folder")
+
+    p = commands.add_parser("config", help="the configuration")
+    config_commands = p.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    p = config_commands.add_parser("show", help="print the resolved config as TOML, each key with its default and meaning")
+    _add_config(p, "what to show")
 
     p = commands.add_parser("data", help="datasets")
     data_commands = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)

@@ -1,15 +1,21 @@
 """Run configuration: TOML file -> dict -> ``section.key=value`` overrides -> frozen dataclasses.
 
-Every field has a docstring-like comment; validation lives in ``__post_init__`` so that an
-invalid value can never exist as a config object. Unknown keys are an error that lists the
-valid ones. ``None`` means "not set" (TOML has no null: such keys are simply left out).
+Every field has a docstring, the one place its meaning is written: ``meanings()`` reads them for
+``bdvae config show``, the documentation and the errors. Validation lives in ``__post_init__`` so
+that an invalid value can never exist as a config object. Unknown keys and values are an error
+that lists the valid ones and suggests the nearest. ``None`` means "not set" (TOML has no null:
+such keys are simply left out).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
+import functools
 import importlib.resources
 import math
+import textwrap
 import tomllib
 import types
 import typing
@@ -29,6 +35,19 @@ def _require(condition: bool, message: str) -> None:
         raise BdvaeError(message)
 
 
+def _nearest(value: Any, choices: typing.Iterable[Any], prefix: str = "") -> str:
+    """" (did you mean 'x'?)" for the choice nearest to a misspelt `value` (named with `prefix`
+    before it), or "" when none is near."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _one_of(where: str, value: Any, choices: typing.Iterable[Any]) -> None:
+    """`value` must be one of `choices`: else one line naming them and the nearest."""
+    choices = list(choices)
+    _require(value in choices, f"{where} must be one of {', '.join(map(str, choices))}, got {value!r}{_nearest(value, choices)}")
+
+
 def _positive(section: str, name: str, value: int | float | None) -> None:
     _require(value is None or (value > 0 and math.isfinite(value)), f"{section}.{name} must be positive, got {value!r}")
 
@@ -37,21 +56,35 @@ def _positive(section: str, name: str, value: int | float | None) -> None:
 class DataConfig:
     """Which images to train on and how to prepare them."""
 
-    name: str = "mnist"  # a key of data.DATASETS
-    path: str | None = None  # mnist/fashion_mnist: a folder with the 4 IDX files; else the data file/folder
-    labels_path: str | None = None  # idx: the label file that goes with `path`
-    data_dir: str | None = None  # cache folder for mnist/fashion_mnist (default: see data.default_data_dir)
-    train_size: int | None = None  # use only the first N training images
-    test_size: int | None = None  # use only the first N test images
-    test_fraction: float = 0.1  # idx/npz/folder without a test split: fraction held out as test set
-    pad: int | None = None  # zero pixels added on each side; default 2 for 28x28 images, else 0
-    image_size: int | None = None  # folder: resize every image to image_size x image_size
-    channels: int | None = None  # folder: 1 (grayscale) or 3 (RGB); default from the images
+    name: str = "mnist"
+    """The images: mnist, fashion_mnist, idx (an image IDX file, and labels_path), npz
+    (x_train/y_train/x_test/y_test, x/y or images/labels; or a .npy of images) or folder (PNG/JPEG files; a
+    first-level sub-folder name is the label)."""
+    path: str | None = None
+    """The data file or folder; for mnist and fashion_mnist, a folder holding the four IDX files (unset: fetch
+    them)."""
+    labels_path: str | None = None
+    """idx: the label file that goes with path."""
+    data_dir: str | None = None
+    """The dataset cache (also --data-dir); unset: $BDVAE_DATA_DIR, else $XDG_CACHE_HOME/bdvae, else
+    ~/.cache/bdvae."""
+    train_size: int | None = None
+    """Use only the first N training images (unset: all)."""
+    test_size: int | None = None
+    """Use only the first N test images (unset: all)."""
+    test_fraction: float = 0.1
+    """Data without a test split (idx, npz, folder): the share held out as test images, by a fixed permutation."""
+    pad: int | None = None
+    """Zero pixels added on each side (unset: 2 for 28x28 images, else 0)."""
+    image_size: int | None = None
+    """folder: resize every image to a square of this size (unset: as the images are)."""
+    channels: int | None = None
+    """folder: 1 (grayscale) or 3 (RGB) (unset: from the images)."""
 
     def __post_init__(self) -> None:
         from bdvae.data import DATASETS  # the registry; data.py imports nothing from here
 
-        _require(self.name in DATASETS, f"data.name must be one of {', '.join(DATASETS)}, got {self.name!r}")
+        _one_of("data.name", self.name, DATASETS)
         for name in ("train_size", "test_size", "image_size"):
             _positive("data", name, getattr(self, name))
         _require(0 < self.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {self.test_fraction!r}")
@@ -75,14 +108,20 @@ def _toml_value(value: Any) -> str:
 class ModelConfig:
     """The encoder/decoder architecture: an entry of model.ARCHITECTURES and what it takes."""
 
-    arch: str = "reference"  # a key of model.ARCHITECTURES
+    arch: str = "reference"
+    """The architecture: reference (the fixed reference design), conv (its shape with your widths and latent_dim),
+    mlp (any image shape) or resnet (residual blocks and BatchNorm, the quality preset's)."""
     latent_dim: int = 16
-    widths: tuple[int, ...] | None = None  # conv channels per stride-2 layer, or MLP hidden sizes
-    blocks: int | None = None  # an option of resnet: residual blocks at each resolution (default 1)
+    """Latent dimensions (reference fixes 16: set arch = "conv" to change it)."""
+    widths: tuple[int, ...] | None = None
+    """Channels of each stride-2 conv layer, or the MLP's hidden sizes (unset: 32, 64, 128 for conv and resnet,
+    512, 256 for mlp; reference fixes 32, 64, 128)."""
+    blocks: int | None = None
+    """resnet only: residual blocks at each resolution (unset: 1)."""
 
     def __post_init__(self) -> None:
         archs = _architectures()
-        _require(self.arch in archs, f"model.arch must be one of {', '.join(archs)}, got {self.arch!r}")
+        _one_of("model.arch", self.arch, archs)
         _positive("model", "latent_dim", self.latent_dim)
         if self.widths is not None:
             _require(len(self.widths) > 0, "model.widths must not be empty")
@@ -110,22 +149,27 @@ class ModelConfig:
 class ObjectiveConfig:
     """The loss: -log p(x|z) + beta * regularizer(q(z|x) || N(0, I))."""
 
-    likelihood: str = "bernoulli"  # a key of likelihoods.LIKELIHOODS
-    regularizer: str = "bhattacharyya"  # a key of regularizers.REGULARIZERS
-    beta: float = 1.0  # weight of the regularizer
-    warmup_steps: int = 0  # beta rises linearly from beta/N to beta over the first N optimizer steps
-    alpha: float = 0.5  # regularizer "renyi": the order alpha, > 0 and != 1
-    sigma: float = 0.1  # gaussian likelihoods: the fixed standard deviation, or the initial one
+    likelihood: str = "bernoulli"
+    """-ln p(x|z): bernoulli (cross-entropy on intensities in [0, 1]), bernoulli_binarized (dynamically binarized
+    images), gaussian (fixed sigma) or gaussian_learned."""
+    regularizer: str = "bhattacharyya"
+    """The divergence of q(z|x) from N(0, I): bhattacharyya, kl, hellinger, renyi or wasserstein."""
+    beta: float = 1.0
+    """The regularizer's weight, >= 0."""
+    warmup_steps: int = 0
+    """beta rises linearly from beta/N to beta over the first N optimizer steps (0: no warm-up)."""
+    alpha: float = 0.5
+    """renyi: the order alpha, > 0 and not 1."""
+    sigma: float = 0.1
+    """Gaussian likelihoods: the fixed standard deviation, or the initial one."""
 
     def __post_init__(self) -> None:
         # Imported here: the registries import nothing from config, so there is no cycle.
         from bdvae.likelihoods import LIKELIHOODS
         from bdvae.regularizers import REGULARIZERS
 
-        _require(self.likelihood in LIKELIHOODS,
-                 f"objective.likelihood must be one of {', '.join(LIKELIHOODS)}, got {self.likelihood!r}")
-        _require(self.regularizer in REGULARIZERS,
-                 f"objective.regularizer must be one of {', '.join(REGULARIZERS)}, got {self.regularizer!r}")
+        _one_of("objective.likelihood", self.likelihood, LIKELIHOODS)
+        _one_of("objective.regularizer", self.regularizer, REGULARIZERS)
         _require(self.beta >= 0 and math.isfinite(self.beta), f"objective.beta must be >= 0 and finite, got {self.beta!r}")
         _positive("objective", "sigma", self.sigma)
         _require(self.warmup_steps >= 0, f"objective.warmup_steps must be >= 0, got {self.warmup_steps!r}")
@@ -138,20 +182,29 @@ class TrainConfig:
     """Optimisation: Adam over shuffled mini-batches."""
 
     epochs: int = 10
+    """Passes over the training images."""
     batch_size: int = 128
+    """Images per optimizer step, per process."""
     lr: float = 1e-3
-    lr_schedule: str = "constant"  # one of LR_SCHEDULES: "cosine" decays lr to 0 over the epochs
+    """Adam's learning rate."""
+    lr_schedule: str = "constant"
+    """constant, or cosine: lr (1 + cos(pi t)) / 2 at the share t of the epochs done, from lr down to 0."""
     seed: int = 0
-    threads: int | None = None  # torch intra-op threads; default: torch's choice
-    checkpoint_every: int = 200  # optimizer steps between training states (0: only at epoch ends)
-    skip_nonfinite: bool = False  # skip (and count) batches with a non-finite loss or gradient instead of stopping
-    mixed_precision: bool = True  # the forward under bf16 autocast where the CPU or GPU has native bf16
+    """Seeds the one generator training draws from (weights, data order, binarization, noise)."""
+    threads: int | None = None
+    """torch's intra-op threads (unset: torch's choice)."""
+    checkpoint_every: int = 200
+    """Optimizer steps between saved training states (0: only at the end of each epoch)."""
+    skip_nonfinite: bool = False
+    """Skip and count batches whose loss or gradient is NaN or infinite, instead of stopping."""
+    mixed_precision: bool = True
+    """The forward under bf16 autocast where the CPU or GPU has native bf16 (weights, Adam and the loss sums stay
+    fp32); no effect elsewhere."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "lr", "threads"):
             _positive("train", name, getattr(self, name))
-        _require(self.lr_schedule in LR_SCHEDULES,
-                 f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        _one_of("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _require(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every!r}")
         check_seed(self.seed, "train.seed")
         _require(self.threads is None or self.threads <= 1024, f"train.threads must be at most 1024, got {self.threads!r}")
@@ -200,16 +253,57 @@ def from_dict(raw: dict[str, Any]) -> Config:
     """Build a validated Config from nested dicts, refusing unknown sections and keys."""
     sections = {}
     for name, values in raw.items():
-        _require(name in SECTIONS, f"unknown config section {name!r}; valid: {', '.join(SECTIONS)}")
+        _require(name in SECTIONS, f"unknown config section {name!r}{_nearest(name, SECTIONS)}; valid: {', '.join(SECTIONS)}")
         _require(isinstance(values, dict), f"config section {name!r} must be a table")
         cls = SECTIONS[name]
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for key, value in values.items():
-            _require(key in hints, f"unknown key {name}.{key}; valid: {', '.join(hints)}")
+            _require(key in hints, f"unknown key {name}.{key}{_nearest(key, hints, f'{name}.')}; valid: {', '.join(hints)}")
             kwargs[key] = _coerce(name, key, hints[key], value)
         sections[name] = cls(**kwargs)
     return Config(**sections)
+
+
+@functools.cache
+def meanings() -> dict[str, str]:
+    """{"section.key": its meaning}: the docstring under each field of the section dataclasses,
+    read from this module's source, whitespace joined into one line."""
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    sections = {cls.__name__: section for section, cls in SECTIONS.items()}
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name in sections:
+            for field_node, doc in zip(node.body, node.body[1:]):
+                if (isinstance(field_node, ast.AnnAssign) and isinstance(doc, ast.Expr)
+                        and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+                    found[f"{sections[node.name]}.{field_node.target.id}"] = " ".join(doc.value.value.split())
+    return found
+
+
+def toml_value(value: Any) -> str:
+    """A config value as one line of TOML ("unset" for None)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, (tuple, list)):
+        return f"[{', '.join(map(toml_value, value))}]"
+    return tomli_w.dumps({"v": value})[len("v = "):].strip()
+
+
+def show(config: Config, *, preset: str | None = None) -> str:
+    """The resolved config as TOML, each key under a comment that gives its meaning and default;
+    an unset key is commented out. Valid TOML that `--config` takes back."""
+    meaning = meanings()
+    lines = [f"# bdvae's configuration: {'preset ' + repr(preset) if preset else 'the defaults'}, with --config and --set "
+             "laid over. Each key: its meaning [its default]."]
+    for section in SECTIONS:
+        lines += ["", f"[{section}]"]
+        for f in dataclasses.fields(SECTIONS[section]):
+            value = getattr(getattr(config, section), f.name)
+            text = f"{meaning[f'{section}.{f.name}']} [default: {toml_value(f.default)}]"
+            lines += textwrap.wrap(text, width=98, initial_indent="# ", subsequent_indent="#   ")
+            lines.append(f"{f.name} = {toml_value(value)}" if value is not None else f"# {f.name} =  (unset)")
+    return "\n".join(lines) + "\n"
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -168,7 +169,8 @@ def test_evaluate_fits_and_scores_every_sampler(evaluated):
         # q(z) is not N(0, I): a density fitted to it scores the unseen test latents higher
         assert entry["test_latent_log_density"]["mean"] > prior["test_latent_log_density"]["mean"], name
         assert (run_dir / "eval" / f"samples-{name}.png").stat().st_size > 500
-        assert f"sampler {name}: test-latent ln p(z)" in stdout
+        # the sampler's rows: its heading, with what its samples were scored against, then its figures
+        assert re.search(rf"^sampler {name} +500 samples against 500 test images\n  test-latent ln p\(z\) ", stdout, re.M), stdout
     assert prior["frechet_ratio"] == 1.0
     assert sorted(p.name for p in (run_dir / "samplers").iterdir()) == [
         "gmm-3.json", "gmm-3.safetensors", "two_stage.json", "two_stage.safetensors"]

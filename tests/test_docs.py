@@ -106,7 +106,8 @@ def test_api_page_documents_every_public_name():
     public = [name for name in bdvae.__all__ if not name.startswith("_")]
     assert public
     for name in public:
-        assert f"::: bdvae.api.{name}\n" in text, f"docs/python-api.md does not document bdvae.{name}"
+        where = f"{getattr(bdvae, name).__module__}.{name}"  # bdvae.api.train, bdvae.tracking.Callback, ...
+        assert f"::: {where}\n" in text, f"docs/python-api.md does not document bdvae.{name} ({where})"
 
 
 def _pointers() -> list[tuple[Path, str, str | None]]:

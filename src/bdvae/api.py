@@ -1,4 +1,4 @@
-"""The Python API: train from a config, load a finished run, encode / decode / reconstruct / sample.
+"""The Python API: train or resume from a config, load a finished run, encode / decode / reconstruct / sample.
 
     import bdvae
     from bdvae.config import Config
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,25 @@ from bdvae.config import Config
 from bdvae.data import load_dataset
 from bdvae.likelihoods import LIKELIHOODS, to_float
 from bdvae.samplers import Sampler, parse_name
-from bdvae.training import train as _train
+from bdvae.tracking import Callback
+from bdvae.training import resume as _resume, train as _train
 
 
 def train(config: Config, run_dir: str | Path, overwrite: bool = False, progress: bool | None = None,
-          device: str = "auto") -> Path:
+          device: str = "auto", callbacks: Sequence[Callback] = ()) -> Path:
     """Train a VAE as configured into `run_dir` and return its path; `device` is "auto" (a CUDA GPU
-    when there is one), "cpu" or "cuda". Under torchrun, every process calls it (docs/scaling-out.md)."""
-    return _train(config, Path(run_dir), overwrite=overwrite, progress=progress, device=device)
+    when there is one), "cpu" or "cuda". `callbacks` hear of every train.log_every-th step, every
+    checkpoint and epoch, and the end (bdvae.Callback; docs/python-api.md#callbacks-and-trackers).
+    Under torchrun, every process calls it (docs/scaling-out.md)."""
+    return _train(config, Path(run_dir), overwrite=overwrite, progress=progress, device=device, callbacks=callbacks)
+
+
+def resume(run_dir: str | Path, progress: bool | None = None, device: str = "auto",
+           callbacks: Sequence[Callback] = ()) -> Path:
+    """Continue the interrupted run in `run_dir` from its newest good training state, to the same
+    weights, bit for bit, as a run never interrupted (on the same device and number of processes);
+    returns its path."""
+    return _resume(Path(run_dir), progress=progress, device=device, callbacks=callbacks)
 
 
 def _as_float(x: Tensor) -> Tensor:

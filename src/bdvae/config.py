@@ -200,12 +200,18 @@ class TrainConfig:
     mixed_precision: bool = True
     """The forward under bf16 autocast where the CPU or GPU has native bf16 (weights, Adam and the loss sums stay
     fp32); no effect elsewhere."""
+    log_every: int = 50
+    """Optimizer steps between the step figures given to callbacks and TensorBoard (loss terms, lr, beta, gradient
+    norm; 0: none)."""
+    tensorboard: bool = False
+    """Write TensorBoard event files under RUN/tensorboard/ (needs the tensorboard package: bdvae[tensorboard])."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "lr", "threads"):
             _positive("train", name, getattr(self, name))
         _one_of("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _require(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every!r}")
+        _require(self.log_every >= 0, f"train.log_every must be >= 0, got {self.log_every!r}")
         check_seed(self.seed, "train.seed")
         _require(self.threads is None or self.threads <= 1024, f"train.threads must be at most 1024, got {self.threads!r}")
 
@@ -316,9 +322,9 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 # Config values that say how a machine runs a model, not which model it is: where it caches the
-# data and how many threads it uses. Runs that differ only in them are the same run to `compare`
-# (which reuses it) and to `report` (which puts them side by side).
-MACHINE_KEYS = ("data.data_dir", "train.threads")
+# data, how many threads it uses, what it reports as it trains. Runs that differ only in them are
+# the same run to `compare` (which reuses it) and to `report` (which puts them side by side).
+MACHINE_KEYS = ("data.data_dir", "train.threads", "train.log_every", "train.tensorboard")
 
 
 def flat(config: Config, without: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -10,6 +10,7 @@ Layout (docs/run-directory.md):
     checkpoints/       the newest training states (step-NNNNNNNNN.safetensors), for `train --resume`
     metrics.json, eval/   written by `bdvae evaluate` (eval/iwae-progress.safetensors while its IWAE is unfinished)
     samplers/          latent samplers fitted after training (NAME.safetensors, then NAME.json)
+    tensorboard/       TensorBoard's event files, with train.tensorboard = true
 Every file is written through files.atomic_path. A training state is one safetensors file:
 tensors (weights, optimizer moments, the training generator's state, the epoch's data order)
 plus JSON metadata, sealed by a sha256 over both that is checked on load.
@@ -55,6 +56,7 @@ LATENT_HISTOGRAMS, LATENT_MEANS = f"{EVAL_DIR}/latent_histograms.png", f"{EVAL_D
 INTERPOLATION, TRAVERSAL = f"{EVAL_DIR}/interpolation.png", f"{EVAL_DIR}/traversal.png"
 IWAE_PROGRESS = f"{EVAL_DIR}/iwae-progress.safetensors"  # an unfinished IWAE, until metrics.json is written
 SAMPLERS_DIR = "samplers"
+TENSORBOARD_DIR = "tensorboard"  # event files, with train.tensorboard = true
 KEEP_STATES = 2  # the newest and the one before it, in case the newest is damaged
 FINISHED = (CONFIG_FILE, RUN_FILE, WEIGHTS_FILE)  # a finished run has them all: run.json and the weights come last
 
@@ -62,7 +64,7 @@ FINISHED = (CONFIG_FILE, RUN_FILE, WEIGHTS_FILE)  # a finished run has them all:
 # weights, its metrics, a finished marker, samplers fitted to its latents) may be mistaken for the
 # new one's. Other files stay.
 RUN_OUTPUTS = (RUN_FILE, WEIGHTS_FILE, METRICS_LOG, METRICS_FILE, LOSS_CURVE, ORIGINALS, RECONSTRUCTIONS, SAMPLES)
-RUN_OUTPUT_DIRS = (STATES_DIR, EVAL_DIR, SAMPLERS_DIR)
+RUN_OUTPUT_DIRS = (STATES_DIR, EVAL_DIR, SAMPLERS_DIR, TENSORBOARD_DIR)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bdvae import distributed, pictures, rundir
+from bdvae import distributed, pictures, rundir, tracking
 from bdvae.config import Config, TrainConfig, absolute_paths
 from bdvae.data import Dataset, load_dataset
 from bdvae.devices import keep_freed_memory
@@ -92,12 +93,14 @@ def backward_shard(loss: nn.Module, x: Tensor, eps: Tensor, total: int, beta: fl
 
 def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, config: Config, bar: tqdm,
                 pos: Position, generator: torch.Generator, after_step: Callable[[], None] = lambda: None,
-                ctx: Context = Context(), loss: nn.Module | None = None) -> dict[str, float]:
+                ctx: Context = Context(), loss: nn.Module | None = None,
+                on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
     """Continue the epoch at `pos` to its end, updating `pos` after every step (then `after_step`
     may save it); returns the running means of the terms over the epoch. Every random draw (the
     epoch's order, binarization, the noise eps) comes from `generator`. `loss` is the Objective
     to differentiate (wrapped for several ranks; default: Objective(model)). Each step takes a
-    global batch of batch_size images per rank."""
+    global batch of batch_size images per rank. Every train.log_every steps `on_step` gets the
+    step's figures (tracking.py)."""
     objective, batch_size = config.objective, config.train.batch_size * ctx.world_size
     likelihood = LIKELIHOODS[objective.likelihood]
     loss = Objective(model, objective) if loss is None else loss
@@ -119,8 +122,9 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, co
             x = to_float(images[batch[part]])  # (B_r, C, H, W)
         eps = torch.randn(len(batch), config.model.latent_dim, generator=generator)[part]  # (B_r, D)
         optimizer.zero_grad(set_to_none=True)
+        lr = lr_at(config.train, (pos.epoch - 1 + start / len(images)) / config.train.epochs)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(config.train, (pos.epoch - 1 + start / len(images)) / config.train.epochs)
+            group["lr"] = lr
         beta = beta_at(objective, pos.global_step + 1)
         stacked = backward_shard(loss, x, eps, len(batch), beta, ctx, mixed_precision).cpu()
         # The total gradient norm is NaN or inf if any gradient is; checking it with the loss costs
@@ -141,6 +145,10 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, co
             optimizer.step()
             pos.totals += stacked  # sums over images, kept as a tensor
         bar.update(len(batch))
+        if on_step is not None and config.train.log_every and pos.global_step % config.train.log_every == 0:
+            loss_mean, recon, reg = (stacked / len(batch)).tolist()  # this step's batch: NaN where it was skipped
+            on_step(pos.global_step, {"loss": loss_mean, "recon_nll": recon, "reg": reg, "lr": lr, "beta": beta,
+                                      "grad_norm": grad_norm.item()})
         if pos.global_step % POSTFIX_EVERY == 0:
             loss_sum, recon, reg = (pos.totals / max(1, pos.next_start - pos.skipped_images)).tolist()
             bar.set_postfix(loss=f"{loss_sum:.2f}", recon=f"{recon:.2f}", reg=f"{reg:.2f}", refresh=False)
@@ -170,13 +178,16 @@ def _quiet(_: str) -> None:
 
 
 def train(config: Config, run_dir: Path, overwrite: bool = False, progress: bool | None = None,
-          log: Callable[[str], None] = print, device: str = "auto") -> Path:
+          log: Callable[[str], None] = print, device: str = "auto", callbacks: Sequence[Any] = ()) -> Path:
     """Train a VAE as configured and fill `run_dir`; returns `run_dir`.
 
     `progress=None` shows the progress bar only on a terminal. `device` is "auto", "cpu" or "cuda".
     Launched by torchrun, the processes train together (see distributed.py) and rank 0 writes.
+    `callbacks` (tracking.Callback) hear of every step, checkpoint and epoch on rank 0.
     """
     run_dir = Path(run_dir)
+    if config.train.tensorboard:
+        tracking.summary_writer()  # a missing tensorboard package fails here, before the slow parts
     with distributed.joined(device) as ctx:
         if ctx.is_main:
             rundir.check_new(run_dir, overwrite)  # before the slow parts, and before anything is written
@@ -185,11 +196,11 @@ def train(config: Config, run_dir: Path, overwrite: bool = False, progress: bool
         if ctx.is_main:
             rundir.prepare(run_dir, overwrite)  # only once data and model are known to be good
             rundir.write_config(run_dir, config)  # what --resume reads
-        return _fit(config, run_dir, data, model, generator, None, ctx, progress, log)
+        return _fit(config, run_dir, data, model, generator, None, ctx, progress, log, callbacks)
 
 
 def resume(run_dir: Path, progress: bool | None = None, log: Callable[[str], None] = print,
-           device: str = "auto") -> Path:
+           device: str = "auto", callbacks: Sequence[Any] = ()) -> Path:
     """Continue an interrupted run from its newest good training state (or from the start if it
     was stopped before the first one), exactly as if it had never stopped when the number of
     processes is the same. The state does not depend on that number: a run started with 2 may
@@ -200,15 +211,18 @@ def resume(run_dir: Path, progress: bool | None = None, log: Callable[[str], Non
     with distributed.joined(device) as ctx:
         log = log if ctx.is_main else _quiet
         config = rundir.read_config(run_dir)
+        if config.train.tensorboard:
+            tracking.summary_writer()
         data, model, generator = _setup(config, ctx, log)
         state = rundir.latest_state(run_dir, log)
         if state is None:
             log(f"{run_dir}: no training state saved yet; starting from the beginning")
-        return _fit(config, run_dir, data, model, generator, state, ctx, progress, log)
+        return _fit(config, run_dir, data, model, generator, state, ctx, progress, log, callbacks)
 
 
 def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: torch.Generator,
-         state: tuple[dict, dict] | None, ctx: Context, progress: bool | None, log: Callable[[str], None]) -> Path:
+         state: tuple[dict, dict] | None, ctx: Context, progress: bool | None, log: Callable[[str], None],
+         callbacks: Sequence[Any] = ()) -> Path:
     """The training loop from a fresh start (`state` None) or a saved training state."""
     # Channels-last: oneDNN's convolutions then need no layout reorders (docs/results/performance.md). Weights on disk stay in the usual layout.
     model.to(memory_format=torch.channels_last)
@@ -226,8 +240,12 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
     if pos.order is not None and (len(pos.order) != n or not 0 <= pos.next_start <= n):
         raise BdvaeError(f"{states}: the checkpoint was taken on {len(pos.order)} training "
                          f"images, the data now gives {n}; was {run_dir / rundir.CONFIG_FILE} edited?")
+    callbacks = list(callbacks)
+    if ctx.is_main and config.train.tensorboard:
+        callbacks.append(tracking.TensorBoard(run_dir / rundir.TENSORBOARD_DIR,
+                                              resumed_after=None if state is None else pos.global_step))
     if not ctx.is_main:
-        log, progress = _quiet, False
+        log, progress, callbacks = _quiet, False, []
     if state is not None:
         log(f"resuming at epoch {pos.epoch}, image {pos.next_start} of {n}, after {pos.global_step} steps")
     processes = f"; {ctx.world_size} processes, global batch {config.train.batch_size * ctx.world_size}" \
@@ -241,7 +259,11 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
 
     def after_step() -> None:
         if ctx.is_main and every and pos.global_step % every == 0 and pos.next_start < n:
+            tracking.call(callbacks, "on_checkpoint", pos.global_step)
             rundir.save_training_state(run_dir, model, optimizer, pos, generator)
+
+    def on_step(step: int, figures: dict[str, float]) -> None:
+        tracking.call(callbacks, "on_step", step, figures)
 
     model.train()
     while pos.epoch <= config.train.epochs:
@@ -250,7 +272,7 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
                   disable=None if progress is None else not progress, leave=False) as bar:
             try:
                 train_means = train_epoch(model, optimizer, data.train_images, config, bar, pos, generator,
-                                          after_step, ctx, loss)
+                                          after_step, ctx, loss, on_step if callbacks else None)
             except NonFiniteError as e:
                 kept = rundir.state_paths(run_dir)
                 where = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint was saved yet"
@@ -266,6 +288,10 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
         pos.rows.append(row)
         pos.epoch, pos.next_start, pos.order = epoch + 1, 0, None
         if ctx.is_main:
+            # Before the epoch's training state: a run resumed from an earlier one logs the epoch again.
+            view = tracking.EpochView(model, data.test_images, config, pos.global_step, run_dir)
+            tracking.call(callbacks, "on_epoch_end", epoch, dict(row), view)
+            tracking.call(callbacks, "on_checkpoint", pos.global_step)
             rundir.write_metrics_log(run_dir, pos.rows)
             pictures.save_loss_curves(pos.rows, run_dir / rundir.LOSS_CURVE)
             rundir.save_training_state(run_dir, model, optimizer, pos, generator)  # the epoch's end, its row included
@@ -283,4 +309,5 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
         pictures.save_run_pictures(model, to_float(data.test_images[:pictures.PICTURE_COUNT]),
                                    run_dir / rundir.ORIGINALS, run_dir / rundir.RECONSTRUCTIONS,
                                    run_dir / rundir.SAMPLES, seed=config.train.seed)
+        tracking.call(callbacks, "on_train_end", run_dir, [dict(r) for r in pos.rows])
     return run_dir

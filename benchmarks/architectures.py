@@ -19,7 +19,7 @@ import torch
 
 from bdvae.config import ModelConfig, ObjectiveConfig
 from bdvae.devices import native_bf16
-from bdvae.evaluate import IWAE_DECODE_BATCH
+from bdvae.evaluation import IWAE_DECODE_BATCH
 from bdvae.model import build_model, iwae_decoder
 from bdvae.objective import Objective
 from bdvae.training import backward_shard

@@ -70,7 +70,7 @@ from bdvae.config import Config, DataConfig
 from bdvae.data import Dataset, load_dataset
 from bdvae.devices import keep_freed_memory
 from bdvae.distributed import Context
-from bdvae.evaluate import EvalOptions, iwae_nll
+from bdvae.evaluation import EvalOptions, iwae_nll
 from bdvae.likelihoods import LIKELIHOODS, binarized, to_float
 from bdvae.model import VAE, ImageConvTranspose2d, build_model
 from bdvae.objective import loss_terms

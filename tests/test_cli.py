@@ -190,10 +190,10 @@ def test_every_run_argument_says_what_it_takes(command, capsys):
 
 @pytest.mark.parametrize("command", [["evaluate", "RUN"], ["compare", "--out", "OUT"]])
 def test_the_command_lines_evaluation_defaults_are_evaluate_options(command):
-    """The parser cannot import evaluate.py (torch: `bdvae --help` would import it), so it spells
+    """The parser cannot import evaluation.py (torch: `bdvae --help` would import it), so it spells
     EvalOptions' defaults again; this keeps the two the same."""
     from bdvae.__main__ import build_parser
-    from bdvae.evaluate import EvalOptions
+    from bdvae.evaluation import EvalOptions
 
     args = vars(build_parser().parse_args(command))
     defaults = EvalOptions()
@@ -207,7 +207,7 @@ def test_the_command_lines_evaluation_defaults_are_evaluate_options(command):
 def test_dtype_is_the_arithmetic_and_precision_its_hidden_old_name(command, capsys):
     """--dtype names the IWAE decoder's arithmetic (choices in --help); --precision, its first
     name, still works in old scripts but is not shown: the word is the sample-quality metric's."""
-    from bdvae import __main__ as cli, evaluate
+    from bdvae import __main__ as cli, evaluation as evaluate
     from bdvae.errors import BdvaeError
 
     assert cli.DTYPES == evaluate.DTYPES  # spelled again so that --help needs no torch

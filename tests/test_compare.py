@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from bdvae._version import __version__
-from bdvae.compare import Entry, gpu_slots
-from bdvae.report import (COLUMNS, SAMPLER_COLUMNS, THEMES, heading, html_page, markdown, markdown_table, minus_signs,
+from bdvae.comparison import Entry, gpu_slots
+from bdvae.reporting import (COLUMNS, SAMPLER_COLUMNS, THEMES, heading, html_page, markdown, markdown_table, minus_signs,
                           number, summary_line, summary_rows, table, theme_columns)
 from conftest import run_cli
 
@@ -156,7 +156,7 @@ def test_a_run_differing_only_in_where_the_data_is_cached_or_its_threads_is_reus
     from dataclasses import replace
 
     from bdvae import rundir
-    from bdvae.compare import ensure_trained
+    from bdvae.comparison import ensure_trained
     from bdvae.config import Config
     from bdvae.errors import BdvaeError
 
@@ -358,8 +358,8 @@ def test_the_report_takes_runs_evaluated_before_the_samplers_and_refuses_one_lac
 
 
 def test_compare_reuses_an_evaluation_whose_metrics_json_has_the_old_key(tmp_path, monkeypatch):
-    from bdvae import compare as compare_module
-    from bdvae.evaluate import EvalOptions
+    from bdvae import comparison as compare_module
+    from bdvae.evaluation import EvalOptions
 
     run_dir = tmp_path / "kl-beta1-seed0"
     shutil.copytree(PUBLISHED / "kl-beta1-seed0", run_dir)

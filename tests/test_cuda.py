@@ -114,7 +114,7 @@ def test_a_training_state_resumes_on_the_other_device(direction, device_run, cpu
 def test_the_iwae_on_the_device_is_the_cpus(device_run, exact_fp32):
     from bdvae.api import load_run
     from bdvae.data import load_dataset
-    from bdvae.evaluate import EvalOptions, iwae_nll
+    from bdvae.evaluation import EvalOptions, iwae_nll
     from bdvae.likelihoods import to_float
 
     run = load_run(device_run)

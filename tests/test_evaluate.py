@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from bdvae import evaluate, metrics, pictures
+from bdvae import evaluation as evaluate, metrics, pictures
 from bdvae.api import Run, load_run
 from bdvae.config import Config, ModelConfig
 from bdvae.data import load_dataset
 from bdvae._version import __version__
-from bdvae.evaluate import EvalOptions, evaluate_run, iwae_nll
+from bdvae.evaluation import EvalOptions, evaluate_run, iwae_nll
 from bdvae.errors import BdvaeError
 from bdvae.likelihoods import LIKELIHOODS, to_float
 from bdvae.metrics import FIGURES, figure_value, missing_figures
@@ -307,7 +307,7 @@ def test_every_reported_figure_is_computed_shown_and_required(evaluated, figure)
     if figure.row:
         assert figure.row.format_map(m) in stdout
     if figure.column:
-        from bdvae.report import COLUMNS, SAMPLER_COLUMNS
+        from bdvae.reporting import COLUMNS, SAMPLER_COLUMNS
 
         assert figure in (SAMPLER_COLUMNS if figure.scope == "sampler" else COLUMNS)
     assert not missing_figures(m)

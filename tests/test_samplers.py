@@ -102,7 +102,7 @@ def test_the_second_stage_is_regularized_as_asked(short_two_stage):
 
 
 def test_the_priors_draws_are_the_ones_evaluate_always_scored(trained_run):
-    from bdvae.evaluate import decoded_samples
+    from bdvae.evaluation import decoded_samples
 
     run = load_run(trained_run)
     d = run.config.model.latent_dim

@@ -11,7 +11,7 @@ import pytest
 from bdvae import rundir
 
 PACKAGE = Path(rundir.__file__).parent
-MAX_LEVELS = 7  # floors of the import graph: a module that imports no bdvae module is on floor 1
+MAX_LEVELS = 8  # floors of the import graph: a module that imports no bdvae module is on floor 1; the API (7) sits on compare (6)
 
 
 def _modules() -> dict[str, ast.Module]:

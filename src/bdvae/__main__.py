@@ -228,7 +228,7 @@ def reconstruct(*, run: Path, n: int, ncol: int, out: Path, overwrite: bool) -> 
 
 def evaluate(*, run: Path, k: int, samples: int, test_size: int | None, seed: int, max_batch: int,
              no_pictures: bool, samplers: str, dtype: str, device: str, quiet: bool) -> None:
-    from bdvae.evaluate import EvalOptions, evaluate_run
+    from bdvae.evaluation import EvalOptions, evaluate_run
     from bdvae.rundir import METRICS_FILE
 
     options = EvalOptions(k=k, samples=samples, test_size=test_size, seed=seed, max_batch=max_batch,
@@ -242,9 +242,9 @@ def evaluate(*, run: Path, k: int, samples: int, test_size: int | None, seed: in
 def compare(*, regularizers: str, beta: str, seeds: int, epochs: int | None, out: Path, preset: str | None,
             config_file: Path | None, overrides: list[str] | None, data_dir: Path | None, k: int, samples: int,
             test_size: int | None, samplers: str, dtype: str, device: str, jobs: int, quiet: bool) -> None:
-    from bdvae.compare import compare as compare_runs
-    from bdvae.evaluate import EvalOptions
-    from bdvae.report import REPORT_HTML, REPORT_MD
+    from bdvae.comparison import compare as compare_runs
+    from bdvae.evaluation import EvalOptions
+    from bdvae.reporting import REPORT_HTML, REPORT_MD
 
     base = _config(preset, config_file, overrides, data_dir)
     regularizer_list = _csv(regularizers, str, "--regularizers")
@@ -259,16 +259,9 @@ def compare(*, regularizers: str, beta: str, seeds: int, epochs: int | None, out
 
 
 def report(*, runs: list[Path], out: Path, overwrite: bool) -> None:
-    from bdvae.report import REPORT_FILES, read_entries, write_report
+    from bdvae.reporting import report as write_report
 
-    if out.exists() and not out.is_dir():
-        raise BdvaeError(f"--out {out}: exists and is not a folder")
-    there = [name for name in REPORT_FILES if (out / name).exists()]
-    if there and not overwrite:
-        raise BdvaeError(f"--out {out}: holds a report ({there[0]}); pass --overwrite to replace it")
-    entries = read_entries(runs)  # every run checked before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    md, page = write_report(out, entries)
+    md, page = write_report(runs, out, overwrite)
     print(f"wrote {md} and {page}")
 
 
@@ -358,7 +351,7 @@ def _add_config(p: argparse.ArgumentParser, what: str) -> None:
     group.add_argument("--data-dir", type=Path, help="dataset cache folder (the same as --set data.data_dir=...)")
 
 
-DTYPES = ("auto", "fp32", "bf16")  # evaluate.DTYPES, spelled here so that --help needs no torch
+DTYPES = ("auto", "fp32", "bf16")  # evaluation.DTYPES, spelled here so that --help needs no torch
 
 
 def _add_dtype_and_device(p: argparse.ArgumentParser, what: str) -> None:

@@ -1,4 +1,5 @@
-"""The Python API: train or resume from a config, load a finished run, encode / decode / reconstruct / sample.
+"""The Python API: train or resume from a config; evaluate, compare and report; load a finished run
+and encode / decode / reconstruct / sample / fit a sampler / evaluate.
 
     import bdvae
     from bdvae.config import Config
@@ -20,9 +21,12 @@ import torch
 from torch import Tensor
 
 from bdvae import rundir
+from bdvae.comparison import compare as _compare
 from bdvae.config import Config
 from bdvae.data import load_dataset
+from bdvae.evaluation import EvalOptions, evaluate_run
 from bdvae.likelihoods import LIKELIHOODS, to_float
+from bdvae.reporting import Entry, report as _report
 from bdvae.samplers import Sampler, parse_name
 from bdvae.tracking import Callback
 from bdvae.training import resume as _resume, train as _train
@@ -43,6 +47,31 @@ def resume(run_dir: str | Path, progress: bool | None = None, device: str = "aut
     weights, bit for bit, as a run never interrupted (on the same device and number of processes);
     returns its path."""
     return _resume(Path(run_dir), progress=progress, device=device, callbacks=callbacks)
+
+
+def evaluate(run_dir: str | Path, *, progress: bool | None = None, device: str = "auto", **options: Any) -> dict[str, Any]:
+    """Every figure of a finished run on its test set (docs/evaluation.md); writes RUN/metrics.json
+    and RUN/eval/*.png and returns the metrics as the dict metrics.json holds. `options` are
+    evaluation.EvalOptions fields, the command line's flags: k, samples, test_size, seed, max_batch,
+    dtype, pictures, samplers (a tuple of names, e.g. ("prior", "gmm-10"))."""
+    return evaluate_run(Path(run_dir), EvalOptions(**options), progress=progress, device=device)
+
+
+def compare(out: str | Path, regularizers: Sequence[str] = ("bhattacharyya", "kl"), betas: Sequence[float] = (1.0,),
+            seeds: int = 3, *, base: Config | None = None, epochs: int | None = None, jobs: int = 1,
+            progress: bool | None = None, device: str = "auto", **options: Any) -> list[Entry]:
+    """Train and evaluate every regularizer x beta for seeds 0 .. seeds-1 on the `base` config (the
+    defaults if None) into OUT/runs/, reusing finished runs, and write OUT/report.md and .html
+    (docs/comparing.md); returns one reporting.Entry per run (its regularizer, beta, seed, run_dir and
+    metrics). `options` are evaluation.EvalOptions fields, as for `evaluate`."""
+    return _compare(base or Config(), list(regularizers), [float(b) for b in betas], seeds, Path(out), epochs=epochs,
+                    options=EvalOptions(**options), progress=progress, jobs=jobs, device=device)
+
+
+def report(run_dirs: Sequence[str | Path], out: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
+    """The comparison report of runs trained and evaluated apart, written into `out`; returns the
+    paths of report.md and report.html. An earlier report there is replaced only with `overwrite`."""
+    return _report([Path(r) for r in run_dirs], Path(out), overwrite, flags=False)
 
 
 def _as_float(x: Tensor) -> Tensor:
@@ -78,6 +107,10 @@ class Run(rundir.TrainedRun):
         directory (`bdvae sampler fit`, e.g. "gmm-10"); (n, C, H, W) in [0, 1]."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         return self.decode(rundir.load_sampler(self.path, sampler, self.config.model.latent_dim).sample(n, gen))
+
+    def evaluate(self, *, progress: bool | None = None, device: str = "auto", **options: Any) -> dict[str, Any]:
+        """bdvae.evaluate of this run: its metrics as a dict, also written to RUN/metrics.json."""
+        return evaluate(self.path, progress=progress, device=device, **options)
 
     def fit_sampler(self, kind: str, *, overwrite: bool = False, **options: Any) -> Sampler:
         """Fit a latent sampler on the run's training latents, store it in RUN/samplers/ and return

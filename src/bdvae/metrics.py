@@ -203,7 +203,7 @@ class Figure:
     row_decimals: int | None = None  # the terminal's, where it shows more than the report (default: decimals)
     better: str = ""  # "↓": lower is better, "↑": higher is better, "": neither (the report marks the best of each column that has one)
     unit: str = ""  # what the report's column header gives as its unit
-    theme: str = ""  # the report's table of the run's figures that holds its column (report.THEMES)
+    theme: str = ""  # the report's table of the run's figures that holds its column (reporting.THEMES)
 
 
 _SAMPLE_QUALITY = (

@@ -543,6 +543,23 @@ def write_report(out: Path, entries: Sequence[Entry]) -> tuple[Path, Path]:
 _VARIED_KEYS = ("objective.regularizer", "objective.beta", "train.seed")
 
 
+def report(run_dirs: Sequence[Path], out: Path, overwrite: bool = False, flags: bool = True) -> tuple[Path, Path]:
+    """The report of run directories trained and evaluated apart (`bdvae report`): every run
+    checked before anything is written, an earlier report in `out` replaced only with `overwrite`;
+    returns report.md and report.html. `flags`: errors name the command line's --out and
+    --overwrite, else the Python arguments."""
+    out = Path(out)
+    name, replace = ("--out ", "pass --overwrite") if flags else ("out=", "pass overwrite=True")
+    if out.exists() and not out.is_dir():
+        raise BdvaeError(f"{name}{out}: exists and is not a folder")
+    there = [file for file in REPORT_FILES if (out / file).exists()]
+    if there and not overwrite:
+        raise BdvaeError(f"{name}{out}: holds a report ({there[0]}); {replace} to replace it")
+    entries = read_entries(run_dirs)
+    out.mkdir(parents=True, exist_ok=True)
+    return write_report(out, entries)
+
+
 def read_entries(run_dirs: Sequence[Path]) -> list[Entry]:
     """The entries of run directories trained and evaluated apart (`bdvae report`), in the order
     given; their weights are not needed, their metrics.json is. They must be of one model and data:

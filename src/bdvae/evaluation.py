@@ -57,7 +57,7 @@ class EvalOptions:
     # The IWAE decoder's arithmetic: "fp32", "bf16" (bfloat16 autocast; the likelihood sums and the
     # logsumexp stay in fp32), or "auto": bf16 where the device computes it natively, else fp32; with
     # bf16 matrix units that is faster, and moves -ln p(x) by a small fraction of a nat per image
-    # ({P}; benchmarks/performance.py measures both). Called "precision"
+    # (docs/results/performance.md; benchmarks/performance.py measures both). Called "precision"
     # in metrics.json before, a word that now means only the sample-quality metric.
     dtype: str = "auto"
     pictures: bool = True

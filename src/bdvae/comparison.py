@@ -1,7 +1,7 @@
 """`bdvae compare`: train every (regularizer, beta) for every seed, evaluate each run, and report.
 
     OUT/runs/REGULARIZER-betaBETA-seedSEED/   one ordinary run directory each (train + evaluate)
-    OUT/report.md, OUT/report.html            the comparison (see report.py)
+    OUT/report.md, OUT/report.html            the comparison (see reporting.py)
 
 Finished runs whose config matches are reused, and so are their metrics when they were computed
 with the same evaluation options; a run left unfinished by an interrupted training is resumed from
@@ -28,10 +28,10 @@ from bdvae import config as config_lib
 from bdvae import rundir
 from bdvae.config import Config, absolute_paths
 from bdvae.errors import BdvaeError
-from bdvae.evaluate import EvalOptions, evaluate_run
+from bdvae.evaluation import EvalOptions, evaluate_run
 from bdvae.files import file_lock
 from bdvae.metrics import missing_figures
-from bdvae.report import Entry, write_report
+from bdvae.reporting import Entry, write_report
 from bdvae.training import resume, train
 
 

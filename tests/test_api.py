@@ -1,0 +1,59 @@
+"""The Python API as a notebook uses it: every name on `import bdvae`, and train, evaluate,
+compare and report returning Python objects, on a small dataset of random images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bdvae
+from bdvae.config import Config, DataConfig, TrainConfig
+from bdvae.errors import BdvaeError
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Config:
+    rng = np.random.default_rng(1)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (96, 28, 28), dtype=np.uint8), y_train=np.zeros(96, np.int64),
+             x_test=rng.integers(0, 256, (32, 28, 28), dtype=np.uint8), y_test=np.zeros(32, np.int64))
+    return Config(data=DataConfig(name="npz", path=str(path)), train=TrainConfig(epochs=1, batch_size=32, threads=1))
+
+
+def test_import_bdvae_lists_the_api_for_tab_completion():
+    names = dir(bdvae)
+    for name in ("train", "resume", "evaluate", "compare", "report", "load_run", "Run", "Callback", "EpochView"):
+        assert name in names and name in bdvae.__all__
+        assert callable(getattr(bdvae, name)) and getattr(bdvae, name).__doc__, name
+    # The API's evaluate, compare and report, not the modules of (almost) the same name.
+    assert bdvae.evaluate.__module__ == bdvae.compare.__module__ == bdvae.report.__module__ == "bdvae.api"
+
+
+def test_evaluate_returns_the_metrics_it_writes(base, tmp_path):
+    run = bdvae.load_run(bdvae.train(base, tmp_path / "run", progress=False))
+    metrics = run.evaluate(k=3, samples=32, pictures=False, progress=False)
+    assert json.loads(json.dumps(metrics)) == json.loads((run.path / "metrics.json").read_text())
+    assert metrics["options"]["k"] == 3 and metrics["iwae_nll"]["k"] == 3 and metrics["test_images"] == 32
+    assert metrics["iwae_nll"]["mean"] > 0
+    again = bdvae.evaluate(run.path, k=3, samples=32, pictures=False, progress=False)["iwae_nll"]
+    assert (again["mean"], again["std_error"]) == (metrics["iwae_nll"]["mean"], metrics["iwae_nll"]["std_error"])
+    with pytest.raises(TypeError, match="kk"):  # a misspelt option is an error, not ignored
+        bdvae.evaluate(run.path, kk=3)
+
+
+def test_compare_and_report_return_the_runs_and_the_report(base, tmp_path):
+    entries = bdvae.compare(tmp_path / "cmp", betas=(1.0, 2.0), seeds=1, base=base, k=2, samples=32,
+                            pictures=False, progress=False)
+    assert sorted((e.regularizer, e.beta, e.seed) for e in entries) == [
+        ("bhattacharyya", 1.0, 0), ("bhattacharyya", 2.0, 0), ("kl", 1.0, 0), ("kl", 2.0, 0)]
+    assert all(e.metrics["options"]["k"] == 2 and e.run_dir.parent == tmp_path / "cmp" / "runs" for e in entries)
+    assert (tmp_path / "cmp" / "report.html").is_file()
+    md, page = bdvae.report([e.run_dir for e in entries], tmp_path / "again")
+    assert (md, page) == (tmp_path / "again" / "report.md", tmp_path / "again" / "report.html")
+    assert "kl" in md.read_text() and page.stat().st_size > 1000
+    with pytest.raises(BdvaeError, match=r"holds a report \(report.md\); pass overwrite=True to replace it"):
+        bdvae.report([e.run_dir for e in entries], tmp_path / "again")
+    assert bdvae.report([entries[0].run_dir], tmp_path / "again", overwrite=True)[0] == md

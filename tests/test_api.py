@@ -4,6 +4,7 @@ compare and report returning Python objects, on a small dataset of random images
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ import pytest
 import bdvae
 from bdvae.config import Config, DataConfig, TrainConfig
 from bdvae.errors import BdvaeError
+
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +60,23 @@ def test_compare_and_report_return_the_runs_and_the_report(base, tmp_path):
     with pytest.raises(BdvaeError, match=r"holds a report \(report.md\); pass overwrite=True to replace it"):
         bdvae.report([e.run_dir for e in entries], tmp_path / "again")
     assert bdvae.report([entries[0].run_dir], tmp_path / "again", overwrite=True)[0] == md
+
+
+def test_a_python_caller_sees_the_log_only_when_it_asks(base, tmp_path, capsys, caplog):
+    bdvae.train(base, tmp_path / "quiet", progress=False)
+    assert capsys.readouterr().out == ""  # no print from the library
+    with caplog.at_level(logging.INFO, logger="bdvae"):
+        bdvae.train(base, tmp_path / "told", progress=False)
+    said = [r.getMessage() for r in caplog.records if r.name == "bdvae"]
+    assert any(m.startswith("training on 96 images") for m in said) and any(m.startswith("epoch 1: train loss") for m in said)
+    assert capsys.readouterr().out == ""
+
+
+def test_evaluate_json_prints_the_metrics_alone_on_stdout(base, tmp_path):
+    run_dir = bdvae.train(base, tmp_path / "run", progress=False)
+    result = run_cli("evaluate", str(run_dir), "--json", "-k", "2", "--samples", "32", "--no-pictures", "--quiet",
+                     "--samplers", "prior,gmm-2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n") == 1  # one line: the JSON object
+    assert json.loads(result.stdout) == json.loads((run_dir / "metrics.json").read_text())
+    assert "fitting gmm-2" in result.stderr  # what the evaluation said, on stderr

@@ -211,6 +211,9 @@ def test_dtype_is_the_arithmetic_and_precision_its_hidden_old_name(command, caps
     from bdvae.errors import BdvaeError
 
     assert cli.DTYPES == evaluate.DTYPES  # spelled again so that --help needs no torch
+    from bdvae import devices
+
+    assert cli.DEVICES == devices.DEVICES
     parser = cli.build_parser()
     assert parser.parse_args([*command, "--dtype", "bf16"]).dtype == "bf16"
     assert parser.parse_args([*command, "--precision", "fp32"]).dtype == "fp32"

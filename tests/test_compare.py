@@ -179,7 +179,7 @@ def test_a_run_differing_only_in_where_the_data_is_cached_or_its_threads_is_reus
     (["--regularizers", "bhattacharyya,nope"], "objective.regularizer must be one of"),
     (["--seeds", "0"], "--seeds and --epochs must be positive"),
     (["--beta", "0.1234561,0.1234564"], "would share a run directory"),
-    (["--device", "gpu"], "--device must be one of auto, cpu, cuda, got 'gpu'"),
+    (["--device", "gpu"], "argument --device: invalid choice: 'gpu' (choose from 'auto', 'cpu', 'cuda')"),
     *([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: torch sees no CUDA GPU here")]),
 ])
 def test_bad_arguments_are_one_line_before_any_training(args, message, tmp_path):

@@ -193,7 +193,7 @@ def test_nproc_errors_are_one_line_and_start_nothing(tmp_path):
     assert "missing.npz: not a readable" in result.stderr
     assert not (tmp_path / "b").exists()
     result = run_cli("train", "--device", "tpu", "--out", str(tmp_path / "c"))
-    assert result.returncode == 2 and "--device must be one of auto, cpu, cuda" in result.stderr
+    assert result.returncode == 2 and "argument --device: invalid choice: 'tpu' (choose from 'auto', 'cpu', 'cuda')" in result.stderr
     result = run_cli("train", "--resume", str(tmp_path / "nothing"), "--nproc", "2")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "nothing to resume" in result.stderr
 

@@ -284,7 +284,7 @@ def test_bf16_iwae_is_within_a_tenth_of_a_nat_of_fp32(trained_run):
     (["evaluate", "/nonexistent/run", "-k", "0"], "-k must be positive"),
     (["evaluate", "/nonexistent/run", "--samples", "-5"], "--samples must be at least 16"),
     (["evaluate", "/nonexistent/run", "--test-size", "3"], "--test-size must be at least 16"),
-    (["evaluate", "/nonexistent/run", "--device", "gpu"], "--device must be one of auto, cpu, cuda, got 'gpu'"),
+    (["evaluate", "/nonexistent/run", "--device", "gpu"], "argument --device: invalid choice: 'gpu' (choose from 'auto', 'cpu', 'cuda')"),
     (["classifier", "train", "--out", "/tmp", "--seed", "1"], "--out /tmp: is a folder"),
     (["classifier", "train", "--out", "/nonexistent/c.safetensors", "--seed", str(2**64)], "--seed must be in"),
     (["classifier", "train", "--out", "/nonexistent/dir/c.safetensors"], "folder /nonexistent/dir does not exist"),

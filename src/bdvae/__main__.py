@@ -227,7 +227,7 @@ def reconstruct(*, run: Path, n: int, ncol: int, out: Path, overwrite: bool) -> 
 
 
 def evaluate(*, run: Path, k: int, samples: int, test_size: int | None, seed: int, max_batch: int,
-             no_pictures: bool, samplers: str, dtype: str, device: str, quiet: bool) -> None:
+             no_pictures: bool, samplers: str, dtype: str, device: str, quiet: bool, as_json: bool) -> None:
     from bdvae.evaluation import EvalOptions, evaluate_run
     from bdvae.rundir import METRICS_FILE
 
@@ -235,6 +235,9 @@ def evaluate(*, run: Path, k: int, samples: int, test_size: int | None, seed: in
                           pictures=not no_pictures, dtype=dtype,
                           samplers=tuple(_csv(samplers, str, "--samplers")))
     result = evaluate_run(run, options, progress=_progress(quiet), device=device)
+    if as_json:  # stdout holds the JSON alone; what the log says went to stderr
+        print(json.dumps(result))
+        return
     print(format_table(result))
     print(f"wrote {run / METRICS_FILE} ({result['seconds']:.0f} s)")
 
@@ -328,6 +331,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
 DEFAULT_COMPONENTS = 10  # samplers.DEFAULT_COMPONENTS, spelled here so that --help needs no torch
 SAMPLERS_HELP = ("comma-separated latent samplers whose samples are scored: prior, gmm-K, two_stage[-REGULARIZER]; "
                  "those not fitted yet are fitted first, with seed 0 (default prior)")
+DEVICES = ("auto", "cpu", "cuda")  # devices.DEVICES, spelled here so that --help needs no torch
 DEVICE_HELP = "auto (a CUDA GPU when there is one), cpu or cuda (default auto)"
 
 
@@ -361,7 +365,7 @@ def _add_dtype_and_device(p: argparse.ArgumentParser, what: str) -> None:
     # Its first name, kept for the scripts that use it; hidden, since "precision" now means only
     # the sample-quality metric.
     p.add_argument("--precision", dest="dtype", choices=DTYPES, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.add_argument("--device", default="auto", help=f"{what}: {DEVICE_HELP}")
+    p.add_argument("--device", default="auto", choices=DEVICES, help=f"{what}: {DEVICE_HELP}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -376,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run directory (default: runs/REGULARIZER-betaBETA-seedSEED)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an existing run directory")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run from its newest good checkpoint")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train with N data-parallel processes on this machine (launches torchrun)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -425,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samplers", default="prior", help=SAMPLERS_HELP)
     _add_dtype_and_device(p, "where the IWAE runs (the rest of the evaluation stays on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", dest="as_json",
+                   help="print the metrics as one JSON object on stdout, as the run directory keeps them, instead of the table "
+                        "(what the evaluation says as it goes is on stderr)")
 
     p = commands.add_parser("compare", help="train and evaluate regularizers x betas x seeds; write a report")
     p.add_argument("--regularizers", default="bhattacharyya,kl", help="comma-separated (default bhattacharyya,kl)")
@@ -486,13 +493,16 @@ def _report(message: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from bdvae import logs
+
     try:
         args = vars(build_parser().parse_args(argv))
         name = args.pop("command")
         command: Any = COMMANDS[name]
         if isinstance(command, dict):  # `bdvae sampler fit`: its parser's dest is sampler_command
             command = command[args.pop(f"{name}_command")]
-        command(**args)
+        with logs.showing(sys.stderr if args.get("as_json") else sys.stdout):  # the library's log is the command's
+            command(**args)
     except BdvaeError as e:
         _report(str(e))
         return 2

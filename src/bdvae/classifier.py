@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from bdvae import metrics
+from bdvae import logs, metrics
 from bdvae.data import Dataset, load_dataset
 from bdvae.errors import BdvaeError, first_line
 from bdvae.files import atomic_path
@@ -131,7 +131,7 @@ def classifier_facts(path: Path | None = None) -> dict[str, object]:
 
 
 def train_reference(data_dir: Path | None, epochs: int, seed: int, progress: bool,
-                    log: Callable[[str], None] = print) -> tuple[Classifier, dict[str, object]]:
+                    log: Callable[[str], None] = logs.info) -> tuple[Classifier, dict[str, object]]:
     """The reference classifier on the full verified MNIST training set, and its test accuracy."""
     from bdvae.config import DataConfig
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bdvae import config as config_lib
-from bdvae import rundir
+from bdvae import logs, rundir
 from bdvae.config import Config, absolute_paths
 from bdvae.errors import BdvaeError
 from bdvae.evaluation import EvalOptions, evaluate_run
@@ -33,14 +33,6 @@ from bdvae.files import file_lock
 from bdvae.metrics import missing_figures
 from bdvae.reporting import Entry, write_report
 from bdvae.training import resume, train
-
-
-def say(message: str) -> None:
-    """Print a line in one write. The processes of compare --jobs share the terminal or pipe, and
-    print writes the newline apart (with PYTHONUNBUFFERED, as two writes), so another process's
-    line could land in between."""
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
 
 
 def run_name(regularizer: str, beta: float, seed: int) -> str:
@@ -122,16 +114,18 @@ def _interrupt_once(signum: int, frame: Any) -> None:
 
 
 def _job(config: Config, run_dir: Path, options: EvalOptions, threads: int, device: str, gpu: int | None,
-         stop: Any, conn: Any) -> None:
+         stop: Any, conn: Any, echo: bool) -> None:
     """One configuration in a process of its own (`compare --jobs`): its share of the cores, its GPU
     on CUDA (then what device "auto" and "cuda" mean), no progress bars (they would interleave),
-    log lines prefixed with the run's name. What it ends with goes back through `conn`: ("done",
+    log lines prefixed with the run's name, shown on stdout if its parent shows its own (`echo`). What it ends with goes back through `conn`: ("done",
     metrics), ("failed", the error) or ("interrupted", None). It starts with SIGINT ignored (so a
     Ctrl-C while it starts up prints no traceback) and takes it from here on; a stop asked before
     that is seen in `stop`."""
     import torch
 
     signal.signal(signal.SIGINT, _interrupt_once)
+    if echo:  # for the rest of this process, which ends with the job
+        logs.show(sys.stdout)
     try:
         try:
             if stop.is_set():
@@ -140,7 +134,7 @@ def _job(config: Config, run_dir: Path, options: EvalOptions, threads: int, devi
                 torch.cuda.set_device(gpu)
             torch.set_num_threads(threads)  # train.threads, when set, still rules the training
             outcome = "done", _train_and_evaluate(config, run_dir, options, False,
-                                                  lambda m: say(f"[{run_dir.name}] {m}"), device)
+                                                  lambda m: logs.info(f"[{run_dir.name}] {m}"), device)
         except KeyboardInterrupt:
             outcome = "interrupted", None
         except BaseException as e:  # handed to the parent, which raises it
@@ -190,7 +184,7 @@ def _stop(processes: list[Any], stop: Any, grace: float = 60.0) -> None:
 
 def compare(base: Config, regularizers: list[str], betas: list[float], seeds: int, out: Path,
             epochs: int | None = None, options: EvalOptions = EvalOptions(), progress: bool | None = None,
-            log: Callable[[str], None] = say, jobs: int = 1, device: str = "auto") -> list[Entry]:
+            log: Callable[[str], None] = logs.info, jobs: int = 1, device: str = "auto") -> list[Entry]:
     """Train and evaluate every configuration for seeds 0 .. seeds-1 (`jobs` of them at once, in
     separate processes that share the CPU cores and, on CUDA, take the GPUs in turn); write the
     report into `out`. `device` ("auto", "cpu" or "cuda") trains and evaluates every run."""
@@ -251,7 +245,7 @@ def _in_parallel(plan: list[tuple[str, float, int]], configs: dict, run_dirs: di
                 key, gpu = waiting.pop(0), free.pop(0)
                 receive, send = spawn.Pipe(duplex=False)
                 process = spawn.Process(target=_job, args=(configs[key], run_dirs[key], options, threads, device, gpu,
-                                                           stop, send))
+                                                           stop, send, logs.shown()))
                 with _sigint_ignored():
                     process.start()
                 send.close()  # the job's end only: its exit is then an end of file here

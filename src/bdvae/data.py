@@ -34,6 +34,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported where tensors are made: `bdvae --help` lists the datasets without it
     from torch import Tensor
 
+from bdvae import logs
 from bdvae.errors import BdvaeError, first_line
 from bdvae.files import file_lock
 
@@ -312,7 +313,7 @@ def sources(known: KnownDataset) -> list[tuple[str, Callable[[], dict[str, np.nd
 
 
 def fetch(name: str, data_dir: Path | None = None, source_dir: Path | None = None, force: bool = False,
-          log: Callable[[str], None] = print, recheck: bool = False) -> Path:
+          log: Callable[[str], None] = logs.info, recheck: bool = False) -> Path:
     """Put the verified arrays of dataset `name` into the cache and return the cache folder.
 
     A filled cache is used as it is unless `force` is set. Otherwise a folder the user names
@@ -576,7 +577,7 @@ def known_image_shape(cfg: Any) -> tuple[int, int, int] | None:
     return 1, h + 2 * pad, w + 2 * pad
 
 
-def load_dataset(cfg: Any, log: Callable[[str], None] = print) -> Dataset:
+def load_dataset(cfg: Any, log: Callable[[str], None] = logs.info) -> Dataset:
     """The images a config.DataConfig describes, as uint8 (N, C, H, W) tensors, subset and padded
     as configured."""
     import torch

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bdvae import metrics, pictures, rundir
+from bdvae import logs, metrics, pictures, rundir
 from bdvae._version import __version__
 from bdvae.classifier import classifier_facts, features_and_logits, load_classifier, score_samples
 from bdvae.data import Dataset, load_dataset
@@ -231,7 +231,7 @@ def write_pictures(run: TrainedRun, x: Tensor, labels: Tensor, terms: dict[str, 
 
 
 def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: bool | None = None,
-                 log: Callable[[str], None] = print, device: str = "auto") -> dict[str, Any]:
+                 log: Callable[[str], None] = logs.info, device: str = "auto") -> dict[str, Any]:
     """Evaluate a finished run; write RUN/metrics.json (and RUN/eval/*.png) and return the metrics.
     The IWAE, most of the time, runs on `device` ("auto": a CUDA GPU when there is one, "cpu" or
     "cuda"); the rest, seconds on a CPU, stays there."""

@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from bdvae import config as config_lib
+from bdvae import config as config_lib, logs
 from bdvae._version import __version__
 from bdvae.config import Config
 from bdvae.errors import BdvaeError, first_line
@@ -333,7 +333,7 @@ def load_sampler(run_dir: Path, name: str, latent_dim: int) -> Sampler:
 
 
 def fit_sampler(run_dir: Path, model: nn.Module, binarize: bool, train_images: Tensor, options: FitOptions,
-                log: Callable[[str], None] = print, overwrite: bool = False) -> Sampler:
+                log: Callable[[str], None] = logs.info, overwrite: bool = False) -> Sampler:
     """Fit the sampler `options` describes on the run's training latents and store it in
     RUN/samplers/. An existing one is an error unless `overwrite`."""
     if options.kind != "prior" and is_fitted(run_dir, options.name) and not overwrite:
@@ -345,7 +345,7 @@ def fit_sampler(run_dir: Path, model: nn.Module, binarize: bool, train_images: T
 
 
 def ensure_samplers(run_dir: Path, model: nn.Module, binarize: bool, train_images: Tensor, names: tuple[str, ...],
-                    latent_dim: int, log: Callable[[str], None] = print) -> dict[str, Sampler]:
+                    latent_dim: int, log: Callable[[str], None] = logs.info) -> dict[str, Sampler]:
     """The samplers `names` of a run, by name: loaded where fitted, else fitted with their default
     options (seed 0) and stored first."""
     out: dict[str, Sampler] = {}

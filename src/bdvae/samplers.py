@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from bdvae import metrics
+from bdvae import logs, metrics
 from bdvae.errors import BdvaeError, check_seed, first_line
 from bdvae.likelihoods import binarized, to_float
 
@@ -359,7 +359,7 @@ def training_latents(model: nn.Module, images: Tensor, binarize: bool, fit_on: s
 
 
 def fit(model: nn.Module, binarize: bool, train_images: Tensor, options: FitOptions,
-        log: Callable[[str], None] = print) -> tuple[Sampler, int]:
+        log: Callable[[str], None] = logs.info) -> tuple[Sampler, int]:
     """The sampler `options` describes, fitted on the training latents of `model`; and how many
     latents it saw."""
     if options.kind == "prior":

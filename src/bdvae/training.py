@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bdvae import distributed, pictures, rundir, tracking
+from bdvae import distributed, logs, pictures, rundir, tracking
 from bdvae.config import Config, TrainConfig, absolute_paths
 from bdvae.data import Dataset, load_dataset
 from bdvae.devices import keep_freed_memory
@@ -178,7 +178,7 @@ def _quiet(_: str) -> None:
 
 
 def train(config: Config, run_dir: Path, overwrite: bool = False, progress: bool | None = None,
-          log: Callable[[str], None] = print, device: str = "auto", callbacks: Sequence[Any] = ()) -> Path:
+          log: Callable[[str], None] = logs.info, device: str = "auto", callbacks: Sequence[Any] = ()) -> Path:
     """Train a VAE as configured and fill `run_dir`; returns `run_dir`.
 
     `progress=None` shows the progress bar only on a terminal. `device` is "auto", "cpu" or "cuda".
@@ -199,7 +199,7 @@ def train(config: Config, run_dir: Path, overwrite: bool = False, progress: bool
         return _fit(config, run_dir, data, model, generator, None, ctx, progress, log, callbacks)
 
 
-def resume(run_dir: Path, progress: bool | None = None, log: Callable[[str], None] = print,
+def resume(run_dir: Path, progress: bool | None = None, log: Callable[[str], None] = logs.info,
            device: str = "auto", callbacks: Sequence[Any] = ()) -> Path:
     """Continue an interrupted run from its newest good training state (or from the start if it
     was stopped before the first one), exactly as if it had never stopped when the number of

@@ -80,3 +80,37 @@ def test_evaluate_json_prints_the_metrics_alone_on_stdout(base, tmp_path):
     assert result.stdout.count("\n") == 1  # one line: the JSON object
     assert json.loads(result.stdout) == json.loads((run_dir / "metrics.json").read_text())
     assert "fitting gmm-2" in result.stderr  # what the evaluation said, on stderr
+
+
+def test_errors_name_the_python_call_that_fixes_them(base, tmp_path):
+    run_dir = bdvae.train(base, tmp_path / "run", progress=False)
+    run = bdvae.load_run(run_dir)
+    for call, message in [
+        (lambda: bdvae.train(base, run_dir), f"{run_dir}: run directory exists; pass overwrite=True to replace it or "
+                                             "choose another run_dir"),
+        (lambda: run.sample(4, sampler="gmm-3"), f"{run_dir}: no fitted sampler 'gmm-3'; fit it with: "
+                                                 f"bdvae.load_run({str(run_dir)!r}).fit_sampler('gmm', components=3)"),
+        (lambda: bdvae.report([run_dir], tmp_path / "r"), f"{run_dir}: not evaluated; call bdvae.evaluate({str(run_dir)!r}) first"),
+        (lambda: run.evaluate(k=0), "k must be positive, got 0"),
+        (lambda: bdvae.evaluate(run_dir, dtype="fp16"), "dtype must be one of 'auto', 'fp32', 'bf16', got 'fp16'"),
+        (lambda: bdvae.evaluate(run_dir, device="gpu"), "device must be one of 'auto', 'cpu', 'cuda', got 'gpu'"),
+    ]:
+        with pytest.raises(BdvaeError) as e:
+            call()
+        assert str(e.value) == message
+    run.fit_sampler("gmm-3")
+    with pytest.raises(BdvaeError, match=r"fitted already; pass overwrite=True to fit it again$"):
+        run.fit_sampler("gmm-3")
+    # The command line's lines stay as they were.
+    result = run_cli("sample", str(run_dir), "--sampler", "gmm-4", "--out", str(tmp_path / "s.png"))
+    assert result.stderr == (f"bdvae: error: {run_dir}: no fitted sampler 'gmm-4'; fit it with: "
+                             f"bdvae sampler fit {run_dir} gmm --components 4\n")
+
+
+def test_an_error_keeps_both_lines_through_a_pipe():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(BdvaeError("pass --overwrite", python="pass overwrite=True")))
+    assert (str(error), error.command_line) == ("pass overwrite=True", "pass --overwrite")
+    plain = pickle.loads(pickle.dumps(BdvaeError("one line")))
+    assert (str(plain), plain.command_line) == ("one line", "one line")

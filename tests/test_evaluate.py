@@ -182,12 +182,15 @@ def test_binarized_models_are_scored_on_a_once_binarized_test_set():
 
 
 def test_option_ranges():
-    with pytest.raises(BdvaeError, match="-k must be positive"):
+    # str(e) names the Python argument, e.command_line the flag (what `bdvae evaluate` prints).
+    with pytest.raises(BdvaeError, match="^k must be positive") as e:
         EvalOptions(k=0)
+    assert e.value.command_line == "-k must be positive, got 0"
     with pytest.raises(BdvaeError, match="--seed must be in"):
         EvalOptions(seed=-1)
-    with pytest.raises(BdvaeError, match="--dtype must be one of auto, fp32, bf16, got 'fp16'"):
+    with pytest.raises(BdvaeError, match="^dtype must be one of 'auto', 'fp32', 'bf16', got 'fp16'") as e:
         EvalOptions(dtype="fp16")
+    assert e.value.command_line == "--dtype must be one of auto, fp32, bf16, got 'fp16'"
 
 
 def test_subpixel_convolution_is_the_transposed_convolution():

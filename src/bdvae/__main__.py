@@ -504,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with logs.showing(sys.stderr if args.get("as_json") else sys.stdout):  # the library's log is the command's
             command(**args)
     except BdvaeError as e:
-        _report(str(e))
+        _report(e.command_line)  # the line that names flags and commands
         return 2
     except OSError as e:  # a full disk, a folder that became unwritable: say which file, no traceback
         where = f"{e.filename}: " if e.filename else ""

@@ -49,9 +49,11 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     device is GPU `local_rank` (torchrun's, one per process), else the process's current GPU
     (0 unless torch.cuda.set_device chose another, as compare --jobs does for its workers)."""
     if name not in DEVICES:
-        raise BdvaeError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+        raise BdvaeError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}",
+                         python=f"device must be one of {', '.join(map(repr, DEVICES))}, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise BdvaeError("--device cuda: torch sees no CUDA GPU here (use --device cpu or auto)")
+        raise BdvaeError("--device cuda: torch sees no CUDA GPU here (use --device cpu or auto)",
+                         python="device='cuda': torch sees no CUDA GPU here (use device='cpu' or 'auto')")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)

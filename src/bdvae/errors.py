@@ -2,7 +2,16 @@
 
 
 class BdvaeError(Exception):
-    """A problem with the user's input, data or files, explained in one line."""
+    """A problem with the user's input, data or files, explained in one line. `command_line` is the
+    line `bdvae` prints (`message`); str(e), what a Python caller reads, is the same unless the fix
+    differs there (an argument, not a flag; a call, not a command): then it is `python`."""
+
+    def __init__(self, message: str, python: str | None = None) -> None:
+        super().__init__(message if python is None else python)
+        self.command_line = message
+
+    def __reduce__(self) -> tuple:  # both lines through a pipe (compare --jobs)
+        return type(self), (self.command_line, None if str(self) == self.command_line else str(self))
 
 
 def check_seed(seed: int, name: str) -> None:

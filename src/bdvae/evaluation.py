@@ -69,14 +69,16 @@ class EvalOptions:
         for name, flag in (("k", "-k"), ("max_batch", "--max-batch")):
             value = getattr(self, name)
             if value <= 0:
-                raise BdvaeError(f"{flag} must be positive, got {value}")
+                raise BdvaeError(f"{flag} must be positive, got {value}", python=f"{name} must be positive, got {value}")
         for name, flag in (("samples", "--samples"), ("test_size", "--test-size")):
             value = getattr(self, name)
             if value is not None and value < MIN_IMAGES:
-                raise BdvaeError(f"{flag} must be at least {MIN_IMAGES}, got {value}")
+                raise BdvaeError(f"{flag} must be at least {MIN_IMAGES}, got {value}",
+                                 python=f"{name} must be at least {MIN_IMAGES}, got {value}")
         check_seed(self.seed, "--seed")
         if self.dtype not in DTYPES:
-            raise BdvaeError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise BdvaeError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}",
+                             python=f"dtype must be one of {', '.join(map(repr, DTYPES))}, got {self.dtype!r}")
         names = (self.samplers,) if isinstance(self.samplers, str) else self.samplers
         object.__setattr__(self, "samplers", canonical_names(names))  # "gmm" -> "gmm-10", prior first
 

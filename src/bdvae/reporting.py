@@ -575,12 +575,15 @@ def read_entries(run_dirs: Sequence[Path]) -> list[Entry]:
         except ValueError as e:
             raise BdvaeError(f"{run_dir / rundir.METRICS_FILE}: not readable JSON ({e})") from None
         if not isinstance(metrics, dict):
-            raise BdvaeError(f"{run_dir}: not evaluated; run `bdvae evaluate {run_dir}` first")
+            raise BdvaeError(f"{run_dir}: not evaluated; run `bdvae evaluate {run_dir}` first",
+                             python=f"{run_dir}: not evaluated; call bdvae.evaluate({str(run_dir)!r}) first")
         # An evaluation from before the samplers scored N(0, I) alone, at the top level: its report
         # has every figure but the samplers' (compare evaluates such a run again; a report cannot).
         metrics.setdefault("samplers", {})
         if missing := missing_figures(metrics):
-            raise BdvaeError(f"{run_dir}: its {rundir.METRICS_FILE} lacks {missing[0]}; run `bdvae evaluate {run_dir}` again")
+            lacks = f"{run_dir}: its {rundir.METRICS_FILE} lacks {missing[0]}"
+            raise BdvaeError(f"{lacks}; run `bdvae evaluate {run_dir}` again",
+                             python=f"{lacks}; call bdvae.evaluate({str(run_dir)!r}) again")
         flat = config_lib.flat(config, without=config_lib.MACHINE_KEYS + _VARIED_KEYS)
         if first is None:
             first = run_dir, flat

@@ -40,7 +40,7 @@ from bdvae.config import Config
 from bdvae.errors import BdvaeError, first_line
 from bdvae.files import atomic_path, write_json, write_text
 from bdvae.model import VAE, build_model
-from bdvae.samplers import SAMPLERS, FitOptions, Sampler, fit, fit_command, parse_name
+from bdvae.samplers import SAMPLERS, FitOptions, Sampler, fit, fit_call, fit_command, parse_name
 
 CONFIG_FILE = "config.toml"
 RUN_FILE = "run.json"
@@ -101,7 +101,8 @@ def check_new(run_dir: Path, overwrite: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise BdvaeError(f"{run_dir}: exists and is not a directory")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
-        raise BdvaeError(f"{run_dir}: run directory exists; pass --overwrite to replace it or choose another --out")
+        raise BdvaeError(f"{run_dir}: run directory exists; pass --overwrite to replace it or choose another --out",
+                         python=f"{run_dir}: run directory exists; pass overwrite=True to replace it or choose another run_dir")
 
 
 def prepare(run_dir: Path, overwrite: bool) -> None:
@@ -296,7 +297,9 @@ def read_facts(run_dir: Path, name: str) -> dict[str, Any]:
     """The JSON beside a fitted sampler; one line if it is missing or damaged."""
     _, json_path = sampler_paths(run_dir, name)
     if not json_path.is_file():
-        raise BdvaeError(f"{run_dir}: no fitted sampler {name!r}; fit it with: {fit_command(run_dir, parse_name(name))}")
+        options = parse_name(name)
+        raise BdvaeError(f"{run_dir}: no fitted sampler {name!r}; fit it with: {fit_command(run_dir, options)}",
+                         python=f"{run_dir}: no fitted sampler {name!r}; fit it with: {fit_call(run_dir, options)}")
     try:
         facts = json.loads(json_path.read_text(encoding="utf-8"))
         missing = {"kind", "latent_dim", "sha256", "fit", "params"} - set(facts) if isinstance(facts, dict) else {"everything"}
@@ -337,7 +340,9 @@ def fit_sampler(run_dir: Path, model: nn.Module, binarize: bool, train_images: T
     """Fit the sampler `options` describes on the run's training latents and store it in
     RUN/samplers/. An existing one is an error unless `overwrite`."""
     if options.kind != "prior" and is_fitted(run_dir, options.name) and not overwrite:
-        raise BdvaeError(f"{sampler_paths(run_dir, options.name)[0]}: fitted already; pass --overwrite to fit it again")
+        where = sampler_paths(run_dir, options.name)[0]
+        raise BdvaeError(f"{where}: fitted already; pass --overwrite to fit it again",
+                         python=f"{where}: fitted already; pass overwrite=True to fit it again")
     started = time.perf_counter()
     sampler, latents = fit(model, binarize, train_images, options, log)
     save_sampler(run_dir, sampler, options, latents, time.perf_counter() - started)

@@ -370,6 +370,13 @@ def fit(model: nn.Module, binarize: bool, train_images: Tensor, options: FitOpti
     return SAMPLERS[options.kind].fit(z, options, log), len(z)
 
 
+def fit_call(run_dir: Path, options: FitOptions) -> str:
+    """The Python call that fits the sampler `options` names."""
+    extra = {"gmm": f", components={options.components}",
+             "two_stage": f", regularizer={options.regularizer!r}" if options.regularizer != DEFAULT_REGULARIZER else ""}
+    return f"bdvae.load_run({str(run_dir)!r}).fit_sampler({options.kind!r}{extra.get(options.kind, '')})"
+
+
 def fit_command(run_dir: Path, options: FitOptions) -> str:
     """The `bdvae sampler fit` command line that fits the sampler `options` names."""
     extra = {"gmm": f" --components {options.components}",

@@ -189,11 +189,12 @@ def test_every_run_argument_says_what_it_takes(command, capsys):
 
 
 @pytest.mark.parametrize("command", [["evaluate", "RUN"], ["compare", "--out", "OUT"]])
-def test_the_command_lines_evaluation_defaults_are_evaluate_options(command):
-    """The parser cannot import evaluation.py (torch: `bdvae --help` would import it), so it spells
-    EvalOptions' defaults again; this keeps the two the same."""
+def test_the_command_lines_evaluation_defaults_are_evaluate_options(command, capsys):
+    """The parser declares the evaluation flags from EvalOptions (in options.py, which imports no
+    torch): their defaults are its defaults and their help its fields' docstrings."""
     from bdvae.__main__ import build_parser
-    from bdvae.evaluation import EvalOptions
+    from bdvae.config import docstrings
+    from bdvae.options import EvalOptions
 
     args = vars(build_parser().parse_args(command))
     defaults = EvalOptions()
@@ -201,17 +202,18 @@ def test_the_command_lines_evaluation_defaults_are_evaluate_options(command):
         if field in args:
             assert args[field] == getattr(defaults, field), field
     assert tuple(args["samplers"].split(",")) == defaults.samplers
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command[0], "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert docstrings(EvalOptions)["k"].rstrip(".") + " (default 100)" in shown
 
 
 @pytest.mark.parametrize("command", [["evaluate", "RUN"], ["compare", "--out", "OUT"]])
 def test_dtype_is_the_arithmetic_and_precision_its_hidden_old_name(command, capsys):
     """--dtype names the IWAE decoder's arithmetic (choices in --help); --precision, its first
     name, still works in old scripts but is not shown: the word is the sample-quality metric's."""
-    from bdvae import __main__ as cli, evaluation as evaluate
+    from bdvae import __main__ as cli, devices
     from bdvae.errors import BdvaeError
-
-    assert cli.DTYPES == evaluate.DTYPES  # spelled again so that --help needs no torch
-    from bdvae import devices
 
     assert cli.DEVICES == devices.DEVICES
     parser = cli.build_parser()
@@ -268,3 +270,16 @@ def test_config_show_prints_the_resolved_config_that_config_takes_back(tmp_path)
     assert bad.stderr.count("\n") == 1
     help_text = run_cli("train", "--help").stdout
     assert "`bdvae config show` prints every key, its default and meaning" in help_text and "--set SECTION.KEY=VALUE" in help_text
+
+
+@pytest.mark.parametrize("argv,launched", [
+    (["train", "--nproc", "2", "--set", "train.epochs=1"], ["train", "--set", "train.epochs=1"]),
+    (["train", "--nproc=2", "--quiet"], ["train", "--quiet"]),
+    (["train", "--npr", "4", "--out", "x"], ["train", "--out", "x"]),  # argparse takes a prefix for the flag
+    (["train", "--resume", "runs/a", "--nproc", "2", "--device", "cpu"], ["train", "--resume", "runs/a", "--device", "cpu"]),
+])
+def test_nproc_launches_the_command_line_as_given_less_nproc(argv, launched):
+    from bdvae.__main__ import _without_nproc, build_parser
+
+    assert build_parser().parse_args(argv).nproc in (2, 4)  # the flag as argparse reads it
+    assert _without_nproc(argv) == launched

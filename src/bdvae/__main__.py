@@ -118,9 +118,24 @@ def format_table(m: dict[str, Any]) -> str:
 # The commands
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line less its --nproc and value (--nproc N, --nproc=N, or a prefix of the flag
+    that argparse took for it): what each of the launched processes runs."""
+    out, skip = [], False
+    for token in argv:
+        flag = token.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif len(flag) > 2 and "--nproc".startswith(flag):
+            skip = "=" not in token
+        else:
+            out.append(token)
+    return out
+
+
 def train(*, preset: str | None, config_file: Path | None, overrides: list[str] | None, out: Path | None,
           data_dir: Path | None, overwrite: bool, resume: Path | None, device: str, nproc: int | None,
-          quiet: bool) -> None:
+          quiet: bool, argv: list[str]) -> None:
     from bdvae.devices import check_gpus
     from bdvae.distributed import is_main_process, launch, launched_by_torchrun
     from bdvae.rundir import check_new, check_resumable
@@ -131,7 +146,6 @@ def train(*, preset: str | None, config_file: Path | None, overrides: list[str] 
     if nproc is not None and launched_by_torchrun():
         raise BdvaeError("--nproc: this process was started by torchrun already; use one or the other")
     check_gpus(device, nproc or 1)  # a bad --device, or too few GPUs, fail here, before any process starts
-    shared = ["--device", device] + (["--quiet"] if quiet else [])
     if resume is not None:
         given = [flag for flag, value in (("--preset", preset), ("--config", config_file), ("--set", overrides),
                                           ("--out", out), ("--data-dir", data_dir), ("--overwrite", overwrite)) if value]
@@ -139,7 +153,7 @@ def train(*, preset: str | None, config_file: Path | None, overrides: list[str] 
             raise BdvaeError(f"--resume continues a run with its own config; it takes no {', '.join(given)}")
         if (nproc or 1) > 1:  # rank 0 of the launched processes prints the run directory
             check_resumable(resume)
-            launch(nproc, ["train", "--resume", str(resume), *shared])
+            launch(nproc, _without_nproc(argv))
             return
         resume_run(resume, progress=_progress(quiet), device=device)
         if is_main_process():
@@ -149,11 +163,7 @@ def train(*, preset: str | None, config_file: Path | None, overrides: list[str] 
     out = out or Path("runs") / f"{config.objective.regularizer}-beta{config.objective.beta:g}-seed{config.train.seed}"
     if (nproc or 1) > 1:
         check_new(Path(out), overwrite)  # fail before starting the processes
-        given = [f"--preset={preset}"] if preset else []
-        given += ([f"--config={config_file}"] if config_file else []) + [f"--set={s}" for s in overrides or []]
-        given += [f"--data-dir={data_dir}"] if data_dir is not None else []
-        given += ["--overwrite"] if overwrite else []
-        launch(nproc, ["train", f"--out={out}", *given, *shared])
+        launch(nproc, _without_nproc(argv))  # every process works out the same --out from the config
         return
     train_run(config, Path(out), overwrite=overwrite, progress=_progress(quiet), device=device)
     if is_main_process():
@@ -226,14 +236,20 @@ def reconstruct(*, run: Path, n: int, ncol: int, out: Path, overwrite: bool) -> 
     print(f"wrote {len(x)} test images (odd rows) and their reconstructions (even rows) to {out}")
 
 
+def _eval_options(samplers: str, **flags: Any) -> Any:
+    """EvalOptions from the evaluation flags (_add_evaluation), --samplers split at its commas."""
+    from bdvae.options import EvalOptions
+
+    return EvalOptions(samplers=tuple(_csv(samplers, str, "--samplers")), **flags)
+
+
 def evaluate(*, run: Path, k: int, samples: int, test_size: int | None, seed: int, max_batch: int,
-             no_pictures: bool, samplers: str, dtype: str, device: str, quiet: bool, as_json: bool) -> None:
-    from bdvae.evaluation import EvalOptions, evaluate_run
+             pictures: bool, samplers: str, dtype: str, device: str, quiet: bool, as_json: bool) -> None:
+    from bdvae.evaluation import evaluate_run
     from bdvae.rundir import METRICS_FILE
 
-    options = EvalOptions(k=k, samples=samples, test_size=test_size, seed=seed, max_batch=max_batch,
-                          pictures=not no_pictures, dtype=dtype,
-                          samplers=tuple(_csv(samplers, str, "--samplers")))
+    options = _eval_options(samplers, k=k, samples=samples, test_size=test_size, seed=seed, max_batch=max_batch,
+                            pictures=pictures, dtype=dtype)
     result = evaluate_run(run, options, progress=_progress(quiet), device=device)
     if as_json:  # stdout holds the JSON alone; what the log says went to stderr
         print(json.dumps(result))
@@ -246,7 +262,6 @@ def compare(*, regularizers: str, beta: str, seeds: int, epochs: int | None, out
             config_file: Path | None, overrides: list[str] | None, data_dir: Path | None, k: int, samples: int,
             test_size: int | None, samplers: str, dtype: str, device: str, jobs: int, quiet: bool) -> None:
     from bdvae.comparison import compare as compare_runs
-    from bdvae.evaluation import EvalOptions
     from bdvae.reporting import REPORT_HTML, REPORT_MD
 
     base = _config(preset, config_file, overrides, data_dir)
@@ -254,8 +269,7 @@ def compare(*, regularizers: str, beta: str, seeds: int, epochs: int | None, out
     betas = _csv(beta, float, "--beta")
     if seeds <= 0 or (epochs is not None and epochs <= 0):
         raise BdvaeError(f"--seeds and --epochs must be positive, got {seeds} and {epochs}")
-    options = EvalOptions(k=k, samples=samples, test_size=test_size, dtype=dtype,
-                          samplers=tuple(_csv(samplers, str, "--samplers")))
+    options = _eval_options(samplers, k=k, samples=samples, test_size=test_size, dtype=dtype)
     compare_runs(base, regularizer_list, betas, seeds, out, epochs=epochs, options=options, progress=_progress(quiet),
                  jobs=jobs, device=device)
     print(f"wrote {out / REPORT_MD} and {out / REPORT_HTML}")
@@ -329,8 +343,6 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
 # The flags: each one's dest is the name of its command function's argument
 
 DEFAULT_COMPONENTS = 10  # samplers.DEFAULT_COMPONENTS, spelled here so that --help needs no torch
-SAMPLERS_HELP = ("comma-separated latent samplers whose samples are scored: prior, gmm-K, two_stage[-REGULARIZER]; "
-                 "those not fitted yet are fitted first, with seed 0 (default prior)")
 DEVICES = ("auto", "cpu", "cuda")  # devices.DEVICES, spelled here so that --help needs no torch
 DEVICE_HELP = "auto (a CUDA GPU when there is one), cpu or cuda (default auto)"
 
@@ -355,17 +367,32 @@ def _add_config(p: argparse.ArgumentParser, what: str) -> None:
     group.add_argument("--data-dir", type=Path, help="dataset cache folder (the same as --set data.data_dir=...)")
 
 
-DTYPES = ("auto", "fp32", "bf16")  # evaluation.DTYPES, spelled here so that --help needs no torch
+def _add_evaluation(p: argparse.ArgumentParser, fields: tuple[str, ...], device: str) -> None:
+    """The flags of the EvalOptions `fields`, each declared from its field: the default, the choices
+    and, from the field's docstring, the help; then --device, `device` saying what runs there."""
+    import dataclasses
 
+    from bdvae.config import docstrings
+    from bdvae.options import DTYPES, EvalOptions  # neither imports torch
 
-def _add_dtype_and_device(p: argparse.ArgumentParser, what: str) -> None:
-    """evaluate's and compare's --dtype and --device; `what` the device runs."""
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="the IWAE decoder's arithmetic: auto (bf16 where "
-                   "the device computes it natively, else fp32), fp32 or bf16 (default auto)")
-    # Its first name, kept for the scripts that use it; hidden, since "precision" now means only
-    # the sample-quality metric.
-    p.add_argument("--precision", dest="dtype", choices=DTYPES, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.add_argument("--device", default="auto", choices=DEVICES, help=f"{what}: {DEVICE_HELP}")
+    group = p.add_argument_group("evaluation (bdvae.options.EvalOptions)")
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalOptions)}
+    for name in fields:
+        default, meaning = defaults[name], docstrings(EvalOptions)[name].replace("%", "%%").rstrip(".")
+        if name == "pictures":  # on by default: the flag turns it off
+            group.add_argument("--no-pictures", dest="pictures", action="store_false", help=f"do not {meaning[0].lower()}{meaning[1:]}")
+        elif name == "samplers":
+            group.add_argument("--samplers", default=",".join(default), help=f"comma-separated: {meaning[0].lower()}{meaning[1:]} (default {','.join(default)})")
+        elif name == "dtype":
+            group.add_argument("--dtype", default=default, choices=DTYPES, help=f"{meaning} (default {default})")
+            # Its first name, kept for the scripts that use it; hidden, since "precision" now means
+            # only the sample-quality metric.
+            group.add_argument("--precision", dest="dtype", choices=DTYPES, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            flag = "-k" if name == "k" else f"--{name.replace('_', '-')}"
+            shown = "" if default is None else f" (default {default})"
+            group.add_argument(flag, dest=name, type=int, default=default, metavar="N", help=f"{meaning}{shown}")
+    group.add_argument("--device", default="auto", choices=DEVICES, help=f"{device}: {DEVICE_HELP}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -419,19 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("evaluate", help="test-set metrics of a run: likelihood, divergences, prior match, samples")
     _add_run(p)
-    p.add_argument("-k", type=int, default=100, help="importance samples per image for -ln p(x) (default 100)")
-    p.add_argument("--samples", type=int, default=10000, help="images decoded from N(0, I) for sample quality (default 10000)")
-    p.add_argument("--test-size", type=int, help="only the first N test images (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation's random draws (default 0)")
-    p.add_argument("--max-batch", type=int, default=1000,
-                   help="most latents decoded at once (default 1000; on a CPU the IWAE decodes at most 256 anyway)")
-    p.add_argument("--no-pictures", action="store_true", help="skip the pictures in RUN/eval/")
-    p.add_argument("--samplers", default="prior", help=SAMPLERS_HELP)
-    _add_dtype_and_device(p, "where the IWAE runs (the rest of the evaluation stays on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", dest="as_json",
                    help="print the metrics as one JSON object on stdout, as the run directory keeps them, instead of the table "
                         "(what the evaluation says as it goes is on stderr)")
+    _add_evaluation(p, ("k", "samples", "test_size", "seed", "max_batch", "pictures", "samplers", "dtype"),
+                    device="where the IWAE runs (the rest of the evaluation stays on the CPU)")
 
     p = commands.add_parser("compare", help="train and evaluate regularizers x betas x seeds; write a report")
     p.add_argument("--regularizers", default="bhattacharyya,kl", help="comma-separated (default bhattacharyya,kl)")
@@ -439,14 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per configuration (default 3)")
     p.add_argument("--epochs", type=int, help="epochs per run (default: the config's)")
     p.add_argument("--out", type=Path, required=True, help="folder for the runs and the report")
-    p.add_argument("-k", type=int, default=100, help="IWAE importance samples per image (default 100)")
-    p.add_argument("--samples", type=int, default=10000, help="samples for the sample-quality scores (default 10000)")
-    p.add_argument("--test-size", type=int, help="evaluate on the first N test images only (default: all)")
-    p.add_argument("--samplers", default="prior", help=SAMPLERS_HELP)
-    _add_dtype_and_device(p, "where the runs train and their IWAE runs")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train and evaluate N configurations at once, in separate processes (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_evaluation(p, ("k", "samples", "test_size", "samplers", "dtype"), device="where the runs train and their IWAE runs")
     _add_config(p, "every run (their base, which --regularizers, --beta, --seeds and --epochs vary)")
 
     p = commands.add_parser("report", help="the comparison report of runs trained and evaluated apart")
@@ -501,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         command: Any = COMMANDS[name]
         if isinstance(command, dict):  # `bdvae sampler fit`: its parser's dest is sampler_command
             command = command[args.pop(f"{name}_command")]
+        if command is train:  # --nproc launches the processes with the command line as it was given
+            args["argv"] = list(sys.argv[1:] if argv is None else argv)
         with logs.showing(sys.stderr if args.get("as_json") else sys.stdout):  # the library's log is the command's
             command(**args)
     except BdvaeError as e:

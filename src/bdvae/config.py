@@ -15,6 +15,7 @@ import difflib
 import functools
 import importlib.resources
 import math
+import sys
 import textwrap
 import tomllib
 import types
@@ -272,19 +273,20 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 
 @functools.cache
+def docstrings(cls: type) -> dict[str, str]:
+    """{field: its docstring} of a dataclass, read from its module's source, whitespace joined into
+    one line: the one place a field's meaning is written."""
+    tree = ast.parse(Path(sys.modules[cls.__module__].__file__).read_text(encoding="utf-8"))
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+    return {field.target.id: " ".join(doc.value.value.split())
+            for field, doc in zip(node.body, node.body[1:])
+            if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr)
+            and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
+
+
 def meanings() -> dict[str, str]:
-    """{"section.key": its meaning}: the docstring under each field of the section dataclasses,
-    read from this module's source, whitespace joined into one line."""
-    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
-    sections = {cls.__name__: section for section, cls in SECTIONS.items()}
-    found = {}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name in sections:
-            for field_node, doc in zip(node.body, node.body[1:]):
-                if (isinstance(field_node, ast.AnnAssign) and isinstance(doc, ast.Expr)
-                        and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
-                    found[f"{sections[node.name]}.{field_node.target.id}"] = " ".join(doc.value.value.split())
-    return found
+    """{"section.key": its meaning}: the docstring under each field of the section dataclasses."""
+    return {f"{section}.{name}": text for section, cls in SECTIONS.items() for name, text in docstrings(cls).items()}
 
 
 def toml_value(value: Any) -> str:

@@ -13,7 +13,6 @@ import math
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,63 +23,24 @@ from tqdm.auto import tqdm
 from bdvae import logs, metrics, pictures, rundir
 from bdvae._version import __version__
 from bdvae.classifier import classifier_facts, features_and_logits, load_classifier, score_samples
+# EvalOptions lives in options.py, which imports no torch, so that the command line declares its flags from it.
+from bdvae.options import DEFAULT_K, DTYPES, MIN_IMAGES, EvalOptions  # noqa: F401
 from bdvae.data import Dataset, load_dataset
 from bdvae.devices import keep_freed_memory, native_bf16, resolve_device
-from bdvae.errors import BdvaeError, check_seed
+from bdvae.errors import BdvaeError
 from bdvae.likelihoods import LIKELIHOODS, to_float
 from bdvae.model import iwae_decoder
 from bdvae.objective import image_terms, regularizer
 from bdvae.rundir import TrainedRun
-from bdvae.samplers import Sampler, canonical_names
+from bdvae.samplers import Sampler
 
 BATCH = 1000  # test images per forward pass (no gradient is kept)
-DEFAULT_K = 100
 IWAE_IMAGES_PER_STEP = 100  # images per IWAE step: the progress bar's unit of work
 IWAE_SAVE_SECONDS = 60.0  # how often an evaluation saves its IWAE's progress (rundir.save_iwae_progress)
 # Latents per IWAE decode at most on a CPU, whatever --max-batch allows: with a few hundred the
 # decoder's activations stay in the CPU's caches (docs/results/performance.md#intel-xeon-with-amx-the-levers).
 # A GPU decodes --max-batch latents at once.
 IWAE_DECODE_BATCH = 256
-DTYPES = ("auto", "fp32", "bf16")  # the IWAE decoder's arithmetic (EvalOptions.dtype)
-MIN_IMAGES = 16  # the pictures use 16 test images; k-NN radii and covariances need a handful
-
-
-@dataclass(frozen=True, kw_only=True)
-class EvalOptions:
-    """What `bdvae evaluate` computes, and on how much."""
-
-    k: int = DEFAULT_K  # importance samples per image for the IWAE estimate of -ln p(x)
-    samples: int = 10000  # images decoded from N(0, I) for the sample-quality scores
-    test_size: int | None = None  # evaluate on the first N test images only (default: all)
-    seed: int = 0  # seed of every random draw of the evaluation (binarization, z, samples)
-    max_batch: int = 1000  # most latents decoded at once: bounds memory whatever k is
-    # The IWAE decoder's arithmetic: "fp32", "bf16" (bfloat16 autocast; the likelihood sums and the
-    # logsumexp stay in fp32), or "auto": bf16 where the device computes it natively, else fp32; with
-    # bf16 matrix units that is faster, and moves -ln p(x) by a small fraction of a nat per image
-    # (docs/results/performance.md; benchmarks/performance.py measures both). Called "precision"
-    # in metrics.json before, a word that now means only the sample-quality metric.
-    dtype: str = "auto"
-    pictures: bool = True
-    # The latent samplers whose draws are scored ("prior" is N(0, I), always first); those not yet
-    # fitted in the run directory are fitted first, with their default options (samplers.py).
-    samplers: tuple[str, ...] = ("prior",)
-
-    def __post_init__(self) -> None:
-        for name, flag in (("k", "-k"), ("max_batch", "--max-batch")):
-            value = getattr(self, name)
-            if value <= 0:
-                raise BdvaeError(f"{flag} must be positive, got {value}", python=f"{name} must be positive, got {value}")
-        for name, flag in (("samples", "--samples"), ("test_size", "--test-size")):
-            value = getattr(self, name)
-            if value is not None and value < MIN_IMAGES:
-                raise BdvaeError(f"{flag} must be at least {MIN_IMAGES}, got {value}",
-                                 python=f"{name} must be at least {MIN_IMAGES}, got {value}")
-        check_seed(self.seed, "--seed")
-        if self.dtype not in DTYPES:
-            raise BdvaeError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}",
-                             python=f"dtype must be one of {', '.join(map(repr, DTYPES))}, got {self.dtype!r}")
-        names = (self.samplers,) if isinstance(self.samplers, str) else self.samplers
-        object.__setattr__(self, "samplers", canonical_names(names))  # "gmm" -> "gmm-10", prior first
 
 
 def mean_and_error(v: Tensor) -> dict[str, float]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -283,3 +285,31 @@ def test_nproc_launches_the_command_line_as_given_less_nproc(argv, launched):
 
     assert build_parser().parse_args(argv).nproc in (2, 4)  # the flag as argparse reads it
     assert _without_nproc(argv) == launched
+
+
+def test_bash_completes_commands_flags_and_choices():
+    """`bdvae completion bash` sourced in a real bash: the completion function it defines offers
+    the sub-command, the flag and the flag's choices."""
+    pytest.importorskip("shtab")
+    script = run_cli("completion", "bash")
+    assert script.returncode == 0, script.stderr
+
+    def complete(*words: str) -> list[str]:
+        line = " ".join(words)
+        probe = (f'source /dev/stdin; COMP_WORDS=({" ".join(repr(w) for w in words)}); COMP_CWORD={len(words) - 1}; '
+                 f'COMP_LINE={line!r}; COMP_POINT={len(line)}; _shtab_bdvae; echo "${{COMPREPLY[@]}}"')
+        result = subprocess.run(["bash", "-c", probe], input=script.stdout, capture_output=True, text=True, check=False)
+        return result.stdout.split()
+
+    assert complete("bdvae", "eva") == ["evaluate"]
+    assert complete("bdvae", "config", "") == ["show"]
+    assert complete("bdvae", "evaluate", "--dt") == ["--dtype"]
+    assert complete("bdvae", "evaluate", "--dtype", "") == ["auto", "fp32", "bf16"]
+    assert complete("bdvae", "train", "--device", "c") == ["cpu", "cuda"]
+
+
+def test_completion_without_shtab_is_one_line():
+    script = "import sys; sys.modules['shtab'] = None; from bdvae.__main__ import main; sys.exit(main(['completion', 'bash']))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "bdvae: error: completion needs the shtab package: pip install 'bdvae[completion]' (or pip install shtab)\n"

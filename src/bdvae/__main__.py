@@ -316,6 +316,14 @@ def config_show(*, preset: str | None, config_file: Path | None, overrides: list
     print(show(_config(preset, config_file, overrides, data_dir), preset=preset), end="")
 
 
+def completion(*, shell: str) -> None:
+    try:
+        import shtab
+    except ImportError:
+        raise BdvaeError("completion needs the shtab package: pip install 'bdvae[completion]' (or pip install shtab)") from None
+    print(shtab.complete(build_parser(), shell=shell), end="")
+
+
 def data_fetch(*, name: str, data_dir: Path | None, source_dir: Path | None, force: bool) -> None:
     from bdvae.data import fetch
 
@@ -335,6 +343,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "report": report,
     "classifier": {"train": classifier_train, "scales": classifier_scales},
     "config": {"show": config_show},
+    "completion": completion,
     "data": {"fetch": data_fetch},
 }
 
@@ -487,6 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands = p.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
     p = config_commands.add_parser("show", help="print the resolved config as TOML, each key with its default and meaning")
     _add_config(p, "what to show")
+
+    p = commands.add_parser("completion", help="print a shell's completion script for bdvae, e.g. "
+                            "source <(bdvae completion bash) in ~/.bashrc")
+    p.add_argument("shell", choices=("bash", "zsh", "tcsh"))
 
     p = commands.add_parser("data", help="datasets")
     data_commands = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)

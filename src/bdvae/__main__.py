@@ -356,6 +356,20 @@ DEVICES = ("auto", "cpu", "cuda")  # devices.DEVICES, spelled here so that --hel
 DEVICE_HELP = "auto (a CUDA GPU when there is one), cpu or cuda (default auto)"
 
 
+def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what}")
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_data_dir(where: Any) -> None:
+    """--data-dir on a parser or an argument group."""
+    where.add_argument("--data-dir", type=Path, help="the dataset cache folder (the same as --set data.data_dir=...; "
+                       "default: $BDVAE_DATA_DIR, else $XDG_CACHE_HOME/bdvae, else ~/.cache/bdvae)")
+
+
 def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, metavar="RUN", help="a run directory written by `bdvae train`")
 
@@ -373,7 +387,7 @@ def _add_config(p: argparse.ArgumentParser, what: str) -> None:
                        help="a TOML file with [data], [model], [objective], [train] tables, laid over the preset")
     group.add_argument("--set", action="append", dest="overrides", metavar="SECTION.KEY=VALUE",
                        help="override one config value, read as TOML (repeatable), e.g. --set objective.beta=2")
-    group.add_argument("--data-dir", type=Path, help="dataset cache folder (the same as --set data.data_dir=...)")
+    _add_data_dir(group)
 
 
 def _add_evaluation(p: argparse.ArgumentParser, fields: tuple[str, ...], device: str) -> None:
@@ -414,12 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train", help="train a VAE into a run directory")
     p.add_argument("--out", type=Path, help="run directory (default: runs/REGULARIZER-betaBETA-seedSEED)")
-    p.add_argument("--overwrite", action="store_true", help="replace the files of an existing run directory")
+    _add_overwrite(p, "the files of an existing run directory")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run from its newest good checkpoint")
     p.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train with N data-parallel processes on this machine (launches torchrun)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_quiet(p)
     _add_config(p, "the run")
 
     p = commands.add_parser("sample", help="decode draws of z (from N(0, I) or a fitted sampler) into a grid of images")
@@ -429,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of the draws (default: random)")
     p.add_argument("--sampler", default="prior", help="prior (N(0, I), default) or a sampler fitted in the run "
                    "with `bdvae sampler fit`, e.g. gmm-10 or two_stage")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_overwrite(p, "an existing --out file")
 
     p = commands.add_parser("sampler", help="latent samplers fitted to a run's aggregate posterior q(z)")
     sampler_commands = p.add_subparsers(dest="sampler_command", required=True, parser_class=_Parser)
@@ -442,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the draws z ~ q(z|x) and of the fit (default 0)")
     p.add_argument("--fit-on", choices=("sample", "mean"),
                    help="sample: one z ~ q(z|x) per training image (default); mean: the posterior means")
-    p.add_argument("--overwrite", action="store_true", help="replace a sampler of that name fitted before")
+    _add_overwrite(p, "a sampler of that name fitted before")
     p = sampler_commands.add_parser("list", help="the samplers fitted in a run directory")
     _add_run(p)
 
@@ -451,11 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=32, help="number of test images (default 32)")
     p.add_argument("--ncol", type=int, default=8, help="images per row (default 8)")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_overwrite(p, "an existing --out file")
 
     p = commands.add_parser("evaluate", help="test-set metrics of a run: likelihood, divergences, prior match, samples")
     _add_run(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_quiet(p)
     p.add_argument("--json", action="store_true", dest="as_json",
                    help="print the metrics as one JSON object on stdout, as the run directory keeps them, instead of the table "
                         "(what the evaluation says as it goes is on stderr)")
@@ -470,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for the runs and the report")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train and evaluate N configurations at once, in separate processes (default 1)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_quiet(p)
     _add_evaluation(p, ("k", "samples", "test_size", "samplers", "dtype"), device="where the runs train and their IWAE runs")
     _add_config(p, "every run (their base, which --regularizers, --beta, --seeds and --epochs vary)")
 
@@ -478,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN",
                    help="evaluated run directories of one model (their weights are not needed)")
     p.add_argument("--out", type=Path, required=True, help="folder for report.md, report.html and rate_distortion.png")
-    p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
+    _add_overwrite(p, "a report already in --out")
 
     p = commands.add_parser("classifier", help="the reference MNIST classifier behind the sample-quality scores")
     classifier_commands = p.add_subparsers(dest="classifier_command", required=True, parser_class=_Parser)
@@ -486,11 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="safetensors file to write")
     p.add_argument("--epochs", type=int, default=4, help="epochs (default 4, as the shipped weights)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0, as the shipped weights)")
-    p.add_argument("--data-dir", type=Path, help="dataset cache folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_data_dir(p)
+    _add_overwrite(p, "an existing --out file")
+    _add_quiet(p)
     p = classifier_commands.add_parser("scales", help="the sample-quality scores of reference image sets")
-    p.add_argument("--data-dir", type=Path, help="dataset cache folder")
+    _add_data_dir(p)
 
     p = commands.add_parser("config", help="the configuration")
     config_commands = p.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
@@ -505,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     p = data_commands.add_parser("fetch", help="download, verify and cache a dataset")
     p.add_argument("name", choices=sorted(KNOWN))
-    p.add_argument("--data-dir", type=Path, help="cache folder (default: $BDVAE_DATA_DIR, else $XDG_CACHE_HOME/bdvae, else ~/.cache/bdvae)")
+    _add_data_dir(p)
     p.add_argument("--source-dir", type=Path, help="take the four IDX files from this folder instead of downloading")
     p.add_argument("--force", action="store_true", help="fetch again even if the cache is filled")
     return parser

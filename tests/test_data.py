@@ -288,8 +288,11 @@ def test_damaged_cache_is_detected(mnist_dir, tmp_path):
     labels = np.load(tmp_path / "mnist" / "test_labels.npy")
     labels[0] = (labels[0] + 1) % 10
     np.save(tmp_path / "mnist" / "test_labels.npy", labels)
-    with pytest.raises(BdvaeError, match="test_labels.npy: checksum mismatch in the data cache"):
+    with pytest.raises(BdvaeError, match="test_labels.npy: checksum mismatch in the data cache") as e:
         data.load_dataset(DataConfig(data_dir=str(tmp_path)))
+    # The fix, as a Python caller calls it and as the command line runs it.
+    assert str(e.value).endswith("; call bdvae.data.fetch('mnist', force=True)")
+    assert e.value.command_line.endswith("; run `bdvae data fetch mnist --force`")
 
 
 @pytest.mark.skipif(not Path(KNOWN["fashion_mnist"].local_dirs[0]).is_dir(),

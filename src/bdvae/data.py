@@ -312,6 +312,11 @@ def sources(known: KnownDataset) -> list[tuple[str, Callable[[], dict[str, np.nd
     return found
 
 
+def _refetch(name: str, python: bool = False) -> str:
+    """What fetches dataset `name` anew: the command, or for a Python caller the call."""
+    return f"call bdvae.data.fetch({name!r}, force=True)" if python else f"run `bdvae data fetch {name} --force`"
+
+
 def fetch(name: str, data_dir: Path | None = None, source_dir: Path | None = None, force: bool = False,
           log: Callable[[str], None] = logs.info, recheck: bool = False) -> Path:
     """Put the verified arrays of dataset `name` into the cache and return the cache folder.
@@ -386,13 +391,16 @@ def read_cache(known: KnownDataset, folder: Path) -> tuple[dict[str, np.ndarray]
         try:
             arrays[split] = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as e:
-            raise BdvaeError(f"{path}: unreadable cache file ({e}); run `bdvae data fetch {known.name} --force`") from None
+            raise BdvaeError(f"{path}: unreadable cache file ({e}); {_refetch(known.name)}",
+                             python=f"{path}: unreadable cache file ({e}); {_refetch(known.name, python=True)}") from None
         if sha256(np.ascontiguousarray(arrays[split])) != known.sha256[split]:
-            raise BdvaeError(f"{path}: checksum mismatch in the data cache; run `bdvae data fetch {known.name} --force`")
+            raise BdvaeError(f"{path}: checksum mismatch in the data cache; {_refetch(known.name)}",
+                             python=f"{path}: checksum mismatch in the data cache; {_refetch(known.name, python=True)}")
     try:
         source = str(json.loads((folder / "source.json").read_text())["source"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise BdvaeError(f"{folder / 'source.json'}: damaged ({e}); run `bdvae data fetch {known.name} --force`") from None
+        raise BdvaeError(f"{folder / 'source.json'}: damaged ({e}); {_refetch(known.name)}",
+                         python=f"{folder / 'source.json'}: damaged ({e}); {_refetch(known.name, python=True)}") from None
     return arrays, source
 
 

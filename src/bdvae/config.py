@@ -198,6 +198,9 @@ class TrainConfig:
     """Optimizer steps between saved training states (0: only at the end of each epoch)."""
     skip_nonfinite: bool = False
     """Skip and count batches whose loss or gradient is NaN or infinite, instead of stopping."""
+    max_skipped_share: float = 0.5
+    """With skip_nonfinite: an epoch that skips more than this share of its batches stops the run, a diverged one
+    (so does a non-finite test loss)."""
     mixed_precision: bool = True
     """The forward under bf16 autocast where the CPU or GPU has native bf16 (weights, Adam and the loss sums stay
     fp32); no effect elsewhere."""
@@ -213,6 +216,7 @@ class TrainConfig:
         _one_of("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _require(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every!r}")
         _require(self.log_every >= 0, f"train.log_every must be >= 0, got {self.log_every!r}")
+        _require(0 <= self.max_skipped_share < 1, f"train.max_skipped_share must be in [0, 1), got {self.max_skipped_share!r}")
         check_seed(self.seed, "train.seed")
         _require(self.threads is None or self.threads <= 1024, f"train.threads must be at most 1024, got {self.threads!r}")
 
@@ -349,12 +353,16 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     """``section.key=value`` -> (section, key, value); the value is read as TOML, else as a bare string."""
     name, sep, value_text = text.partition("=")
     section, dot, key = name.strip().partition(".")
-    _require(bool(sep and dot and section and key), f"--set expects section.key=value, got {text!r}")
+    _require(bool(sep and dot and section and key), f"--set expects section.key=value, got {text[:80]!r}")
+    where = f"--set {name.strip()[:80]}"
+    _require(len(text) <= MAX_STRING + 100, f"{where}: {len(text):,} characters; at most {MAX_STRING + 100:,}")
     try:
-        value = tomllib.loads(f"v = {value_text}")["v"]
+        value = _toml(f"v = {value_text}")["v"]
     except tomllib.TOMLDecodeError:
         value = value_text.strip()
-    return section, key, value
+    except BdvaeError as e:
+        raise BdvaeError(f"{where}: {e}") from None
+    return section, key, _bounded(value, where)
 
 
 PRESETS_PACKAGE = "bdvae.presets"  # each NAME.toml in it is a preset: a config file shipped with bdvae
@@ -373,11 +381,43 @@ def preset_text(name: str) -> str:
     return importlib.resources.files(PRESETS_PACKAGE).joinpath(f"{name}.toml").read_text(encoding="utf-8")
 
 
-def _read_toml(text: str, where: str) -> dict[str, Any]:
+# What a config may hold: no key nests more than a table of a list (model.widths is a list in a
+# table), so these bounds leave room to spare and stop an absurd file before it costs anything.
+MAX_FILE_BYTES = 1_000_000
+MAX_NESTING = 8  # tables and arrays within one another
+MAX_STRING = 4096  # characters of a string (a path)
+MAX_ITEMS = 1024  # entries of an array or a table
+
+
+def _bounded(value: Any, where: str, depth: int = 0) -> Any:
+    """`value`, if it is within the bounds above; else one line naming where it is not."""
+    _require(depth <= MAX_NESTING, f"{where}: nested more than {MAX_NESTING} levels deep")
+    if isinstance(value, str):
+        _require(len(value) <= MAX_STRING, f"{where}: a string of {len(value):,} characters; at most {MAX_STRING:,}")
+    elif isinstance(value, (list, dict)):
+        _require(len(value) <= MAX_ITEMS, f"{where}: {len(value):,} entries; at most {MAX_ITEMS:,}")
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+            _bounded(item, f"{where}.{key}" if isinstance(value, dict) else where, depth + 1)
+    return value
+
+
+def _toml(text: str) -> dict[str, Any]:
+    """tomllib.loads, whose parser recurses once per level of nesting: an absurdly deep value is
+    a RecursionError there, which is turned into the nesting error of _bounded."""
     try:
         return tomllib.loads(text)
+    except RecursionError:
+        raise BdvaeError(f"nested more than {MAX_NESTING} levels deep") from None
+
+
+def _read_toml(text: str, where: str) -> dict[str, Any]:
+    _require(len(text) <= MAX_FILE_BYTES, f"{where}: {len(text):,} characters; a config holds at most {MAX_FILE_BYTES:,}")
+    try:
+        return _bounded(_toml(text), where)
     except tomllib.TOMLDecodeError as e:
         raise BdvaeError(f"{where} is not valid TOML: {e}") from None
+    except BdvaeError as e:
+        raise BdvaeError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
 
 
 def load(path: str | Path | None = None, overrides: list[str] = (), preset: str | None = None) -> Config:

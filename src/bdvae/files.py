@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -58,9 +59,34 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+NON_FINITE = "non_finite"  # the key under which strict_json says which values it wrote as null, and why
+
+
+def _finite(value: Any, where: str, found: dict[str, str]) -> Any:
+    """`value` with NaN and infinite floats as None, each one's path and value noted in `found`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        found[where] = repr(value)  # "nan", "inf", "-inf"
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{where}/{k}" if where else str(k), found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, f"{where}/{i}", found) for i, v in enumerate(value)]
+    return value
+
+
+def strict_json(value: Any, indent: int | None = None) -> str:
+    """JSON that strict readers take (no NaN or Infinity tokens): a non-finite number is written as
+    null, and a dict gets a NON_FINITE entry naming each such value's path and what it was."""
+    found: dict[str, str] = {}
+    clean = _finite(value, "", found)
+    if found and isinstance(clean, dict):
+        clean[NON_FINITE] = found
+    return json.dumps(clean, indent=indent, allow_nan=False)
+
+
 def write_json(path: Path, value: Any) -> None:
-    """Write `value` as indented JSON with a final newline, atomically."""
-    write_text(path, json.dumps(value, indent=2) + "\n")
+    """Write `value` as indented strict JSON (strict_json) with a final newline, atomically."""
+    write_text(path, strict_json(value, indent=2) + "\n")
 
 
 @contextlib.contextmanager

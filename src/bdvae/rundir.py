@@ -38,7 +38,7 @@ from bdvae import config as config_lib, logs
 from bdvae._version import __version__
 from bdvae.config import Config
 from bdvae.errors import BdvaeError, first_line
-from bdvae.files import atomic_path, write_json, write_text
+from bdvae.files import atomic_path, strict_json, write_json, write_text
 from bdvae.model import VAE, build_model
 from bdvae.samplers import SAMPLERS, FitOptions, Sampler, fit, fit_call, fit_command, parse_name
 
@@ -57,6 +57,7 @@ INTERPOLATION, TRAVERSAL = f"{EVAL_DIR}/interpolation.png", f"{EVAL_DIR}/travers
 IWAE_PROGRESS = f"{EVAL_DIR}/iwae-progress.safetensors"  # an unfinished IWAE, until metrics.json is written
 SAMPLERS_DIR = "samplers"
 TENSORBOARD_DIR = "tensorboard"  # event files, with train.tensorboard = true
+WEIGHTS_SHA256 = "weights_sha256"  # run.json's record of the weights file's sha256
 KEEP_STATES = 2  # the newest and the one before it, in case the newest is damaged
 FINISHED = (CONFIG_FILE, RUN_FILE, WEIGHTS_FILE)  # a finished run has them all: run.json and the weights come last
 
@@ -147,12 +148,13 @@ def write_config(run_dir: Path, config: Config) -> None:
 
 
 def save_run(run_dir: Path, model: nn.Module, config: Config, facts: dict[str, Any]) -> None:
-    """The end of a training: the weights, the config and run.json (whose presence marks it finished)."""
+    """The end of a training: the weights, the config and run.json (whose presence marks it
+    finished), which records the weights' sha256 that every load checks."""
     with atomic_path(run_dir / WEIGHTS_FILE) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp),
                   metadata={"bdvae_version": __version__})
     write_config(run_dir, config)
-    write_json(run_dir / RUN_FILE, {"bdvae_version": __version__, **facts})
+    write_json(run_dir / RUN_FILE, {"bdvae_version": __version__, **facts, WEIGHTS_SHA256: weights_digest(run_dir)})
 
 
 @dataclass(frozen=True)
@@ -175,8 +177,9 @@ def load(run_dir: Path) -> TrainedRun:
     return TrainedRun(path=Path(run_dir), config=config, facts=facts, model=model)
 
 
-def load_model(run_dir: Path) -> tuple[VAE, Config, dict[str, Any]]:
-    """The trained VAE of a run directory (in eval mode), its config and run facts."""
+def load_model(run_dir: Path, log: Callable[[str], None] = logs.info) -> tuple[VAE, Config, dict[str, Any]]:
+    """The trained VAE of a run directory (in eval mode), its config and run facts; one line if
+    the weights are not those training wrote (their sha256 in run.json) or hold non-finite values."""
     run_dir = Path(run_dir)
     check_finished(run_dir)
     config = read_config(run_dir)
@@ -187,18 +190,28 @@ def load_model(run_dir: Path) -> tuple[VAE, Config, dict[str, Any]]:
             raise ValueError(f"image_shape {list(shape)} is not 3 positive sizes")
     except (ValueError, KeyError, TypeError) as e:
         raise BdvaeError(f"{run_dir / RUN_FILE}: damaged ({e})") from None
+    weights = run_dir / WEIGHTS_FILE
+    if WEIGHTS_SHA256 not in facts:
+        log(f"{weights}: written before bdvae recorded its sha256, so it is loaded unchecked")
+    elif weights_digest(run_dir) != facts[WEIGHTS_SHA256]:
+        raise BdvaeError(f"{weights}: its sha256 is not the one {RUN_FILE} recorded when training wrote it; "
+                         "the file was changed or damaged since")
     model = build_model(config.model, config.objective, shape)  # type: ignore[arg-type]
     try:
-        model.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)))
+        state = load_file(str(weights))
+        model.load_state_dict(state)
     except (SafetensorError, RuntimeError, OSError) as e:
-        raise BdvaeError(f"{run_dir / WEIGHTS_FILE}: does not fit this run's model ({first_line(e)})") from None
+        raise BdvaeError(f"{weights}: does not fit this run's model ({first_line(e)})") from None
+    if bad := [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]:
+        raise BdvaeError(f"{weights}: {bad[0]} holds NaN or infinite values ({len(bad)} of {len(state)} tensors do); "
+                         "a diverged model cannot be evaluated or sampled")
     model.eval()
     return model, config, facts
 
 
 def write_metrics_log(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     """metrics.jsonl: one JSON object per epoch."""
-    write_text(run_dir / METRICS_LOG, "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(run_dir / METRICS_LOG, "".join(strict_json(r) + "\n" for r in rows))
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:

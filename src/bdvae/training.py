@@ -283,6 +283,16 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
         if skipped:
             log(f"epoch {epoch}: skipped {skipped} batches with a non-finite loss or gradient")
         test_means = evaluate_terms(model, data.test_images, config, seed=config.train.seed, ctx=ctx)
+        steps = math.ceil(n / (config.train.batch_size * ctx.world_size))
+        diverged = (f"{skipped} of its {steps} batches had a non-finite loss or gradient, more than "
+                    f"train.max_skipped_share = {config.train.max_skipped_share:g}"
+                    if skipped > config.train.max_skipped_share * steps else
+                    f"its test loss is {test_means['loss']}" if not math.isfinite(test_means["loss"]) else None)
+        if diverged:  # before the epoch's training state: the last good one stays the newest
+            kept = rundir.state_paths(run_dir)
+            where = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint was saved yet"
+            raise BdvaeError(f"epoch {epoch}: the run diverged: {diverged}; training stopped and {where}; "
+                             "a smaller train.lr or objective.beta, say, trains anew")
         row = {"epoch": epoch, "skipped_batches": skipped, **{f"train_{k}": v for k, v in train_means.items()},
                **{f"test_{k}": v for k, v in test_means.items()}, "seconds": time.perf_counter() - t0}
         pos.rows.append(row)

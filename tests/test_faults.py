@@ -1,0 +1,145 @@
+"""Faults injected into real runs and real command lines: each ends in one line on stderr and exit
+code 2, and leaves every earlier file as it was (sha256 before and after)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import bdvae
+from bdvae import rundir
+from bdvae.config import Config, DataConfig, TrainConfig
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A small finished run (random 28x28 images), trained once for the module."""
+    rng = np.random.default_rng(2)
+    folder = tmp_path_factory.mktemp("faults")
+    np.savez(folder / "tiny.npz", x_train=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8), y_train=np.zeros(64, np.int64),
+             x_test=rng.integers(0, 256, (32, 28, 28), dtype=np.uint8), y_test=np.zeros(32, np.int64))
+    config = Config(data=DataConfig(name="npz", path=str(folder / "tiny.npz")), train=TrainConfig(epochs=1, batch_size=32))
+    return bdvae.train(config, folder / "run", progress=False)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_line(result, *expected: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("bdvae: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for text in expected:
+        assert text in result.stderr, result.stderr
+
+
+COMMANDS = [
+    lambda run, out: ["sample", str(run), "-n", "4", "--out", str(out / "s.png")],
+    lambda run, out: ["reconstruct", str(run), "-n", "4", "--out", str(out / "r.png")],
+    lambda run, out: ["evaluate", str(run), "-k", "2", "--samples", "32", "--no-pictures"],
+    lambda run, out: ["sampler", "fit", str(run), "gmm", "--components", "2"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=["sample", "reconstruct", "evaluate", "sampler-fit"])
+def test_weights_changed_since_training_are_refused_by_every_command_that_loads_them(finished, command, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    weights = run / rundir.WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01  # one bit of one weight: the file still loads, the model is another
+    weights.write_bytes(bytes(data))
+    before = _digests(run)
+    _one_line(run_cli(*command(run, tmp_path)), f"{weights}: its sha256 is not the one run.json recorded")
+    assert _digests(run) == before and not list(tmp_path.glob("*.png"))
+
+
+def test_weights_holding_nan_are_refused(finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    weights = run / rundir.WEIGHTS_FILE
+    state = load_file(str(weights))
+    name = sorted(state)[0]
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, str(weights))
+    facts = json.loads((run / rundir.RUN_FILE).read_text())
+    facts[rundir.WEIGHTS_SHA256] = rundir.weights_digest(run)  # as a diverged training would have written it
+    (run / rundir.RUN_FILE).write_text(json.dumps(facts))
+    before = _digests(run)
+    for command in COMMANDS:
+        _one_line(run_cli(*command(run, tmp_path)), f"{weights}: {name} holds NaN or infinite values")
+    assert _digests(run) == before
+
+
+def test_a_run_written_before_the_checksum_loads_with_a_note(finished, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    facts = json.loads((run / rundir.RUN_FILE).read_text())
+    del facts[rundir.WEIGHTS_SHA256]
+    (run / rundir.RUN_FILE).write_text(json.dumps(facts))
+    with caplog.at_level("INFO", logger="bdvae"):
+        loaded = bdvae.load_run(run)
+    assert loaded.sample(2).shape == (2, 1, 32, 32)
+    assert f"{run / rundir.WEIGHTS_FILE}: written before bdvae recorded its sha256, so it is loaded unchecked" in caplog.messages
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "train.epochs=" + "[" * 500 + "]" * 500], "--set train.epochs: nested more than 8 levels deep"),
+    (["--set", "model.widths=" + "[" * 10 + "]" * 10], "--set model.widths: nested more than 8 levels deep"),
+    (["--set", "data.path=" + '"' + "x" * 5000 + '"'], "--set data.path: 5,012 characters; at most 4,196"),
+    (["--set", "data.path=" + '"' + "x" * 4100 + '"'], "--set data.path: a string of 4,100 characters; at most 4,096"),
+    (["--set", "model.widths=[" + ",".join(["8"] * 2000) + "]"], "--set model.widths: 2,000 entries; at most 1,024"),
+])
+def test_absurd_configuration_values_are_one_line(args, message, tmp_path):
+    result = run_cli("train", "--out", str(tmp_path / "run"), *args)
+    _one_line(result, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_absurdly_deep_config_file_is_one_line(tmp_path):
+    config = tmp_path / "deep.toml"
+    config.write_text("[train]\nepochs = " + "[" * 500 + "]" * 500 + "\n")
+    result = run_cli("train", "--config", str(config), "--out", str(tmp_path / "run"))
+    _one_line(result, f"config {config}: nested more than 8 levels deep")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_diverged_run_stops_in_one_line_and_keeps_its_last_good_checkpoint(finished, tmp_path):
+    config = rundir.read_config(finished)
+    result = run_cli("train", "--out", str(tmp_path / "run"), "--set", "data.name=npz", "--set", f"data.path={config.data.path}",
+                     "--set", "train.batch_size=16", "--set", "train.lr=1e30", "--set", "train.skip_nonfinite=true",
+                     "--set", "train.checkpoint_every=2", "--quiet")
+    _one_line(result, "epoch 1: the run diverged: ", "batches had a non-finite loss or gradient, more than "
+              "train.max_skipped_share = 0.5", "the last good checkpoint")
+    kept = rundir.state_paths(tmp_path / "run")
+    assert kept and str(kept[-1]) in result.stderr
+    assert not (tmp_path / "run" / rundir.RUN_FILE).exists() and not (tmp_path / "run" / rundir.WEIGHTS_FILE).exists()
+    assert not (tmp_path / "run" / rundir.METRICS_LOG).exists()  # no row of a diverged epoch
+
+
+def _strict_loads(text: str):
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metrics_files_stay_strict_json_with_non_finite_values_named(tmp_path):
+    rundir.write_metrics_log(tmp_path, [{"epoch": 1, "test_loss": float("nan"), "train_loss": 3.5},
+                                        {"epoch": 2, "test_loss": 2.0, "train_loss": float("inf")}])
+    rows = [_strict_loads(line) for line in (tmp_path / rundir.METRICS_LOG).read_text().splitlines()]
+    assert rows == [{"epoch": 1, "test_loss": None, "train_loss": 3.5, "non_finite": {"test_loss": "nan"}},
+                    {"epoch": 2, "test_loss": 2.0, "train_loss": None, "non_finite": {"train_loss": "inf"}}]
+    rundir.write_metrics(tmp_path, {"iwae_nll": {"mean": float("-inf"), "k": 5}, "per_dim": [0.5, float("nan")]})
+    assert _strict_loads((tmp_path / rundir.METRICS_FILE).read_text()) == {
+        "iwae_nll": {"mean": None, "k": 5}, "per_dim": [0.5, None], "non_finite": {"iwae_nll/mean": "-inf", "per_dim/1": "nan"}}

@@ -20,6 +20,17 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600)
                           timeout=timeout, env={**os.environ, **(env or {})}, check=False)
 
 
+def tiny_npz(path: Path, train: int, test: int, seed: int) -> Path:
+    """A dataset of random 28x28 images (`data.name = "npz"`), for fast tests of what does not
+    need digits: training, tracking, the API, faults."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    np.savez(path, x_train=rng.integers(0, 256, (train, 28, 28), dtype=np.uint8), y_train=np.zeros(train, np.int64),
+             x_test=rng.integers(0, 256, (test, 28, 28), dtype=np.uint8), y_test=np.zeros(test, np.int64))
+    return path
+
+
 def run_files(run_dir: Path) -> list[str]:
     """Every file of a run directory, as paths relative to it, sorted."""
     return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())

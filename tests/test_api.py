@@ -7,22 +7,18 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import bdvae
 from bdvae.config import Config, DataConfig, TrainConfig
 from bdvae.errors import BdvaeError
 
-from conftest import run_cli
+from conftest import run_cli, tiny_npz
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Config:
-    rng = np.random.default_rng(1)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x_train=rng.integers(0, 256, (96, 28, 28), dtype=np.uint8), y_train=np.zeros(96, np.int64),
-             x_test=rng.integers(0, 256, (32, 28, 28), dtype=np.uint8), y_test=np.zeros(32, np.int64))
+    path = tiny_npz(tmp_path_factory.mktemp("data") / "tiny.npz", train=96, test=32, seed=1)
     return Config(data=DataConfig(name="npz", path=str(path)), train=TrainConfig(epochs=1, batch_size=32, threads=1))
 
 

@@ -8,7 +8,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,17 +16,15 @@ import bdvae
 from bdvae import rundir
 from bdvae.config import Config, DataConfig, TrainConfig
 
-from conftest import run_cli
+from conftest import run_cli, tiny_npz
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     """A small finished run (random 28x28 images), trained once for the module."""
-    rng = np.random.default_rng(2)
     folder = tmp_path_factory.mktemp("faults")
-    np.savez(folder / "tiny.npz", x_train=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8), y_train=np.zeros(64, np.int64),
-             x_test=rng.integers(0, 256, (32, 28, 28), dtype=np.uint8), y_test=np.zeros(32, np.int64))
-    config = Config(data=DataConfig(name="npz", path=str(folder / "tiny.npz")), train=TrainConfig(epochs=1, batch_size=32))
+    data = tiny_npz(folder / "tiny.npz", train=64, test=32, seed=2)
+    config = Config(data=DataConfig(name="npz", path=str(data)), train=TrainConfig(epochs=1, batch_size=32))
     return bdvae.train(config, folder / "run", progress=False)
 
 

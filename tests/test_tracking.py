@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,19 +17,15 @@ import bdvae
 from bdvae import rundir
 from bdvae.config import Config, DataConfig, TrainConfig
 
-from conftest import run_rows
+from conftest import run_rows, tiny_npz
 
 STEPS_PER_EPOCH = 4  # 128 training images, batch 32
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    """A small dataset of random 28x28 digits-to-be, 128 for training and 64 for testing."""
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x_train=rng.integers(0, 256, (128, 28, 28), dtype=np.uint8), y_train=np.zeros(128, np.int64),
-             x_test=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8), y_test=np.zeros(64, np.int64))
-    return path
+    """128 random images for training, 64 for testing."""
+    return tiny_npz(tmp_path_factory.mktemp("data") / "tiny.npz", train=128, test=64, seed=0)
 
 
 def _config(data_file: Path, **train: object) -> Config:

@@ -27,7 +27,8 @@ from bdvae.api import load_run
 from bdvae.config import DataConfig
 from bdvae.data import load_dataset
 from bdvae.devices import resolve_device
-from bdvae.evaluation import DEFAULT_K, EvalOptions, iwae_dtype, iwae_nll
+from bdvae.evaluation import iwae_dtype, iwae_nll
+from bdvae.options import DEFAULT_K, EvalOptions
 from bdvae.likelihoods import LIKELIHOODS
 from bdvae.likelihoods import binarized, to_float
 

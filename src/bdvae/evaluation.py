@@ -23,8 +23,7 @@ from tqdm.auto import tqdm
 from bdvae import logs, metrics, pictures, rundir
 from bdvae._version import __version__
 from bdvae.classifier import classifier_facts, features_and_logits, load_classifier, score_samples
-# EvalOptions lives in options.py, which imports no torch, so that the command line declares its flags from it.
-from bdvae.options import DEFAULT_K, DTYPES, MIN_IMAGES, EvalOptions  # noqa: F401
+from bdvae.options import MIN_IMAGES, EvalOptions  # torch-free: the command line declares a flag per field
 from bdvae.data import Dataset, load_dataset
 from bdvae.devices import keep_freed_memory, native_bf16, resolve_device
 from bdvae.errors import BdvaeError

@@ -224,7 +224,8 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
          state: tuple[dict, dict] | None, ctx: Context, progress: bool | None, log: Callable[[str], None],
          callbacks: Sequence[Any] = ()) -> Path:
     """The training loop from a fresh start (`state` None) or a saved training state."""
-    # Channels-last: oneDNN's convolutions then need no layout reorders (docs/results/performance.md). Weights on disk stay in the usual layout.
+    # Channels-last: oneDNN's convolutions then need no layout reorders (docs/results/performance.md).
+    # Weights on disk stay in the usual layout.
     model.to(memory_format=torch.channels_last)
     # Freed activations stay in malloc's heap for the next step instead of coming back as fresh,
     # page-faulted memory (docs/results/performance.md).

@@ -402,10 +402,12 @@ def _add_evaluation(p: argparse.ArgumentParser, fields: tuple[str, ...], device:
     defaults = {f.name: f.default for f in dataclasses.fields(EvalOptions)}
     for name in fields:
         default, meaning = defaults[name], docstrings(EvalOptions)[name].replace("%", "%%").rstrip(".")
+        lower = meaning[0].lower() + meaning[1:]  # after a word of the flag's own
         if name == "pictures":  # on by default: the flag turns it off
-            group.add_argument("--no-pictures", dest="pictures", action="store_false", help=f"do not {meaning[0].lower()}{meaning[1:]}")
+            group.add_argument("--no-pictures", dest="pictures", action="store_false", help=f"do not {lower}")
         elif name == "samplers":
-            group.add_argument("--samplers", default=",".join(default), help=f"comma-separated: {meaning[0].lower()}{meaning[1:]} (default {','.join(default)})")
+            shown = ",".join(default)
+            group.add_argument("--samplers", default=shown, help=f"comma-separated: {lower} (default {shown})")
         elif name == "dtype":
             group.add_argument("--dtype", default=default, choices=DTYPES, help=f"{meaning} (default {default})")
             # Its first name, kept for the scripts that use it; hidden, since "precision" now means

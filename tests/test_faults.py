@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import bdvae
-from bdvae import rundir
+from bdvae import files, rundir
 from bdvae.config import Config, DataConfig, TrainConfig
 
 from conftest import run_cli, tiny_npz
@@ -140,3 +143,70 @@ def test_metrics_files_stay_strict_json_with_non_finite_values_named(tmp_path):
     rundir.write_metrics(tmp_path, {"iwae_nll": {"mean": float("-inf"), "k": 5}, "per_dim": [0.5, float("nan")]})
     assert _strict_loads((tmp_path / rundir.METRICS_FILE).read_text()) == {
         "iwae_nll": {"mean": None, "k": 5}, "per_dim": [0.5, None], "non_finite": {"iwae_nll/mean": "-inf", "per_dim/1": "nan"}}
+
+
+class _WrappedDiskError(Exception):
+    """As safetensors reports a failed write: the OS error only in its message."""
+
+
+def test_a_failed_write_names_the_file_asked_for_and_leaves_the_old_one(tmp_path):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"the earlier file")
+    for error in (OSError(28, "No space left on device"),
+                  _WrappedDiskError("Error while serializing: I/O error: No space left on device (os error 28)")):
+        with pytest.raises(OSError) as e:
+            with files.atomic_path(target) as tmp:
+                tmp.write_bytes(b"half a new fi")
+                raise error
+        assert (e.value.errno, e.value.filename, e.value.strerror) == (28, str(target), "No space left on device")
+        assert target.read_bytes() == b"the earlier file" and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    with pytest.raises(ValueError, match="not a disk error"):  # anything else passes through as it was
+        with files.atomic_path(target):
+            raise ValueError("not a disk error")
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 3 MB tmpfs, where this machine lets the tests mount one (as root on Linux)."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = shutil.which("mount") and os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("cannot mount a tmpfs here; test_a_failed_write_names_the_file_asked_for_and_leaves_the_old_one "
+                    "injects the same error")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=False)
+
+
+def _fill(folder: Path) -> None:
+    """Leave the file system of `folder` a few KB free."""
+    with open(folder / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    (folder / "filler").write_bytes((folder / "filler").read_bytes()[:-8192])
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_every_earlier_file(finished, full_disk, tmp_path):
+    config = rundir.read_config(finished)
+    result = run_cli("train", "--out", str(full_disk / "new"), "--set", "data.name=npz", "--set", f"data.path={config.data.path}",
+                     "--set", "train.batch_size=16", "--set", "train.checkpoint_every=1", "--quiet")
+    _one_line(result, f"{full_disk / 'new' / 'checkpoints'}/step-", ".safetensors: No space left on device")
+    assert ".tmp" not in result.stderr and not list(full_disk.rglob("*.tmp"))
+    shutil.rmtree(full_disk / "new")
+    run = full_disk / "run"
+    shutil.copytree(finished, run, ignore=shutil.ignore_patterns(rundir.STATES_DIR))  # a finished run, its weights 1.7 MB
+    _fill(full_disk)
+    before = _digests(run)
+    # The sampler's arrays or its JSON, whichever the disk refuses; nothing of a sampler is left.
+    result = run_cli("sampler", "fit", str(run), "gmm", "--components", "2")
+    _one_line(result, ": No space left on device")
+    assert re.search(rf"error: {re.escape(str(run / 'samplers'))}/gmm-2\.(safetensors|json): No space", result.stderr), result.stderr
+    assert _digests(run) == before and not list(full_disk.rglob("*.tmp"))
+    _one_line(run_cli("sample", str(run), "-n", "4096", "--out", str(full_disk / "s.png")),
+              f"{full_disk / 's.png'}: No space left on device")
+    assert _digests(run) == before and not list(full_disk.rglob("*.tmp")) and not (full_disk / "s.png").exists()

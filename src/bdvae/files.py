@@ -11,32 +11,66 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 
+def _os_error(e: BaseException) -> int | None:
+    """The errno behind a failed write: an OSError's, or one a library wrote into its message
+    (safetensors: "... No space left on device (os error 28)"); None for anything else."""
+    if isinstance(e, OSError):
+        return e.errno
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    return int(found.group(1)) if found else None
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The one boundary of bdvae's writes: a failure of the disk (full, read-only, no permission),
+    whether the block's writer raised it as an OSError or wrapped it in its own error, comes out
+    as an OSError naming `path`, the file asked for, never the temporary one; the file that was at
+    `path` before is left as it was."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    with _named(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     try:
-        yield Path(tmp)
-        # mkstemp makes 0600 files, and so does safetensors' save_file, which writes the file anew:
-        # the user's usual permissions, given once the block has written it.
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb") as written:  # on disk before the rename, so a power cut leaves old or new
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        with _named(path):
+            yield Path(tmp)
+            _finish(Path(tmp), path, umask)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _named(path: Path) -> Iterator[None]:
+    """A failure of the disk inside the block, as an OSError naming `path`."""
+    try:
+        yield
+    except Exception as e:
+        code = _os_error(e)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
+def _finish(tmp: Path, path: Path, umask: int) -> None:
+    """Give the written temporary file the user's permissions, put it on disk, rename it onto `path`."""
+    # mkstemp makes 0600 files, and so does safetensors' save_file, which writes the file anew:
+    # the user's usual permissions, given once the block has written it.
+    os.chmod(tmp, 0o666 & ~umask)
+    with open(tmp, "rb") as written:  # on disk before the rename, so a power cut leaves old or new
+        os.fsync(written.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -302,7 +302,11 @@ def save_sampler(run_dir: Path, sampler: Sampler, options: FitOptions, latents: 
     facts = {"name": options.name, "kind": options.kind, "latent_dim": sampler.latent_dim,
              "fit": {"seed": options.seed, "fit_on": options.fit_on, "latents": latents},
              "params": sampler.params(), "sha256": _digest(arrays), "seconds": round(seconds, 2)}
-    write_json(json_path, facts)
+    try:
+        write_json(json_path, facts)
+    except OSError:  # a full disk, say: no arrays left behind without the JSON that vouches for them
+        weights_path.unlink(missing_ok=True)
+        raise
     return weights_path
 
 

@@ -210,3 +210,14 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_every_earlier_file(fi
     _one_line(run_cli("sample", str(run), "-n", "4096", "--out", str(full_disk / "s.png")),
               f"{full_disk / 's.png'}: No space left on device")
     assert _digests(run) == before and not list(full_disk.rglob("*.tmp")) and not (full_disk / "s.png").exists()
+
+
+def test_weights_of_another_model_say_what_does_not_fit(finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    config = run / rundir.CONFIG_FILE
+    config.write_text(config.read_text().replace('arch = "reference"', 'arch = "mlp"'))
+    result = run_cli("sample", str(run), "-n", "4", "--out", str(tmp_path / "s.png"))
+    # Not only torch's heading line: its first detail too.
+    _one_line(result, f"{run / rundir.WEIGHTS_FILE}: does not fit this run's model (Error(s) in loading state_dict for VAE: ")
+    assert re.search(r"for VAE: (Missing|Unexpected) key\(s\)", result.stderr), result.stderr

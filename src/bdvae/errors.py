@@ -21,7 +21,11 @@ def check_seed(seed: int, name: str) -> None:
 
 
 def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type name if it has none), for one-line errors."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    """The first line of an exception's message (its type name if it has none), for one-line
+    errors; a first line that only announces what follows ("Error(s) in loading state_dict for
+    VAE:") takes the first detail with it."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 

@@ -71,7 +71,7 @@ def compare(out: str | Path, regularizers: Sequence[str] = ("bhattacharyya", "kl
 def report(run_dirs: Sequence[str | Path], out: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
     """The comparison report of runs trained and evaluated apart, written into `out`; returns the
     paths of report.md and report.html. An earlier report there is replaced only with `overwrite`."""
-    return _report([Path(r) for r in run_dirs], Path(out), overwrite, flags=False)
+    return _report([Path(r) for r in run_dirs], Path(out), overwrite)
 
 
 def _as_float(x: Tensor) -> Tensor:

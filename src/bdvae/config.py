@@ -357,11 +357,9 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     where = f"--set {name.strip()[:80]}"
     _require(len(text) <= MAX_STRING + 100, f"{where}: {len(text):,} characters; at most {MAX_STRING + 100:,}")
     try:
-        value = _toml(f"v = {value_text}")["v"]
+        value = _toml(f"v = {value_text}", where)["v"]
     except tomllib.TOMLDecodeError:
         value = value_text.strip()
-    except BdvaeError as e:
-        raise BdvaeError(f"{where}: {e}") from None
     return section, key, _bounded(value, where)
 
 
@@ -401,23 +399,21 @@ def _bounded(value: Any, where: str, depth: int = 0) -> Any:
     return value
 
 
-def _toml(text: str) -> dict[str, Any]:
+def _toml(text: str, where: str) -> dict[str, Any]:
     """tomllib.loads, whose parser recurses once per level of nesting: an absurdly deep value is
     a RecursionError there, which is turned into the nesting error of _bounded."""
     try:
         return tomllib.loads(text)
     except RecursionError:
-        raise BdvaeError(f"nested more than {MAX_NESTING} levels deep") from None
+        raise BdvaeError(f"{where}: nested more than {MAX_NESTING} levels deep") from None
 
 
 def _read_toml(text: str, where: str) -> dict[str, Any]:
     _require(len(text) <= MAX_FILE_BYTES, f"{where}: {len(text):,} characters; a config holds at most {MAX_FILE_BYTES:,}")
     try:
-        return _bounded(_toml(text), where)
+        return _bounded(_toml(text, where), where)
     except tomllib.TOMLDecodeError as e:
         raise BdvaeError(f"{where} is not valid TOML: {e}") from None
-    except BdvaeError as e:
-        raise BdvaeError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
 
 
 def load(path: str | Path | None = None, overrides: list[str] = (), preset: str | None = None) -> Config:

@@ -2,7 +2,8 @@
 
 Writes RUN/metrics.json and RUN/eval/*.png, returns the metrics as a dict. Every number is per
 test image (nats) unless its name says otherwise; the prior is N(0, I) for every model, so the
-numbers compare across regularizers. docs/evaluation.md#what-each-figure-means says what each one means.
+numbers compare across regularizers. docs/evaluation.md#what-each-figure-means says what each one
+means.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from tqdm.auto import tqdm
 from bdvae import logs, metrics, pictures, rundir
 from bdvae._version import __version__
 from bdvae.classifier import classifier_facts, features_and_logits, load_classifier, score_samples
-from bdvae.options import MIN_IMAGES, EvalOptions  # torch-free: the command line declares a flag per field
 from bdvae.data import Dataset, load_dataset
 from bdvae.devices import keep_freed_memory, native_bf16, resolve_device
 from bdvae.errors import BdvaeError
 from bdvae.likelihoods import LIKELIHOODS, to_float
 from bdvae.model import iwae_decoder
 from bdvae.objective import image_terms, regularizer
+from bdvae.options import MIN_IMAGES, EvalOptions  # torch-free: the command line declares a flag per field
 from bdvae.rundir import TrainedRun
 from bdvae.samplers import Sampler
 

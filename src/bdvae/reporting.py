@@ -420,9 +420,14 @@ def title(entries: Sequence[Entry]) -> str:
     return f"bdvae comparison: {regs}" + (f" on {config.data.name}" if config is not None else "")
 
 
-def markdown(entries: Sequence[Entry], rows: list[dict[str, Any]], out: Path, now: datetime | None = None) -> str:
+Sections = list[tuple[str, list[Block]]]
+
+
+def markdown(entries: Sequence[Entry], rows: list[dict[str, Any]], out: Path, now: datetime | None = None,
+             parts_of: Sections | None = None) -> str:
+    """The report in Markdown; `parts_of`: its sections, if already made (write_report makes them once)."""
     parts = [f"# {title(entries)}", ""]
-    for name, blocks in sections(entries, rows, now):
+    for name, blocks in parts_of or sections(entries, rows, now):
         parts += [f"## {name}", ""]
         for kind, value in blocks:
             if kind == "p":
@@ -479,9 +484,11 @@ def _figures(entries: Sequence[Entry], pics: Sequence[tuple[str, str]]) -> str:
     return "".join(parts)
 
 
-def html_page(entries: Sequence[Entry], rows: list[dict[str, Any]], out: Path, now: datetime | None = None) -> str:
+def html_page(entries: Sequence[Entry], rows: list[dict[str, Any]], out: Path, now: datetime | None = None,
+              parts_of: Sections | None = None) -> str:
+    """The report as one self-contained HTML page; `parts_of` as for markdown."""
     body = []
-    for name, blocks in sections(entries, rows, now):
+    for name, blocks in parts_of or sections(entries, rows, now):
         body.append(f"<h2>{html.escape(name)}</h2>")
         for kind, value in blocks:
             if kind == "p":
@@ -531,10 +538,10 @@ img.wide {{ width: 1200px; }}
 def write_report(out: Path, entries: Sequence[Entry]) -> tuple[Path, Path]:
     """Write OUT/rate_distortion.png, OUT/report.md and OUT/report.html; return the two reports."""
     rows = summary_rows(entries)
-    now = datetime.now(timezone.utc)
+    parts_of = sections(entries, rows, datetime.now(timezone.utc))  # once: it reads every run's run.json
     save_rate_distortion(rows, out / RATE_DISTORTION)
-    write_text(out / REPORT_MD, markdown(entries, rows, out, now))
-    write_text(out / REPORT_HTML, html_page(entries, rows, out, now))
+    write_text(out / REPORT_MD, markdown(entries, rows, out, parts_of=parts_of))
+    write_text(out / REPORT_HTML, html_page(entries, rows, out, parts_of=parts_of))
     return out / REPORT_MD, out / REPORT_HTML
 
 
@@ -543,18 +550,17 @@ def write_report(out: Path, entries: Sequence[Entry]) -> tuple[Path, Path]:
 _VARIED_KEYS = ("objective.regularizer", "objective.beta", "train.seed")
 
 
-def report(run_dirs: Sequence[Path], out: Path, overwrite: bool = False, flags: bool = True) -> tuple[Path, Path]:
+def report(run_dirs: Sequence[Path], out: Path, overwrite: bool = False) -> tuple[Path, Path]:
     """The report of run directories trained and evaluated apart (`bdvae report`): every run
     checked before anything is written, an earlier report in `out` replaced only with `overwrite`;
-    returns report.md and report.html. `flags`: errors name the command line's --out and
-    --overwrite, else the Python arguments."""
+    returns report.md and report.html."""
     out = Path(out)
-    name, replace = ("--out ", "pass --overwrite") if flags else ("out=", "pass overwrite=True")
     if out.exists() and not out.is_dir():
-        raise BdvaeError(f"{name}{out}: exists and is not a folder")
+        raise BdvaeError(f"--out {out}: exists and is not a folder", python=f"out={out}: exists and is not a folder")
     there = [file for file in REPORT_FILES if (out / file).exists()]
     if there and not overwrite:
-        raise BdvaeError(f"{name}{out}: holds a report ({there[0]}); {replace} to replace it")
+        raise BdvaeError(f"--out {out}: holds a report ({there[0]}); pass --overwrite to replace it",
+                         python=f"out={out}: holds a report ({there[0]}); pass overwrite=True to replace it")
     entries = read_entries(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
     return write_report(out, entries)

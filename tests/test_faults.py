@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 import bdvae
 from bdvae import files, rundir
 from bdvae.config import Config, DataConfig, TrainConfig
+from bdvae.errors import BdvaeError
 
 from conftest import run_cli, tiny_npz
 
@@ -221,3 +223,135 @@ def test_weights_of_another_model_say_what_does_not_fit(finished, tmp_path):
     # Not only torch's heading line: its first detail too.
     _one_line(result, f"{run / rundir.WEIGHTS_FILE}: does not fit this run's model (Error(s) in loading state_dict for VAE: ")
     assert re.search(r"for VAE: (Missing|Unexpected) key\(s\)", result.stderr), result.stderr
+
+
+def _train_args(finished: Path) -> list[str]:
+    """The command line that trains on the fixture's small dataset."""
+    return ["--set", "data.name=npz", "--set", f"data.path={rundir.read_config(finished).data.path}", "--quiet"]
+
+
+# Sizes no machine has (petabytes), so that the real memory check refuses them anywhere.
+ABSURD = [
+    (lambda run, out: ["sample", str(run), "-n", str(10**12), "--out", str(out / "s.png")],
+     "drawing 1,000,000,000,000 samples needs at least 4,160 TB of memory, and only"),
+    (lambda run, out: ["evaluate", str(run), "-k", str(10**15)], "the IWAE with k=1,000,000,000,000,000"),
+    (lambda run, out: ["evaluate", str(run), "--samples", str(10**13)], "scoring 10,000,000,000,000 samples needs at least"),
+    (lambda run, out: ["train", "--out", str(out / "new"), "--set", "model.arch='conv'", "--set", f"model.latent_dim={10**11}",
+                       *_train_args(run)], "the model (model.arch='conv', latent_dim=100000000000, widths=[32, 64, 128]: "),
+    (lambda run, out: ["train", "--out", str(out / "new"), "--set", "model.arch='conv'", "--set", f"model.widths=[32, {10**9}]",
+                       *_train_args(run)], "weights) needs at least"),
+]
+
+
+@pytest.mark.parametrize("command,message", ABSURD, ids=["sample-n", "evaluate-k", "evaluate-samples", "latent-dim", "widths"])
+def test_absurd_sizes_are_refused_before_allocation(finished, command, message, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = _digests(run)
+    result = run_cli(*command(run, tmp_path))
+    _one_line(result, message, "of memory, and only", "available to this process: ")
+    assert _digests(run) == before and not (tmp_path / "new").exists() and not (tmp_path / "s.png").exists()
+
+
+def _main(monkeypatch, capsys, available: int | None, *args: str) -> str:
+    """`bdvae ARGS` in this process, with `available` bytes of memory as the checks see it (None:
+    unknown, so that only the allocator stops a request); its stderr, after asserting exit 2."""
+    from bdvae import __main__, devices
+
+    monkeypatch.setattr(devices, "available_memory", lambda device: available)
+    assert __main__.main(list(args)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bdvae: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_batch_or_mixture_larger_than_the_memory_left_is_refused(finished, tmp_path, monkeypatch, capsys):
+    """With 8 MB left, as a busy machine might have: a training step of 32 images (whose weights
+    fit) is refused, naming the setting to lower; with 200 kB, a 64-component mixture of 1,000 latents."""
+    from bdvae import devices
+    from bdvae.samplers import FitOptions, GaussianMixture
+
+    err = _main(monkeypatch, capsys, 8 * 10**6, "train", "--out", str(tmp_path / "new"), "--set", "train.batch_size=32",
+                *_train_args(finished))
+    assert "a training step of train.batch_size=32 needs at least" in err and "use a smaller train.batch_size" in err
+    assert not (tmp_path / "new").exists()
+    monkeypatch.setattr(devices, "available_memory", lambda device: 2 * 10**5)
+    with pytest.raises(BdvaeError, match=r"gmm-64 on 1,000 latents needs at least 643 kB of memory, and only 200 kB "
+                                         r"is available to this process: use fewer components"):
+        GaussianMixture.fit(torch.randn(1000, 16), FitOptions(kind="gmm", components=64), print)
+
+
+def test_an_allocation_the_checks_did_not_foresee_is_one_line(finished, tmp_path, monkeypatch, capsys):
+    """Where the memory left cannot be read, the allocator's own refusal is the one line."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = _digests(run)
+    err = _main(monkeypatch, capsys, None, "sample", str(run), "-n", str(10**11), "--out", str(tmp_path / "s.png"))
+    assert "out of memory: an allocation of 6,400.0 GB failed; ask for less" in err
+    assert _digests(run) == before and not (tmp_path / "s.png").exists()
+
+
+def test_the_memory_left_counts_the_address_space_limit():
+    """`ulimit -v` caps what the process can map, whatever the machine has: the check sees it."""
+    script = """
+import resource, torch
+from bdvae.devices import available_memory
+mapped = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (mapped + 300 * 2**20, resource.RLIM_INFINITY))
+print(available_memory(torch.device("cpu")))
+"""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("no /proc here")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert 0 < int(result.stdout) <= 300 * 2**20
+
+
+def _finite_weights(finished: Path, tmp_path: Path, change) -> Path:
+    """A copy of the run whose weights `change` edits, recorded as training would have written them."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    weights = run / rundir.WEIGHTS_FILE
+    state = load_file(str(weights))
+    change(state)
+    save_file(state, str(weights))
+    facts = json.loads((run / rundir.RUN_FILE).read_text())
+    facts[rundir.WEIGHTS_SHA256] = rundir.weights_digest(run)
+    (run / rundir.RUN_FILE).write_text(json.dumps(facts))
+    return run
+
+
+def test_finite_weights_that_overflow_are_one_line_in_evaluate(finished, tmp_path):
+    def scale_encoder(state):
+        for name in state:
+            if name.startswith("encoder."):
+                state[name] = state[name] * 1e6  # finite, but mu and logvar reach float32's limit
+
+    run = _finite_weights(finished, tmp_path, scale_encoder)
+    before = _digests(run)
+    _one_line(run_cli("evaluate", str(run), "-k", "2", "--samples", "32", "--no-pictures"),
+              f"{run}: the ", "are not finite for 32 of 32 test images, although the weights are")
+    assert _digests(run) == before
+
+
+def test_a_collapsed_posterior_is_evaluated_not_a_linear_algebra_error(finished, tmp_path):
+    """Every posterior the same point (zero encoder weights, logvar -200): singular covariances, which
+    the prior match and the sample scores report rather than fail on."""
+    def collapse(state):
+        encoder = sorted(name for name in state if name.startswith("encoder."))
+        for name in encoder:
+            state[name] = torch.zeros_like(state[name])
+        last = max((name for name in encoder if name.endswith(".bias")), key=lambda n: int(n.split(".")[1]))
+        state[last][state[last].numel() // 2:] = -200.0  # logvar
+
+    run = _finite_weights(finished, tmp_path, collapse)
+    result = bdvae.evaluate(run, k=2, samples=32, pictures=False, progress=False)
+    assert result["prior_match"]["cov_eigenvalue_max"] == pytest.approx(0, abs=1e-12)
+    assert result["prior_match"]["active_units"] == 0
+
+
+def test_a_failing_statistic_is_one_line_naming_it(finished):
+    from bdvae import evaluation, metrics
+
+    z = torch.full((32, 16), float("nan"))
+    with pytest.raises(BdvaeError, match=r"the prior match cannot be computed: linalg.eigh"):
+        evaluation._statistic(bdvae.load_run(finished), "the prior match", metrics.prior_match, z, z, torch.Generator())

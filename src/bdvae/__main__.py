@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bdvae.errors import BdvaeError, check_seed
+from bdvae.errors import BdvaeError, check_seed, out_of_memory
 
 
 class _Parser(argparse.ArgumentParser):
@@ -556,6 +556,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # a full disk, a folder that became unwritable: say which file, no traceback
         where = f"{e.filename}: " if e.filename else ""
         _report(f"{where}{e.strerror or e}")
+        return 2
+    except (MemoryError, RuntimeError) as e:  # an allocation the checks before it did not foresee
+        if (line := out_of_memory(e)) is None:
+            raise
+        _report(line)
         return 2
     except KeyboardInterrupt:
         # One line, not one per process: rank 0 of a torchrun job says it, or `launch` for its workers.

@@ -133,6 +133,7 @@ class ModelConfig:
             takers = " or ".join(repr(a) for a, entry in archs.items() if name in entry.options)
             _require(value is None or (name in archs[self.arch].options and value >= 0),
                      f"model.{name} applies to model.arch={takers} only and must be >= 0, got {value!r}")
+            _require(value is None or value <= MAX_ITEMS, f"model.{name}: at most {MAX_ITEMS:,}, got {value!r}")
         fixed = archs[self.arch].fixed
         if fixed:
             given = {"latent_dim": self.latent_dim, "widths": self.resolved_widths}

@@ -100,9 +100,12 @@ DOWNLOAD_TIMEOUT_S = 30
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # What numpy's and PIL's readers raise on damaged bytes (found by tests/test_fuzz.py): besides the
 # usual OSError and ValueError, numpy's .npy header parser raises SyntaxError and TokenError, and
-# PIL raises SyntaxError for a broken PNG chunk and struct.error for a short header.
+# PIL raises SyntaxError for a broken PNG chunk and struct.error for a short header; zipfile (an
+# .npz) raises NotImplementedError for a feature it lacks (encryption, a later zip version) and
+# RuntimeError for a member that needs a password.
 UNREADABLE = (OSError, ValueError, EOFError, SyntaxError, KeyError, IndexError, TypeError, zipfile.BadZipFile,
-              zlib.error, tokenize.TokenError, struct.error, UnicodeDecodeError, OverflowError, MemoryError)
+              zlib.error, tokenize.TokenError, struct.error, UnicodeDecodeError, OverflowError, MemoryError,
+              NotImplementedError, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -335,7 +338,7 @@ def fetch(name: str, data_dir: Path | None = None, source_dir: Path | None = Non
         return target
     # A second process filling the same cache waits here, then finds it filled. Where there is no
     # flock (Windows), the atomic rename in write_cache still keeps readers from a half-written cache.
-    with file_lock(target.parent / f".{target.name}.lock"):
+    with file_lock(target.parent / f".{target.name}.lock", tidy_on_error=not target.exists()):
         if force or not (target / "source.json").is_file():
             _fetch_into(known, target, source_dir, log)
         if recheck:

@@ -1,10 +1,13 @@
-"""Where computation runs: --device (auto, cpu, cuda), and whether a device computes bf16 natively."""
+"""Where computation runs: --device (auto, cpu, cuda), whether a device computes bf16 natively, and
+how much memory it has left for a request."""
 
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -70,3 +73,75 @@ def check_gpus(device: str, processes: int) -> None:
     if device_type(device) == "cuda" and processes > torch.cuda.device_count():
         raise BdvaeError(f"{processes} processes on CUDA need {processes} GPUs, torch sees "
                          f"{torch.cuda.device_count()}; use fewer processes or --device cpu")
+
+
+def _proc_kib(path: str, key: str) -> int | None:
+    """The `key: N kB` line of a /proc file, in bytes; None where there is no such file or line."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_room() -> int | None:
+    """What the process's cgroup (v2) still lets it allocate; None without a limit."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        return None if limit == "max" else max(0, int(limit) - int(used))
+    except (OSError, ValueError):
+        return None
+
+
+def _address_space_room() -> int | None:
+    """What `ulimit -v` (RLIMIT_AS) still lets the process map; None without a limit."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    mapped = _proc_kib("/proc/self/status", "VmSize")
+    if soft == resource.RLIM_INFINITY or mapped is None:
+        return None
+    return max(0, soft - mapped)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation on `device` can take: a GPU's free memory; on the CPU the least of the
+    memory the kernel reports available (swap included), the cgroup's room and the `ulimit -v` room.
+    None where none of these can be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    ram = _proc_kib("/proc/meminfo", "MemAvailable")
+    if ram is not None:
+        ram += _proc_kib("/proc/meminfo", "SwapFree") or 0
+    elif hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    known = [room for room in (ram, _cgroup_room(), _address_space_room()) if room is not None]
+    return min(known) if known else None
+
+
+def size_text(nbytes: float) -> str:
+    """A byte count as people read it: 512 MB, 3.2 GB, 4,160 TB (powers of 1,000)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            value = nbytes / scale
+            return f"{value:,.0f} {unit}" if value >= 10 else f"{value:.1f} {unit}"
+    return f"{nbytes:.0f} bytes"
+
+
+def check_memory(need: int, what: str, device: torch.device, fix: str, python_fix: str | None = None) -> None:
+    """Refuse, in one line, a request that needs more memory on `device` than it has available, before
+    anything is allocated. `need` is a lower bound of what the request takes (so a request that could
+    run is never refused); `what` says what it is, `fix` (command line) and `python_fix` what to change."""
+    free = available_memory(device)
+    if free is None or need <= free:
+        return
+    where = "free on the GPU" if device.type == "cuda" else "available to this process"
+    head = f"{what} needs at least {size_text(need)} of memory, and only {size_text(free)} is {where}"
+    raise BdvaeError(f"{head}: {fix}", python=f"{head}: {python_fix or fix}")

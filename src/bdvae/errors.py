@@ -1,5 +1,7 @@
 """The one error type the command line turns into a one-line message and exit code 2."""
 
+import re
+
 
 class BdvaeError(Exception):
     """A problem with the user's input, data or files, explained in one line. `command_line` is the
@@ -29,3 +31,19 @@ def first_line(e: BaseException) -> str:
         return type(e).__name__
     return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """One line for an allocation that failed (a MemoryError, torch's CPU allocator's or CUDA's
+    out-of-memory error): what was asked for, where the message says; None for any other error.
+    The net under the checks made before allocating, which bound a request from below."""
+    text = str(e)
+    if not (isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text):
+        return None
+    size = ""
+    if asked := re.search(r"tried to allocate (\d+) bytes", text):  # torch's CPU allocator
+        size = f" of {int(asked.group(1)) / 1e9:,.1f} GB"
+    elif asked := re.search(r"Tried to allocate ([\d.]+ \w+)", text):  # CUDA's
+        size = f" of {asked.group(1)}"
+    detail = "" if size else f" ({first_line(e)[:200]})"
+    return f"out of memory: an allocation{size} failed{detail}; ask for less (a smaller batch, model or count)"

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -25,10 +26,10 @@ from bdvae import logs, metrics, pictures, rundir
 from bdvae._version import __version__
 from bdvae.classifier import classifier_facts, features_and_logits, load_classifier, score_samples
 from bdvae.data import Dataset, load_dataset
-from bdvae.devices import keep_freed_memory, native_bf16, resolve_device
-from bdvae.errors import BdvaeError
+from bdvae.devices import check_memory, keep_freed_memory, native_bf16, resolve_device
+from bdvae.errors import BdvaeError, first_line
 from bdvae.likelihoods import LIKELIHOODS, to_float
-from bdvae.model import iwae_decoder
+from bdvae.model import activation_bytes, iwae_decoder
 from bdvae.objective import image_terms, regularizer
 from bdvae.options import MIN_IMAGES, EvalOptions  # torch-free: the command line declares a flag per field
 from bdvae.rundir import TrainedRun
@@ -54,6 +55,25 @@ def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch: int = BATCH) -> T
 
 
 @torch.inference_mode()
+def _check_finite(run: TrainedRun, what: str, values: Tensor, rows: str = "test images") -> None:
+    """One line, rather than statistics of NaN or a linear-algebra traceback, when a model with
+    finite weights computes non-finite values (weights large enough to overflow, say)."""
+    bad = ~torch.isfinite(values.flatten(1) if values.dim() > 1 else values)
+    if bad.any():
+        count = bad.reshape(len(values), -1).any(1).sum().item()
+        raise BdvaeError(f"{run.path}: {what} are not finite for {count} of {len(values)} {rows}, although the "
+                         "weights are: the model overflows, and evaluate's statistics need finite values")
+
+
+def _statistic(run: TrainedRun, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), a statistic of the evaluation; one line naming it if its linear algebra fails (a
+    covariance too ill-conditioned to decompose)."""
+    try:
+        return fn(*args)
+    except (torch.linalg.LinAlgError, np.linalg.LinAlgError) as e:
+        raise BdvaeError(f"{run.path}: {what} cannot be computed: {first_line(e)}") from None
+
+
 def reconstruction_and_divergences(run: TrainedRun, x: Tensor, intensities: Tensor, gen: torch.Generator) -> dict[str, Any]:
     """Single-sample reconstruction NLL (the training objective's, objective.image_terms), MSE of
     the decoded posterior mean, KL and BD per image."""
@@ -161,9 +181,11 @@ def sampler_scores(run: TrainedRun, data: Dataset, intensities: Tensor, test_z: 
     n = options.samples if classifier is not None else 64  # without scores, only the picture's
     for name, sampler in samplers.items():
         images = decoded_samples(run, sampler, n, options.seed + 1)
+        _check_finite(run, f"the images decoded from {name}'s draws", images, rows="samples")
         quality = None
         if classifier is not None:
-            quality = {"samples": options.samples, **score_samples(classifier, real, images),
+            quality = {"samples": options.samples, **_statistic(run, f"the sample quality of {name}", score_samples,
+                                                                classifier, real, images),
                        "classifier": classifier_facts()}
         density = sampler.log_density(test_z, torch.Generator().manual_seed(options.seed + 3))
         out[name] = {"sample_quality": quality, "test_latent_log_density": mean_and_error(density),
@@ -192,6 +214,21 @@ def write_pictures(run: TrainedRun, x: Tensor, labels: Tensor, terms: dict[str, 
     return [rundir.LATENT_HISTOGRAMS, rundir.LATENT_MEANS, rundir.INTERPOLATION, rundir.TRAVERSAL]
 
 
+def _check_sizes(run: TrainedRun, n: int, options: EvalOptions, device: torch.device) -> None:
+    """Refuse in one line, before anything is computed, an evaluation whose decodes cannot fit: the
+    IWAE's batch of latents and its running sums (which grow with k) on `device`, and the decoded
+    samples scored on the CPU."""
+    d = run.config.model.latent_dim
+    decode_batch = iwae_decode_batch(options, device)
+    images = min(IWAE_IMAGES_PER_STEP, n, decode_batch)  # as metrics.iwae_log_likelihood splits them
+    decodes = math.ceil(options.k / max(1, min(options.k, decode_batch // images)))
+    per_latent = activation_bytes(run.model.decoder, torch.zeros(1, d)) // 2  # halved: bf16 may decode
+    check_memory(decode_batch * per_latent + 4 * decodes * images, f"the IWAE with k={options.k:,} and a decode batch "
+                 f"of {decode_batch:,}", device, "use a smaller -k or --max-batch", python_fix="use a smaller k or max_batch")
+    check_memory(4 * options.samples * (d + math.prod(run.image_shape)), f"scoring {options.samples:,} samples",
+                 torch.device("cpu"), "use fewer --samples", python_fix="use fewer samples")
+
+
 def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: bool | None = None,
                  log: Callable[[str], None] = logs.info, device: str = "auto") -> dict[str, Any]:
     """Evaluate a finished run; write RUN/metrics.json (and RUN/eval/*.png) and return the metrics.
@@ -208,6 +245,7 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
                          f"the run was trained on {run.image_shape}")
     if len(data.test_images) < MIN_IMAGES:
         raise BdvaeError(f"{run_dir}: evaluation needs at least {MIN_IMAGES} test images, the data has {len(data.test_images)}")
+    _check_sizes(run, len(data.test_images), options, where)
     likelihood = LIKELIHOODS[objective.likelihood]
     # Before the IWAE's minutes: a damaged or mismatched sampler file fails here, in one line.
     samplers = rundir.ensure_samplers(run.path, run.model, likelihood.binarize, data.train_images, options.samplers,
@@ -218,6 +256,9 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
     n = len(x)
 
     terms = reconstruction_and_divergences(run, x, intensities, gen)
+    for name, what in (("mu", "the posterior means"), ("logvar", "the posterior log-variances"),
+                       ("recon_nll", "the reconstruction NLLs")):
+        _check_finite(run, what, terms[name])  # before the IWAE's minutes
     dtype = iwae_dtype(options, where)
     # An unfinished IWAE of this very setting (the evaluation was stopped) is taken up, not redone.
     setting = {"k": options.k, "seed": options.seed, "images": n, "dtype": dtype,
@@ -256,7 +297,8 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
                      "device": where.type,
                      "importance_samples_per_second": (n - resumed_after) * options.k / iwae_seconds,
                      "resumed_after_images": resumed_after},
-        "prior_match": metrics.prior_match(terms["z"], terms["mu"], torch.Generator().manual_seed(options.seed + 2)),
+        "prior_match": _statistic(run, "the prior match", metrics.prior_match, terms["z"], terms["mu"],
+                                  torch.Generator().manual_seed(options.seed + 2)),
     }
     pictures_to = run.path if options.pictures else None
     result["samplers"] = sampler_scores(run, data, intensities, terms["z"], samplers, options, pictures_to)

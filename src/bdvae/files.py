@@ -124,19 +124,40 @@ def write_json(path: Path, value: Any) -> None:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path, tidy_on_error: bool = False) -> Iterator[None]:
     """Hold an flock on `path` (created if missing) for the duration of the block; a second
     process blocks until the first leaves it. Where flock does not exist (Windows) this is a
-    no-op, and callers rely on their atomic renames alone."""
+    no-op, and callers rely on their atomic renames alone.
+
+    `tidy_on_error`: when the block raises, remove the lock file, and its folder where this call
+    made it and nothing else is there, so a first attempt that failed leaves nothing behind. A
+    waiter that then gets the removed file's lock notices and locks the path anew.
+    """
     try:
         import fcntl
     except ImportError:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
+    made = [] if path.parent.exists() else [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()  # the file was removed while we waited for it: lock the new one
+    try:
+        yield
+    except BaseException:
+        if tidy_on_error:
+            path.unlink(missing_ok=True)
+            for folder in made:  # innermost first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        raise
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

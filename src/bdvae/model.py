@@ -244,6 +244,35 @@ def build_model(model: Any, objective: Any, shape: Shape) -> VAE:
                log_sigma=math.log(objective.sigma), learn_sigma=likelihood.learn_sigma)
 
 
+def parameter_bytes(model: Any, objective: Any, shape: Shape) -> int:
+    """The bytes of build_model(model, objective, shape)'s weights, counted on the meta device, where
+    modules of any size are built without allocating their memory."""
+    with torch.device("meta"):
+        vae = build_model(model, objective, shape)
+    return sum(p.numel() * p.element_size() for p in vae.parameters())
+
+
+@torch.no_grad()
+def activation_bytes(module: nn.Module, x: Tensor) -> int:
+    """The bytes of every layer's output in one forward pass of `x` (one image or latent, say)
+    through `module`: a lower bound of what a pass keeps for its backward. The pass runs in eval
+    mode, so that a BatchNorm's running statistics stay as they were."""
+    total = 0
+    was_training = module.training
+
+    def add(_: nn.Module, __: Any, out: Tensor) -> None:
+        nonlocal total
+        total += out.numel() * out.element_size()
+
+    hooks = [m.register_forward_hook(add) for m in module.modules() if not list(m.children())]
+    try:
+        module.eval()(x)
+    finally:
+        module.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return total
+
 # ---------------------------------------------------------------------------------------------
 # The decoder rewritten for the IWAE's many decodes
 

@@ -36,10 +36,11 @@ from torch import Tensor, nn
 
 from bdvae import config as config_lib, logs
 from bdvae._version import __version__
-from bdvae.config import Config
+from bdvae.config import Config, ModelConfig, ObjectiveConfig
+from bdvae.devices import check_memory
 from bdvae.errors import BdvaeError, first_line
 from bdvae.files import atomic_path, strict_json, write_json, write_text
-from bdvae.model import VAE, build_model
+from bdvae.model import VAE, build_model, parameter_bytes
 from bdvae.samplers import SAMPLERS, FitOptions, Sampler, fit, fit_call, fit_command, parse_name
 
 CONFIG_FILE = "config.toml"
@@ -177,6 +178,16 @@ def load(run_dir: Path) -> TrainedRun:
     return TrainedRun(path=Path(run_dir), config=config, facts=facts, model=model)
 
 
+def check_model_size(model: ModelConfig, objective: ObjectiveConfig, shape: tuple[int, ...], device: torch.device) -> None:
+    """Refuse in one line a model whose weights alone exceed the memory available where it is built
+    (the CPU) and where it will run (`device`), before build_model allocates them."""
+    need = parameter_bytes(model, objective, shape)
+    for where in dict.fromkeys((torch.device("cpu"), device)):
+        check_memory(need, f"the model (model.arch={model.arch!r}, latent_dim={model.latent_dim}, "
+                           f"widths={list(model.resolved_widths)}: {need // 4:,} weights)", where,
+                     "use a smaller model.latent_dim or model.widths")
+
+
 def load_model(run_dir: Path, log: Callable[[str], None] = logs.info) -> tuple[VAE, Config, dict[str, Any]]:
     """The trained VAE of a run directory (in eval mode), its config and run facts; one line if
     the weights are not those training wrote (their sha256 in run.json) or hold non-finite values."""
@@ -196,6 +207,7 @@ def load_model(run_dir: Path, log: Callable[[str], None] = logs.info) -> tuple[V
     elif weights_digest(run_dir) != facts[WEIGHTS_SHA256]:
         raise BdvaeError(f"{weights}: its sha256 is not the one {RUN_FILE} recorded when training wrote it; "
                          "the file was changed or damaged since")
+    check_model_size(config.model, config.objective, shape, torch.device("cpu"))  # type: ignore[arg-type]
     model = build_model(config.model, config.objective, shape)  # type: ignore[arg-type]
     try:
         state = load_file(str(weights))

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from bdvae import logs, metrics
+from bdvae.devices import check_memory
 from bdvae.errors import BdvaeError, check_seed, first_line
 from bdvae.likelihoods import binarized, to_float
 
@@ -161,6 +162,9 @@ class GaussianMixture(Sampler):
 
         if options.components > len(z):
             raise BdvaeError(f"gmm-{options.components}: more components than the {len(z)} latents to fit")
+        n, d = z.shape  # EM holds each latent's responsibility for each component, and a covariance each, in float64
+        check_memory(8 * options.components * (n + d * d), f"gmm-{options.components} on {n:,} latents",
+                     torch.device("cpu"), "use fewer --components", python_fix="use fewer components")
         gmm = SkGaussianMixture(n_components=options.components, covariance_type="full", max_iter=500,
                                 reg_covar=1e-6, random_state=options.seed % 2**32)
         with warnings.catch_warnings():

@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 from bdvae import distributed, logs, pictures, rundir, tracking
 from bdvae.config import Config, TrainConfig, absolute_paths
 from bdvae.data import Dataset, load_dataset
-from bdvae.devices import keep_freed_memory
+from bdvae.devices import check_memory, keep_freed_memory
 from bdvae.distributed import Context, shard
 from bdvae.errors import BdvaeError, first_line
 from bdvae.likelihoods import LIKELIHOODS, to_float
-from bdvae.model import VAE, build_model
+from bdvae.model import VAE, activation_bytes, build_model
 from bdvae.objective import Objective, beta_at, image_terms
 from bdvae.regularizers import REGULARIZERS
 from bdvae.rundir import Position
@@ -166,11 +166,24 @@ def _setup(config: Config, ctx: Context, log: Callable[[str], None]) -> tuple[Da
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
     data = load_dataset(config.data, log=log)
+    rundir.check_model_size(config.model, config.objective, data.shape, ctx.device)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, config.objective, data.shape).to(ctx.device)
+    _check_step_size(config, data, model, ctx.device)
     generator = torch.Generator()
     generator.set_state(torch.get_rng_state())
     return data, model, generator
+
+
+def _check_step_size(config: Config, data: Dataset, model: VAE, device: torch.device) -> None:
+    """Refuse in one line a training step that cannot fit: the weights, their gradients, Adam's two
+    moments and one batch's activations (halved, for bf16 autocast), a lower bound of its memory."""
+    per_image = (activation_bytes(model.encoder, torch.zeros(1, *data.shape, device=device))
+                 + activation_bytes(model.decoder, torch.zeros(1, config.model.latent_dim, device=device)))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    batch = min(config.train.batch_size, len(data.train_images))  # a batch holds at most the whole set
+    check_memory(4 * weights + batch * per_image // 2, f"a training step of train.batch_size={batch:,}",
+                 device, "use a smaller train.batch_size")
 
 
 def _quiet(_: str) -> None:

@@ -38,52 +38,56 @@ def _free_port() -> int:
 
 
 def _batch(g: int):
-    """A global batch of g images in [0, 1] and its noise, the same in every process (float64)."""
+    """A global batch of g images in [0, 1], its noise and N(0, I) draws, the same in every process (float64)."""
     gen = torch.Generator().manual_seed(1234)
-    return torch.rand(g, 1, 32, 32, generator=gen).double(), torch.randn(g, 16, generator=gen).double()
+    return (torch.rand(g, 1, 32, 32, generator=gen).double(), torch.randn(g, 16, generator=gen).double(),
+            torch.randn(g, 16, generator=gen).double())
 
 
-def _gradients(ctx, g: int, beta: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _gradients(ctx, g: int, beta: float, aggregate: str | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The reference model's parameter gradients and loss sums after backward_shard on this rank's
-    shard of a global batch of g images.
+    shard of a global batch of g images, with the aggregate term `aggregate` (weight 50) if given.
     In float64, so that what is compared is the sharding, scaling and averaging, not the order
     of float32 sums."""
     from bdvae import distributed
-    from bdvae.config import Config
+    from bdvae.config import Config, ObjectiveConfig
     from bdvae.model import build_model
     from bdvae.objective import Objective
     from bdvae.training import backward_shard
 
-    config = Config()
+    config = Config(objective=ObjectiveConfig(aggregate=aggregate, aggregate_weight=50.0))
     torch.manual_seed(0)
     model = build_model(config.model, config.objective, (1, 32, 32)).double()
-    loss = distributed.wrap(Objective(model, config.objective), ctx)
-    x, eps = _batch(g)
+    loss = distributed.wrap(Objective(model, config.objective, ctx.gather_rows), ctx)
+    x, eps, prior = _batch(g)
     part = distributed.shard(g, ctx.rank, ctx.world_size)
-    sums = backward_shard(loss, x[part], eps[part], g, beta, ctx)
+    sums = backward_shard(loss, x[part], eps[part], g, beta, ctx, prior=prior if aggregate == "mmd" else None)
     return {name: p.grad.clone() for name, p in model.named_parameters()}, sums
 
 
-def _rank_main(rank: int, world_size: int, port: int, g: int, out: str) -> None:
+def _rank_main(rank: int, world_size: int, port: int, g: int, out: str, aggregate: str | None) -> None:
     from bdvae.distributed import Context
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world_size)
     try:
-        grads, sums = _gradients(Context(rank=rank, world_size=world_size), g, beta=2.0)
+        grads, sums = _gradients(Context(rank=rank, world_size=world_size), g, beta=2.0, aggregate=aggregate)
         torch.save({"grads": grads, "sums": sums}, f"{out}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.parametrize("aggregate", [None, "bhattacharyya", "mmd"], ids=["per-image", "aggregate-bd", "aggregate-mmd"])
 @pytest.mark.parametrize("g", [64, 7], ids=["even-shards", "uneven-shards"])
 @pytest.mark.slow
-def test_gradient_averaged_over_two_ranks_equals_the_single_process_gradient(g, tmp_path):
+def test_gradient_averaged_over_two_ranks_equals_the_single_process_gradient(g, aggregate, tmp_path):
+    """With an aggregate term too: its batch is gathered over the ranks, so it is the single
+    process's term, and its gradient reaches every rank's images."""
     from bdvae.distributed import Context
 
-    torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), g, str(tmp_path)), nprocs=2, join=True)
-    single, single_sums = _gradients(Context(), g, beta=2.0)
+    torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), g, str(tmp_path), aggregate), nprocs=2, join=True)
+    single, single_sums = _gradients(Context(), g, beta=2.0, aggregate=aggregate)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for rank in ranks:
         torch.testing.assert_close(rank["sums"], single_sums, rtol=1e-6, atol=1e-6)  # all-reduced sums

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -347,6 +348,7 @@ def test_a_collapsed_posterior_is_evaluated_not_a_linear_algebra_error(finished,
     result = bdvae.evaluate(run, k=2, samples=32, pictures=False, progress=False)
     assert result["prior_match"]["cov_eigenvalue_max"] == pytest.approx(0, abs=1e-12)
     assert result["prior_match"]["active_units"] == 0
+    assert math.isfinite(result["prior_match"]["aggregate_bhattacharyya"]) and result["prior_match"]["aggregate_bhattacharyya"] > 100
 
 
 def test_a_failing_statistic_is_one_line_naming_it(finished):
@@ -354,4 +356,4 @@ def test_a_failing_statistic_is_one_line_naming_it(finished):
 
     z = torch.full((32, 16), float("nan"))
     with pytest.raises(BdvaeError, match=r"the prior match cannot be computed: linalg.eigh"):
-        evaluation._statistic(bdvae.load_run(finished), "the prior match", metrics.prior_match, z, z, torch.Generator())
+        evaluation._statistic(bdvae.load_run(finished), "the prior match", metrics.prior_match, z, z, z, torch.Generator())

@@ -102,7 +102,7 @@ def test_mmd_is_near_its_null_for_the_prior_and_clearly_above_for_shifted_or_sca
 def test_prior_match_of_prior_samples():
     z = _normal(20000, 4, 0).float()
     mu = torch.cat([_normal(20000, 2, 1) * 0.5, _normal(20000, 2, 2) * 0.05], 1).float()  # variances .25 and .0025
-    result = metrics.prior_match(z, mu, torch.Generator().manual_seed(3))
+    result = metrics.prior_match(z, mu, torch.full_like(mu, -20.0), torch.Generator().manual_seed(3))
     assert result["mean_norm"] < 0.05
     assert 0.95 < result["cov_eigenvalue_min"] <= result["cov_eigenvalue_max"] < 1.05
     assert all(abs(v - 1) < 0.05 for v in result["per_dim"]["variance"])

@@ -72,7 +72,12 @@ def _shown(where: dict[str, Any], figure: Any) -> str | None:
     one; None where it does not apply."""
     from bdvae.metrics import figure_value
 
-    value = figure_value(where, figure.path)
+    try:
+        value = figure_value(where, figure.path)
+    except KeyError:
+        if not figure.optional:
+            raise
+        return None
     decimals = figure.decimals if figure.row_decimals is None else figure.row_decimals
     if value is None or decimals is None:
         return value
@@ -192,7 +197,7 @@ def sampler_fit(*, run: Path, kind: str, components: int | None, regularizer: st
 
     from bdvae.api import load_run
     from bdvae.rundir import sampler_paths
-    from bdvae.samplers import parse_name
+    from bdvae.samplers import fitted_kinds, parse_name
 
     named = parse_name(kind)  # "gmm" or "gmm-20"; the flags below override what a name spells
     given = {key: value for key, value in (("components", components), ("regularizer", regularizer),
@@ -201,7 +206,7 @@ def sampler_fit(*, run: Path, kind: str, components: int | None, regularizer: st
     if "-" in kind and options.name != named.name:
         raise BdvaeError(f"sampler fit: {kind} and the options given name another sampler, {options.name}")
     if options.kind == "prior":
-        raise BdvaeError("sampler fit: the prior N(0, I) needs no fitting; fit gmm or two_stage")
+        raise BdvaeError(f"sampler fit: the prior N(0, I) needs no fitting; fit {fitted_kinds()}")
     if (components is not None and options.kind != "gmm") or (regularizer is not None and options.kind != "two_stage"):
         raise BdvaeError(f"sampler fit: --components is for gmm and --regularizer for two_stage, not {options.kind}")
     fitted = load_run(run).fit_sampler(kind, overwrite=overwrite, **given)
@@ -444,15 +449,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--seed", type=int, default=None, help="seed of the draws (default: random)")
     p.add_argument("--sampler", default="prior", help="prior (N(0, I), default) or a sampler fitted in the run "
-                   "with `bdvae sampler fit`, e.g. gmm-10 or two_stage")
+                   "with `bdvae sampler fit`, e.g. gmm-10, two_stage or flow")
     _add_overwrite(p, "an existing --out file")
 
     p = commands.add_parser("sampler", help="latent samplers fitted to a run's aggregate posterior q(z)")
     sampler_commands = p.add_subparsers(dest="sampler_command", required=True, parser_class=_Parser)
     p = sampler_commands.add_parser("fit", help="fit a sampler on the run's training latents; store it in RUN/samplers/")
     _add_run(p)
-    p.add_argument("kind", help="gmm (a Gaussian mixture, full covariances) or two_stage (a second VAE); "
-                   "a name such as gmm-20 or two_stage-kl spells its option")
+    p.add_argument("kind", help="gmm (a Gaussian mixture, full covariances), two_stage (a second VAE) or flow "
+                   "(a masked autoregressive flow; needs zuko); a name such as gmm-20 or two_stage-kl spells its option")
     p.add_argument("--components", type=int, help=f"gmm: mixture components (default {DEFAULT_COMPONENTS})")
     p.add_argument("--regularizer", help="two_stage: the second VAE's regularizer (default bhattacharyya)")
     p.add_argument("--seed", type=int, help="seed of the draws z ~ q(z|x) and of the fit (default 0)")

@@ -31,7 +31,7 @@ from bdvae.errors import BdvaeError
 from bdvae.evaluation import EvalOptions, evaluate_run
 from bdvae.files import file_lock
 from bdvae.metrics import missing_figures
-from bdvae.reporting import Entry, write_report
+from bdvae.reporting import Entry, objective_name, write_report
 from bdvae.training import resume, train
 
 
@@ -214,7 +214,8 @@ def compare(base: Config, regularizers: list[str], betas: list[float], seeds: in
             metrics[key] = _train_and_evaluate(configs[key], run_dirs[key], options, progress, log, device)
     else:
         metrics = _in_parallel(plan, configs, run_dirs, options, jobs, log, device, on_gpu)
-    entries = [Entry(*key, run_dir=run_dirs[key], metrics=metrics[key]) for key in plan]
+    entries = [Entry(objective_name(configs[key].objective), key[1], key[2], run_dir=run_dirs[key], metrics=metrics[key])
+               for key in plan]
     write_report(out, entries)
     return entries
 

@@ -164,9 +164,15 @@ class ObjectiveConfig:
     """renyi: the order alpha, > 0 and not 1."""
     sigma: float = 0.1
     """Gaussian likelihoods: the fixed standard deviation, or the initial one."""
+    aggregate: str | None = None
+    """A term on the batch's aggregate posterior, added to every image's loss: bhattacharyya (the BD of its
+    moment-matched Gaussian to N(0, I)) or mmd (an unbiased MMD² of its draws to N(0, I) draws); unset: none."""
+    aggregate_weight: float = 1.0
+    """The aggregate term's weight, >= 0."""
 
     def __post_init__(self) -> None:
         # Imported here: the registries import nothing from config, so there is no cycle.
+        from bdvae.aggregates import AGGREGATES
         from bdvae.likelihoods import LIKELIHOODS
         from bdvae.regularizers import REGULARIZERS
 
@@ -177,6 +183,10 @@ class ObjectiveConfig:
         _require(self.warmup_steps >= 0, f"objective.warmup_steps must be >= 0, got {self.warmup_steps!r}")
         _require(self.alpha > 0 and self.alpha != 1 and math.isfinite(self.alpha),
                  f"objective.alpha must be positive, finite and not 1, got {self.alpha!r}")
+        if self.aggregate is not None:
+            _one_of("objective.aggregate", self.aggregate, AGGREGATES)
+        _require(self.aggregate_weight >= 0 and math.isfinite(self.aggregate_weight),
+                 f"objective.aggregate_weight must be >= 0 and finite, got {self.aggregate_weight!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -74,6 +74,21 @@ class Context:
         return buffer.to(t.device)
 
 
+    def gather_rows(self, t: Tensor, total: int) -> Tensor:
+        """The rows of every rank's `t`, this rank's shard of a global batch of `total` rows, in rank
+        order: the global batch (total, ...), differentiable (the gradient of each rank's rows
+        sums what every rank's loss sends back to them); `t` itself in a single process. Shards
+        may differ by a row (`shard`), so each is padded to the largest for the all-gather."""
+        if self.world_size == 1:
+            return t
+        import torch.distributed.nn.functional as dist_fn
+
+        sizes = [len(range(total)[shard(total, r, self.world_size)]) for r in range(self.world_size)]
+        padded = torch.cat([t, t.new_zeros(max(sizes) - len(t), *t.shape[1:])])
+        parts = dist_fn.all_gather(padded)
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
 def launched_by_torchrun() -> bool:
     return all(v in os.environ for v in ENV_VARS)
 

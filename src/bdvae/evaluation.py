@@ -297,7 +297,7 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
                      "device": where.type,
                      "importance_samples_per_second": (n - resumed_after) * options.k / iwae_seconds,
                      "resumed_after_images": resumed_after},
-        "prior_match": _statistic(run, "the prior match", metrics.prior_match, terms["z"], terms["mu"],
+        "prior_match": _statistic(run, "the prior match", metrics.prior_match, terms["z"], terms["mu"], terms["logvar"],
                                   torch.Generator().manual_seed(options.seed + 2)),
     }
     pictures_to = run.path if options.pictures else None

@@ -75,28 +75,68 @@ def moments(z: Tensor) -> dict[str, list[float]]:
     return {"mean": mean.tolist(), "variance": var.tolist(), "skewness": skew.tolist(), "excess_kurtosis": kurt.tolist()}
 
 
-def mmd2(x: Tensor, y: Tensor, scales: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)) -> float:
+def mmd2_tensor(x: Tensor, y: Tensor, scales: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)) -> Tensor:
     """Unbiased squared MMD between samples x (N, D) and y (M, D) with a sum of inverse multiquadric
     kernels k(a, b) = C / (C + |a - b|²), C = 2 D * scale (Tolstikhin et al. 2018, as in WAE): heavy
-    tails keep it sensitive to both a shifted mean and a wrong spread. 0 in expectation iff x ~ y."""
+    tails keep it sensitive to both a shifted mean and a wrong spread. 0 in expectation iff x ~ y.
+    A 0-dim float64 tensor, differentiable in x and y (the training objective's aggregate term)."""
     x, y = x.double(), y.double()
     d = x.shape[1]
 
     def kernel_sum(a: Tensor, b: Tensor) -> Tensor:
-        sq = torch.cdist(a, b).square()
+        # |a - b|² expanded, as cdist would, but with a gradient that stays finite where a = b.
+        sq = (a.square().sum(1, keepdim=True) + b.square().sum(1) - 2 * a @ b.T).clamp(min=0)
         return sum(2 * d * s / (2 * d * s + sq) for s in scales)
 
     n, m = len(x), len(y)
     kxx, kyy, kxy = kernel_sum(x, x), kernel_sum(y, y), kernel_sum(x, y)
     within_x = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))  # off-diagonal terms: unbiased
     within_y = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
-    return (within_x + within_y - 2 * kxy.mean()).item()
+    return within_x + within_y - 2 * kxy.mean()
 
 
-def prior_match(z: Tensor, mu: Tensor, generator: torch.Generator, mmd_samples: int = 2000) -> dict[str, object]:
+def mmd2(x: Tensor, y: Tensor) -> float:
+    """mmd2_tensor(x, y) as a number."""
+    return mmd2_tensor(x, y).item()
+
+
+EIGENVALUE_FLOOR = 1e-12  # of S in gaussian_bd, float64: a covariance collapsed to a point stays finite, and so does its gradient
+
+
+def mixture_moments(mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean m (D,) and covariance S (D, D) of the mixture (1/B) Σ_i N(mu_i, diag e^logvar_i), in
+    float64: m = mean_i mu_i, S = Cov_i(mu_i) (over B, not B - 1) + mean_i diag(e^logvar_i)."""
+    mu, var = mu.double(), logvar.double().exp()
+    m = mu.mean(0)
+    centred = mu - m
+    return m, centred.T @ centred / len(mu) + torch.diag(var.mean(0))
+
+
+def gaussian_bd(m: Tensor, s: Tensor) -> Tensor:
+    """The Bhattacharyya distance between N(m, S) and N(0, I) (Bhattacharyya 1943):
+
+        BD = ⅛ mᵀ A⁻¹ m + ½ ln(det A / √(det S · det I)),   A = (S + I) / 2
+
+    in float64. A's eigenvalues are at least ½, so mᵀA⁻¹m and ln det A come from its Cholesky
+    factor. Only ln det S is delicate: it is the sum of the logarithms of S's eigenvalues, floored
+    at EIGENVALUE_FLOOR, which keeps the value and its gradient finite for a near-singular S. (The
+    eigenvalues alone: their gradient V diag(g) Vᵀ is defined also where they repeat, as they do for
+    a collapsed batch, where the eigenvectors' is not.)"""
+    m, s = m.double(), s.double()
+    a = (s + torch.eye(len(s), dtype=s.dtype, device=s.device)) / 2
+    chol = torch.linalg.cholesky(a)
+    solved = torch.cholesky_solve(m.unsqueeze(1), chol).squeeze(1)
+    log_det_a = 2 * chol.diagonal().log().sum()
+    log_det_s = torch.linalg.eigvalsh(s).clamp(min=EIGENVALUE_FLOOR).log().sum()
+    return (m @ solved) / 8 + 0.5 * log_det_a - 0.25 * log_det_s
+
+
+def prior_match(z: Tensor, mu: Tensor, logvar: Tensor, generator: torch.Generator, mmd_samples: int = 2000) -> dict[str, object]:
     """How far the aggregate posterior q(z) = mean_x q(z|x) is from N(0, I).
 
-    z (N, D): one draw from q(z|x) per test image, so z ~ q(z); mu (N, D): the posterior means.
+    z (N, D): one draw from q(z|x) per test image, so z ~ q(z); mu, logvar (N, D): the posterior
+    parameters. `aggregate_bhattacharyya`: the BD of q(z)'s moment-matched Gaussian to N(0, I),
+    exact in mu and logvar (gaussian_bd; the `bhattacharyya` aggregate term of the objective).
     Active units: dimensions with Cov_x(E_q[z]) > 0.01 (Burda et al. 2015). The MMD uses the
     first `mmd_samples` draws against as many N(0, I) draws; `mmd2_null` is the same statistic
     between two N(0, I) samples of that size, the scale of pure sampling noise.
@@ -115,6 +155,7 @@ def prior_match(z: Tensor, mu: Tensor, generator: torch.Generator, mmd_samples: 
         "mmd2": mmd2(zd[:n], prior[:n]),
         "mmd2_null": mmd2(prior[n: 2 * n], prior[2 * n:]),
         "mmd_samples": n,
+        "aggregate_bhattacharyya": gaussian_bd(*mixture_moments(mu, logvar)).item(),
         "active_units": int((mu.double().var(0) > 0.01).sum().item()),
         "posterior_mean_variance": mu.double().var(0).tolist(),
     }
@@ -204,6 +245,7 @@ class Figure:
     better: str = ""  # "↓": lower is better, "↑": higher is better, "": neither (the report marks the best of each column that has one)
     unit: str = ""  # what the report's column header gives as its unit
     theme: str = ""  # the report's table of the run's figures that holds its column (reporting.THEMES)
+    optional: bool = False  # added after metrics.json files were published: where one lacks it, it is shown as absent, not computed again
 
 
 _SAMPLE_QUALITY = (
@@ -240,6 +282,8 @@ FIGURES: tuple[Figure, ...] = (
            unit="N(0, I): 1", theme="prior match"),
     Figure(("prior_match", "mmd2"), 4, "MMD² to N(0,I)", "  MMD² to N(0,I)", row_decimals=5, better="↓", theme="prior match"),
     Figure(("prior_match", "mmd2_null"), 4, row="  MMD² of two N(0,I) samples (the null)", row_decimals=5),
+    Figure(("prior_match", "aggregate_bhattacharyya"), 3, "aggregate BD", "  BD of its moment-matched Gaussian to N(0,I) (nats)",
+           better="↓", unit="nats", theme="prior match", optional=True),
     Figure(("prior_match", "active_units"), 0, "active units", "  active units", unit="dimensions", theme="prior match"),
     *_SAMPLE_QUALITY,
     Figure(("test_latent_log_density", "mean"), 2, "test-latent ln p(z)", "test-latent ln p(z)", "sampler",
@@ -271,7 +315,7 @@ def missing_figures(metrics: Any) -> list[str]:
     places = [("run", metrics)] + [("sampler", m) for m in samplers.values()]
     for scope, where in places:
         for figure in FIGURES:
-            if figure.scope in (scope, "both"):
+            if figure.scope in (scope, "both") and not figure.optional:
                 try:
                     figure_value(where, figure.path)
                 except KeyError as e:

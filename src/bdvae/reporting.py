@@ -38,7 +38,9 @@ from bdvae.metrics import FIGURES, Figure, missing_figures
 
 @dataclass(frozen=True)
 class Entry:
-    """One configuration and seed of a comparison: where its run lives and its evaluation."""
+    """One configuration and seed of a comparison: where its run lives and its evaluation.
+    `regularizer` names the objective's terms (objective_name): the regularizer, and the aggregate
+    term with its weight where the run has one."""
 
     regularizer: str
     beta: float
@@ -72,6 +74,14 @@ def _get(metrics: dict[str, Any], path: tuple[str, ...]) -> float | None:
             return None
         value = value[key]
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def objective_name(objective: Any) -> str:
+    """How a report names an objective (a config.ObjectiveConfig) beside its beta: the regularizer,
+    and its aggregate term and weight if any, e.g. "bhattacharyya + aggregate mmd ×100"."""
+    if objective.aggregate is None:
+        return objective.regularizer
+    return f"{objective.regularizer} + aggregate {objective.aggregate} ×{objective.aggregate_weight:g}"
 
 
 def group(entries: Sequence[Entry]) -> dict[tuple[str, float], list[Entry]]:
@@ -547,7 +557,7 @@ def write_report(out: Path, entries: Sequence[Entry]) -> tuple[Path, Path]:
 
 # What the runs of one report vary; besides these they may differ only in config.MACHINE_KEYS. Any
 # other difference is another model.
-_VARIED_KEYS = ("objective.regularizer", "objective.beta", "train.seed")
+_VARIED_KEYS = ("objective.regularizer", "objective.beta", "objective.aggregate", "objective.aggregate_weight", "train.seed")
 
 
 def report(run_dirs: Sequence[Path], out: Path, overwrite: bool = False) -> tuple[Path, Path]:
@@ -595,8 +605,8 @@ def read_entries(run_dirs: Sequence[Path]) -> list[Entry]:
             first = run_dir, flat
         elif key := config_lib.first_difference(flat, first[1]):
             raise BdvaeError(f"{run_dir}: {key} is {config_lib.shown(flat, key)}, {first[0]} has {config_lib.shown(first[1], key)}; "
-                             "a report compares regularizers, betas and seeds of one model on one dataset")
-        entry = Entry(config.objective.regularizer, config.objective.beta, config.train.seed, run_dir, metrics)
+                             "a report compares objectives (regularizer, beta, aggregate term) and seeds of one model on one dataset")
+        entry = Entry(objective_name(config.objective), config.objective.beta, config.train.seed, run_dir, metrics)
         if twin := next((e for e in entries if (e.regularizer, e.beta, e.seed) == (entry.regularizer, entry.beta, entry.seed)), None):
             raise BdvaeError(f"{run_dir} and {twin.run_dir}: both are {entry.regularizer}, β={entry.beta:g}, seed {entry.seed}")
         entries.append(entry)

@@ -26,7 +26,8 @@ from bdvae.distributed import Context, shard
 from bdvae.errors import BdvaeError, first_line
 from bdvae.likelihoods import LIKELIHOODS, to_float
 from bdvae.model import VAE, activation_bytes, build_model
-from bdvae.objective import Objective, beta_at, image_terms
+from bdvae.aggregates import NEEDS_PRIOR_DRAWS
+from bdvae.objective import Objective, aggregate_term, beta_at, image_terms
 from bdvae.regularizers import REGULARIZERS
 from bdvae.rundir import Position
 
@@ -45,20 +46,27 @@ def evaluate_terms(model: VAE, images: Tensor, config: Config, seed: int, ctx: C
     objective = config.objective
     likelihood = LIKELIHOODS[objective.likelihood]
     gen = torch.Generator().manual_seed(seed)
-    sums = torch.zeros(4, dtype=torch.float64)  # recon_nll, reg, kl, bhattacharyya
+    sums = torch.zeros(5, dtype=torch.float64)  # recon_nll, reg, kl, bhattacharyya, aggregate
     for i, start in enumerate(range(0, len(images), EVAL_BATCH)):
         x = likelihood.targets(images[start: start + EVAL_BATCH], gen)
         eps = torch.randn(len(x), config.model.latent_dim, generator=gen)
+        prior = torch.randn(len(x), config.model.latent_dim, generator=gen) if objective.aggregate in NEEDS_PRIOR_DRAWS else None
         if i % ctx.world_size != ctx.rank:
             continue
         terms = image_terms(model, x.to(ctx.device), objective, eps.to(ctx.device))
         mu, logvar = terms.mu, terms.logvar
+        # The aggregate term of each chunk of EVAL_BATCH test images, weighted by its size.
+        aggregate = (len(x) * aggregate_term(objective, terms, None if prior is None else prior.to(ctx.device))
+                     if objective.aggregate is not None else mu.new_zeros(()))
         sums += torch.stack([terms.recon_nll.sum(), terms.reg.sum(), REGULARIZERS["kl"](mu, logvar).sum(),
-                             REGULARIZERS["bhattacharyya"](mu, logvar).sum()]).cpu().double()
-    recon_nll, reg, kl, bd = (ctx.all_reduce_sum(sums) / len(images)).tolist()
+                             REGULARIZERS["bhattacharyya"](mu, logvar).sum(), aggregate]).cpu().double()
+    recon_nll, reg, kl, bd, aggregate = (ctx.all_reduce_sum(sums) / len(images)).tolist()
     model.train()
-    return {"recon_nll": recon_nll, "reg": reg, "kl": kl, "bhattacharyya": bd,
-            "loss": recon_nll + objective.beta * reg}
+    result = {"recon_nll": recon_nll, "reg": reg, "kl": kl, "bhattacharyya": bd, "loss": recon_nll + objective.beta * reg}
+    if objective.aggregate is not None:
+        result["aggregate"] = aggregate
+        result["loss"] += objective.aggregate_weight * aggregate
+    return result
 
 
 def lr_at(train: TrainConfig, progress: float) -> float:
@@ -76,15 +84,17 @@ class NonFiniteError(BdvaeError):
 
 
 def backward_shard(loss: nn.Module, x: Tensor, eps: Tensor, total: int, beta: float, ctx: Context = Context(),
-                   mixed_precision: bool = False) -> Tensor:
+                   mixed_precision: bool = False, prior: Tensor | None = None) -> Tensor:
     """One step's loss and gradient, this rank's part: x (B_r, C, H, W) and its noise eps (B_r, D)
     are this rank's shard of a global batch of `total` images. `loss` is an Objective, under
     DistributedDataParallel when there are several ranks. Leaves in each parameter's .grad the
     gradient of the mean loss over the `total` images; returns the loss sums over them (3,), the
     same on every rank. `mixed_precision`: the forward under bf16 autocast (the loss terms are
-    summed in fp32)."""
+    summed in fp32). `prior`: the global batch's N(0, I) draws (total, D), for an aggregate term
+    that needs them."""
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=mixed_precision):
-        sums = loss(x.to(ctx.device, memory_format=torch.channels_last), eps.to(ctx.device), beta)
+        sums = loss(x.to(ctx.device, memory_format=torch.channels_last), eps.to(ctx.device), beta, total,
+                    None if prior is None else prior.to(ctx.device))
     # DDP averages the ranks' gradients; scaling each rank's sum by world_size / total makes that
     # average the gradient of the sum over all images divided by their number, whatever the shard sizes.
     (sums[0] * (ctx.world_size / total)).backward()
@@ -103,7 +113,8 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, co
     step's figures (tracking.py)."""
     objective, batch_size = config.objective, config.train.batch_size * ctx.world_size
     likelihood = LIKELIHOODS[objective.likelihood]
-    loss = Objective(model, objective) if loss is None else loss
+    loss = Objective(model, objective, ctx.gather_rows) if loss is None else loss
+    prior_draws = objective.aggregate in NEEDS_PRIOR_DRAWS
     mixed_precision = ctx.bf16_autocast(config.train.mixed_precision)
     if pos.order is None:  # a new epoch: drawn from the generator, whose state a checkpoint holds
         pos.order, pos.totals, pos.next_start = torch.randperm(len(images), generator=generator), torch.zeros(3), 0
@@ -121,12 +132,13 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, co
         else:
             x = to_float(images[batch[part]])  # (B_r, C, H, W)
         eps = torch.randn(len(batch), config.model.latent_dim, generator=generator)[part]  # (B_r, D)
+        prior = torch.randn(len(batch), config.model.latent_dim, generator=generator) if prior_draws else None
         optimizer.zero_grad(set_to_none=True)
         lr = lr_at(config.train, (pos.epoch - 1 + start / len(images)) / config.train.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
         beta = beta_at(objective, pos.global_step + 1)
-        stacked = backward_shard(loss, x, eps, len(batch), beta, ctx, mixed_precision).cpu()
+        stacked = backward_shard(loss, x, eps, len(batch), beta, ctx, mixed_precision, prior).cpu()
         # The total gradient norm is NaN or inf if any gradient is; checking it with the loss costs
         # one host synchronisation per step, which on a CPU (where ops run eagerly) is nearly free.
         # After DDP's all-reduce every rank holds the same gradients and sums: all decide alike.
@@ -268,7 +280,7 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
     precision = ", bf16 autocast" if mixed_precision else ""
     log(f"training on {n} images {tuple(data.shape)} from {data.source}; "
         f"{sum(p.numel() for p in model.parameters())} parameters; {ctx.device}{precision}{processes}; run directory {run_dir}")
-    loss = distributed.wrap(Objective(model, config.objective), ctx)
+    loss = distributed.wrap(Objective(model, config.objective, ctx.gather_rows), ctx)
     every = config.train.checkpoint_every
 
     def after_step() -> None:
@@ -319,9 +331,10 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
             rundir.write_metrics_log(run_dir, pos.rows)
             pictures.save_loss_curves(pos.rows, run_dir / rundir.LOSS_CURVE)
             rundir.save_training_state(run_dir, model, optimizer, pos, generator)  # the epoch's end, its row included
+        aggregate = f", aggregate {row['test_aggregate']:.4f}" if "test_aggregate" in row else ""
         log(f"epoch {epoch}: train loss {row['train_loss']:.2f} (recon {row['train_recon_nll']:.2f}, "
             f"reg {row['train_reg']:.2f}); test loss {row['test_loss']:.2f} (recon {row['test_recon_nll']:.2f}, "
-            f"KL {row['test_kl']:.2f}, BD {row['test_bhattacharyya']:.2f}); {row['seconds']:.1f} s")
+            f"KL {row['test_kl']:.2f}, BD {row['test_bhattacharyya']:.2f}{aggregate}); {row['seconds']:.1f} s")
 
     if ctx.is_main:
         model.cpu()

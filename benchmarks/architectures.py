@@ -20,7 +20,8 @@ import torch
 from bdvae.config import ModelConfig, ObjectiveConfig
 from bdvae.devices import native_bf16
 from bdvae.evaluation import IWAE_DECODE_BATCH
-from bdvae.model import build_model, iwae_decoder
+from bdvae.kernels import iwae_decoder
+from bdvae.model import build_model
 from bdvae.objective import Objective
 from bdvae.training import backward_shard
 from performance import machine  # benchmarks/ is on the path of a script run from it

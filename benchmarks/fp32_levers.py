@@ -10,7 +10,7 @@ gradients; `tests/test_benchmarks.py` runs it) and keep the weights' names and s
 - the first convolution (1 input channel) as im2col and one GEMM whose output is already channels-last;
 - the first convolution as space-to-depth: pixel-unshuffle of the padded image, a 2x2 convolution;
 - the last transposed convolution (1 output channel) as one GEMM to 4x4 patches and col2im, as
-  bdvae's models now compute it (`model.ImageConvTranspose2d`, tested in `tests/test_model.py`);
+  bdvae's models now compute it (`kernels.ImageConvTranspose2d`, tested in `tests/test_model.py`);
 - the last transposed convolution in sub-pixel form: a 3x3 convolution to 4 channels, pixel shuffle;
 - in-place ReLUs, which bdvae's models now have; Adam's fused CPU kernel;
 - the batch in 2 shards on 2 threads of 1 intra-op thread each, gradients summed in a fixed order;
@@ -42,7 +42,8 @@ from torch import Tensor, nn
 
 from bdvae.config import Config
 from bdvae.devices import keep_freed_memory
-from bdvae.model import ImageConvTranspose2d, build_model, subpixel_weight
+from bdvae.kernels import ImageConvTranspose2d, subpixel_weight
+from bdvae.model import build_model
 from bdvae.objective import loss_sums
 from performance import machine, plain_layers  # benchmarks/ is on the path of a script run from it
 

@@ -1,11 +1,11 @@
 """Issue 15's fp32 levers of the IWAE (`bdvae evaluate`'s likelihood), on a CPU without native bf16.
 
-The IWAE decodes K latents per test image with a copy of the decoder (`model.iwae_decoder`); each
+The IWAE decodes K latents per test image with a copy of the decoder (`kernels.iwae_decoder`); each
 variant scores the same 40 binary images with K = 1000 and the same draws, through the real
 `metrics.iwae_log_likelihood` in 256-latent decodes as `bdvae evaluate` runs it on a CPU:
 
 - the image layer (a transposed convolution to 1 channel) as tap sums, one GEMM to the 16 kernel
-  taps and 4 phase sums of shifted tap planes (`model.TapSumConvTranspose2d`, bdvae's now), against
+  taps and 4 phase sums of shifted tap planes (`kernels.TapSumConvTranspose2d`, bdvae's now), against
   its sub-pixel form, a 3x3 convolution to 4 channels and a pixel shuffle (bdvae's before); both
   equal the plain layer in float64 (`tests/test_evaluate.py`); the two take turns in one process,
   the order alternating from round to round, and each round's ratio is taken;
@@ -38,7 +38,8 @@ from bdvae import metrics
 from bdvae.config import Config
 from bdvae.devices import keep_freed_memory
 from bdvae.likelihoods import bernoulli_nll
-from bdvae.model import TapSumConvTranspose2d, build_model, iwae_decoder
+from bdvae.kernels import TapSumConvTranspose2d, iwae_decoder
+from bdvae.model import build_model
 from performance import machine  # benchmarks/ is on the path of a script run from it
 
 IMAGES, K, DECODE = 40, 1000, 256

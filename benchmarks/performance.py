@@ -72,7 +72,8 @@ from bdvae.devices import keep_freed_memory
 from bdvae.distributed import Context
 from bdvae.evaluation import EvalOptions, iwae_nll
 from bdvae.likelihoods import LIKELIHOODS, binarized, to_float
-from bdvae.model import VAE, ImageConvTranspose2d, build_model
+from bdvae.kernels import ImageConvTranspose2d
+from bdvae.model import VAE, build_model
 from bdvae.objective import loss_terms
 from bdvae.rundir import Position, save_training_state
 from bdvae.training import evaluate_terms, train_epoch

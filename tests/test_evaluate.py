@@ -20,7 +20,8 @@ from bdvae.evaluation import EvalOptions, evaluate_run, iwae_nll
 from bdvae.errors import BdvaeError
 from bdvae.likelihoods import LIKELIHOODS, to_float
 from bdvae.metrics import FIGURES, figure_value, missing_figures
-from bdvae.model import TapSumConvTranspose2d, build_model, iwae_decoder, subpixel_convolution
+from bdvae.kernels import TapSumConvTranspose2d, iwae_decoder, subpixel_convolution
+from bdvae.model import build_model
 from conftest import run_cli
 
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from bdvae.config import ModelConfig, ObjectiveConfig
 from bdvae.errors import BdvaeError
-from bdvae.model import ARCHITECTURES, ImageConvTranspose2d, ResidualBlock, build_model
+from bdvae.kernels import ImageConvTranspose2d
+from bdvae.model import ARCHITECTURES, ResidualBlock, build_model
 from bdvae.objective import loss_terms
 
 

@@ -29,7 +29,8 @@ from bdvae.data import Dataset, load_dataset
 from bdvae.devices import check_memory, keep_freed_memory, native_bf16, resolve_device
 from bdvae.errors import BdvaeError, first_line
 from bdvae.likelihoods import LIKELIHOODS, to_float
-from bdvae.model import activation_bytes, iwae_decoder
+from bdvae.kernels import iwae_decoder
+from bdvae.model import activation_bytes
 from bdvae.objective import image_terms, regularizer
 from bdvae.options import MIN_IMAGES, EvalOptions  # torch-free: the command line declares a flag per field
 from bdvae.rundir import TrainedRun

@@ -75,7 +75,8 @@ from bdvae.likelihoods import LIKELIHOODS, binarized, to_float
 from bdvae.kernels import ImageConvTranspose2d
 from bdvae.model import VAE, build_model
 from bdvae.objective import loss_terms
-from bdvae.rundir import Position, save_training_state
+from bdvae.rundir import save_training_state
+from bdvae.states import Position
 from bdvae.training import evaluate_terms, train_epoch
 
 DEFAULT_RUN = Path("runs/compare-bd-kl/runs/bhattacharyya-beta1-seed0")  # the default config, 10 epochs

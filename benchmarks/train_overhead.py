@@ -29,7 +29,8 @@ from bdvae.distributed import Context
 from bdvae.model import build_model
 from bdvae.objective import loss_terms
 from bdvae.likelihoods import to_float
-from bdvae.rundir import Position, save_training_state
+from bdvae.rundir import save_training_state
+from bdvae.states import Position
 from bdvae.training import train_epoch
 
 

@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bdvae import config as config_lib, data, rundir
+from bdvae import config as config_lib, data, rundir, states
 from bdvae.classifier import load_classifier
 from bdvae.config import DataConfig
 from bdvae.errors import BdvaeError
@@ -165,7 +165,7 @@ def _state_file() -> bytes:
 @given(raw=mutated(_state_file()))
 def test_training_state_loader(folder, raw):
     (folder / "step-000000003.safetensors").write_bytes(raw)
-    _only_our_error(lambda: rundir.load_state(folder / "step-000000003.safetensors"))
+    _only_our_error(lambda: states.load(folder / "step-000000003.safetensors"))
 
 
 def _classifier_file() -> bytes:

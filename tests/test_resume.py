@@ -160,7 +160,8 @@ def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint
     import math
 
     import bdvae
-    from bdvae.rundir import load_state, state_paths
+    from bdvae.rundir import state_paths
+    from bdvae.states import load as load_state
     from bdvae.errors import BdvaeError
 
     _faulty_loss_terms(monkeypatch, bad_step=12)
@@ -192,7 +193,8 @@ def test_skip_nonfinite_skips_and_counts_the_bad_batch(mnist_dir, tmp_path, monk
 def test_a_checkpoint_from_another_version_is_refused_in_one_line(reference, tmp_path):
     """A training state written by a version whose state lacks fields this one needs."""
 
-    from bdvae.rundir import load_state, save_state, state_paths
+    from bdvae.rundir import save_state, state_paths
+    from bdvae.states import load as load_state
 
     out = tmp_path / "old"
     shutil.copytree(reference, out)
@@ -213,7 +215,8 @@ def test_a_restored_optimizer_keeps_the_weights_layout_and_values(tmp_path):
     follow (as Adam made them before the save), the step count where Adam keeps it."""
     from bdvae.config import Config
     from bdvae.model import build_model
-    from bdvae.rundir import Position, latest_state, restore_training_state, save_training_state
+    from bdvae.rundir import latest_state, save_training_state
+    from bdvae.states import Position, unpack as restore_training_state
 
     def fresh():
         torch.manual_seed(0)

@@ -1,5 +1,5 @@
 """The run directory: the one module that knows its file names, whether a run is finished or can
-be resumed, and the formats of what it stores (a training state, a fitted sampler).
+be resumed, and the format of a fitted sampler's files (a training state's is states.py's).
 
 Layout (docs/run-directory.md):
     config.toml        the resolved config (written first); enough, with run.json, to rebuild the model
@@ -11,14 +11,11 @@ Layout (docs/run-directory.md):
     metrics.json, eval/   written by `bdvae evaluate` (eval/iwae-progress.safetensors while its IWAE is unfinished)
     samplers/          latent samplers fitted after training (NAME.safetensors, then NAME.json)
     tensorboard/       TensorBoard's event files, with train.tensorboard = true
-Every file is written through files.atomic_path. A training state is one safetensors file:
-tensors (weights, optimizer moments, the training generator's state, the epoch's data order)
-plus JSON metadata, sealed by a sha256 over both that is checked on load.
+Every file is written through files.atomic_path.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import shutil
@@ -34,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from bdvae import config as config_lib, logs
+from bdvae import config as config_lib, logs, states
 from bdvae._version import __version__
 from bdvae.config import Config, ModelConfig, ObjectiveConfig
 from bdvae.devices import check_memory
@@ -122,18 +119,6 @@ def prepare(run_dir: Path, overwrite: bool) -> None:
         probe.close()
     except OSError as e:
         raise BdvaeError(f"{run_dir}: cannot write there ({e.strerror})") from None
-
-
-def _digest(tensors: dict[str, Tensor], text: str = "") -> str:
-    """sha256 over every tensor (name, dtype, shape, bytes, in name order), then `text`: what
-    seals a training state (with its JSON state) and a sampler's arrays (alone)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    h.update(text.encode())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +298,7 @@ def save_sampler(run_dir: Path, sampler: Sampler, options: FitOptions, latents: 
         save_file(arrays, str(tmp))
     facts = {"name": options.name, "kind": options.kind, "latent_dim": sampler.latent_dim,
              "fit": {"seed": options.seed, "fit_on": options.fit_on, "latents": latents},
-             "params": sampler.params(), "sha256": _digest(arrays), "seconds": round(seconds, 2)}
+             "params": sampler.params(), "sha256": states.digest(arrays), "seconds": round(seconds, 2)}
     try:
         write_json(json_path, facts)
     except OSError:  # a full disk, say: no arrays left behind without the JSON that vouches for them
@@ -357,7 +342,7 @@ def load_sampler(run_dir: Path, name: str, latent_dim: int) -> Sampler:
                          f"has {latent_dim}; fit it again with bdvae sampler fit --overwrite")
     try:
         arrays = load_file(str(weights_path))
-        if _digest(arrays) != facts["sha256"]:
+        if states.digest(arrays) != facts["sha256"]:
             raise ValueError("checksum mismatch")
         return SAMPLERS[options.kind].from_arrays(latent_dim, arrays, facts["params"])
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
@@ -393,27 +378,7 @@ def ensure_samplers(run_dir: Path, model: nn.Module, binarize: bool, train_image
 
 
 # ---------------------------------------------------------------------------------------------
-# Training states
-
-
-@dataclass
-class Position:
-    """Where training stands: the next epoch (1-based), the next image of that epoch's order, the
-    optimizer steps taken, the epoch's data order and running sums, and the finished epochs' rows."""
-
-    epoch: int = 1
-    next_start: int = 0
-    global_step: int = 0
-    order: Tensor | None = None  # this epoch's permutation; None before it is drawn
-    totals: Tensor = dataclasses.field(default_factory=lambda: torch.zeros(3))  # loss, recon_nll, reg sums
-    rows: list[dict[str, float]] = dataclasses.field(default_factory=list)
-    skipped: int = 0  # batches of this epoch skipped for a non-finite loss or gradient
-    skipped_images: int = 0
-
-
-# The generator's state keeps the name it had when training drew from torch's global generator,
-# whose state it was: a state saved then resumes exactly as before.
-GENERATOR_KEY = "rng.torch"
+# Training states: their files (the format is states.py's)
 
 
 def state_paths(run_dir: Path) -> list[Path]:
@@ -421,94 +386,31 @@ def state_paths(run_dir: Path) -> list[Path]:
     return sorted((Path(run_dir) / STATES_DIR).glob("step-*.safetensors"))
 
 
-def _save_sealed(path: Path, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
-    """One safetensors file of tensors and JSON state, sealed by a sha256 over both."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    state_json = json.dumps(state)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"state": state_json, "sha256": _digest(tensors, state_json),
-                                               "bdvae_version": __version__})
-
-
-def _load_sealed(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The inverse of _save_sealed, after checking the sha256; SafetensorError, OSError, KeyError
-    or ValueError when the file is missing or damaged."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    state_json, expected = meta["state"], meta["sha256"]
-    if _digest(tensors, state_json) != expected:
-        raise ValueError("checksum mismatch")
-    return tensors, json.loads(state_json)
-
-
 def save_state(run_dir: Path, step: int, tensors: dict[str, Tensor], state: dict[str, Any]) -> Path:
     """Write a training state as RUN/checkpoints/step-STEP.safetensors; keep only the newest KEEP_STATES."""
     folder = Path(run_dir) / STATES_DIR
     folder.mkdir(exist_ok=True)
     path = folder / f"step-{step:09d}.safetensors"
-    _save_sealed(path, tensors, state)
+    states.save_sealed(path, tensors, state)
     for old in state_paths(run_dir)[:-KEEP_STATES]:
         old.unlink()
     return path
 
 
-def load_state(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The tensors and JSON state of a training state file, after checking its sha256."""
-    try:
-        return _load_sealed(path)
-    except (SafetensorError, OSError, KeyError, ValueError) as e:
-        raise BdvaeError(f"{path}: damaged checkpoint ({first_line(e)})") from None
+def save_training_state(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, pos: states.Position,
+                        generator: torch.Generator) -> Path:
+    """Write the training state (states.pack) of `pos.global_step` into RUN/checkpoints/."""
+    return save_state(run_dir, pos.global_step, *states.pack(model, optimizer, pos, generator))
 
 
 def latest_state(run_dir: Path, log: Callable[[str], None]) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
     """The newest training state that loads and verifies; damaged ones are reported and skipped."""
     for path in reversed(state_paths(run_dir)):
         try:
-            return load_state(path)
+            return states.load(path)
         except BdvaeError as e:
             log(f"{e}; using the one before it")
     return None
-
-
-def save_training_state(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, pos: Position,
-                        generator: torch.Generator) -> Path:
-    """Everything a resumed training needs to continue exactly: weights, Adam's moments and step
-    counts, the state of the generator training draws from, the epoch's data order and running
-    sums, and the rows so far."""
-    opt = optimizer.state_dict()
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors |= {f"optimizer.{i}.{name}": t for i, st in opt["state"].items() for name, t in st.items()}
-    tensors |= {GENERATOR_KEY: generator.get_state(), "totals": pos.totals}
-    if pos.order is not None:
-        tensors["order"] = pos.order
-    state = {"epoch": pos.epoch, "next_start": pos.next_start, "global_step": pos.global_step, "rows": pos.rows,
-             "skipped": pos.skipped, "skipped_images": pos.skipped_images, "param_groups": opt["param_groups"]}
-    return save_state(run_dir, pos.global_step, tensors, state)
-
-
-def restore_training_state(tensors: dict[str, Tensor], state: dict[str, Any], model: nn.Module,
-                           optimizer: torch.optim.Optimizer, generator: torch.Generator) -> Position:
-    """The inverse of save_training_state: loads weights, optimizer and generator; returns the
-    position. A state from another model or layout raises RuntimeError, KeyError, ValueError or
-    TypeError."""
-    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
-    opt_state: dict[int, dict[str, Tensor]] = {}
-    for key, t in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            opt_state.setdefault(int(index), {})[name] = t
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    for param, moments in optimizer.state.items():  # saved contiguous: the moments go back to the
-        for name, t in moments.items():           # weights' layout (channels-last), as Adam made them
-            if name != "step":                    # (the step count stays where Adam keeps it)
-                moments[name] = torch.empty_like(param).copy_(t)
-    generator.set_state(tensors[GENERATOR_KEY])
-    return Position(epoch=state["epoch"], next_start=state["next_start"], global_step=state["global_step"],
-                    order=tensors.get("order"), totals=tensors["totals"].clone(), rows=state["rows"],
-                    skipped=state["skipped"], skipped_images=state["skipped_images"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,7 +429,7 @@ def weights_digest(run_dir: Path) -> str:
 def save_iwae_progress(run_dir: Path, setting: dict[str, Any], nll: Tensor, generator_state: Tensor) -> Path:
     path = Path(run_dir) / IWAE_PROGRESS
     path.parent.mkdir(exist_ok=True)
-    _save_sealed(path, {"nll": nll, GENERATOR_KEY: generator_state}, {"setting": setting})
+    states.save_sealed(path, {"nll": nll, states.GENERATOR_KEY: generator_state}, {"setting": setting})
     return path
 
 
@@ -539,12 +441,12 @@ def load_iwae_progress(run_dir: Path, setting: dict[str, Any], log: Callable[[st
     if not path.is_file():
         return None
     try:
-        tensors, state = _load_sealed(path)
+        tensors, state = states.load_sealed(path)
         _renamed(state["setting"], "precision", "dtype")  # a pass stopped by an older version
         if state["setting"] != setting:
             log(f"{path}: an unfinished IWAE of other options or weights; starting anew")
             return None
-        return tensors["nll"], tensors[GENERATOR_KEY]
+        return tensors["nll"], tensors[states.GENERATOR_KEY]
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         log(f"{path}: damaged ({first_line(e)}); the IWAE starts anew")
         return None

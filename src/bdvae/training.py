@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bdvae import distributed, logs, pictures, rundir, tracking
+from bdvae import distributed, logs, pictures, rundir, states, tracking
+from bdvae.aggregates import NEEDS_PRIOR_DRAWS
 from bdvae.config import Config, TrainConfig, absolute_paths
 from bdvae.data import Dataset, load_dataset
 from bdvae.devices import check_memory, keep_freed_memory
@@ -26,10 +27,8 @@ from bdvae.distributed import Context, shard
 from bdvae.errors import BdvaeError, first_line
 from bdvae.likelihoods import LIKELIHOODS, to_float
 from bdvae.model import VAE, activation_bytes, build_model
-from bdvae.aggregates import NEEDS_PRIOR_DRAWS
 from bdvae.objective import Objective, aggregate_term, beta_at, image_terms
 from bdvae.regularizers import REGULARIZERS
-from bdvae.rundir import Position
 
 EVAL_BATCH = 1000  # test images per forward pass of the epoch's test pass
 POSTFIX_EVERY = 25  # steps between progress-bar updates (each one synchronises on the loss)
@@ -102,7 +101,7 @@ def backward_shard(loss: nn.Module, x: Tensor, eps: Tensor, total: int, beta: fl
 
 
 def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, config: Config, bar: tqdm,
-                pos: Position, generator: torch.Generator, after_step: Callable[[], None] = lambda: None,
+                pos: states.Position, generator: torch.Generator, after_step: Callable[[], None] = lambda: None,
                 ctx: Context = Context(), loss: nn.Module | None = None,
                 on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
     """Continue the epoch at `pos` to its end, updating `pos` after every step (then `after_step`
@@ -256,15 +255,15 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
     # page-faulted memory (docs/results/performance.md).
     keep_freed_memory()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
-    states = run_dir / rundir.STATES_DIR
+    checkpoints = run_dir / rundir.STATES_DIR
     try:
-        pos = Position() if state is None else rundir.restore_training_state(*state, model, optimizer, generator)
+        pos = states.Position() if state is None else states.unpack(*state, model, optimizer, generator)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:  # a state from another model or version
-        raise BdvaeError(f"{states}: the checkpoint does not fit this run's config "
+        raise BdvaeError(f"{checkpoints}: the checkpoint does not fit this run's config "
                          f"or this version of bdvae ({first_line(e)})") from None
     n = len(data.train_images)
     if pos.order is not None and (len(pos.order) != n or not 0 <= pos.next_start <= n):
-        raise BdvaeError(f"{states}: the checkpoint was taken on {len(pos.order)} training "
+        raise BdvaeError(f"{checkpoints}: the checkpoint was taken on {len(pos.order)} training "
                          f"images, the data now gives {n}; was {run_dir / rundir.CONFIG_FILE} edited?")
     callbacks = list(callbacks)
     if ctx.is_main and config.train.tensorboard:

@@ -6,6 +6,8 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import torch
 from bdvae.api import load_run
 from bdvae.errors import BdvaeError
 from bdvae.rundir import load_sampler, sampler_paths, save_sampler
-from bdvae.samplers import SAMPLERS, FitOptions, GaussianMixture, Prior, TwoStage, canonical_names, parse_name
+from bdvae.samplers import SAMPLERS, FitOptions, Flow, GaussianMixture, Prior, TwoStage, canonical_names, parse_name
 from conftest import run_cli
 
 MEANS = torch.tensor([[-4.0, 0.0], [3.0, 3.0], [3.0, -3.0]], dtype=torch.float64)
@@ -38,6 +40,33 @@ def short_two_stage(monkeypatch):
     monkeypatch.setattr(TwoStage, "EPOCHS", 8)
 
 
+@pytest.fixture
+def short_flow(monkeypatch):
+    monkeypatch.setattr(Flow, "EPOCHS", 8)
+    monkeypatch.setattr(Flow, "HIDDEN", (64, 64))
+
+
+def banana(n: int, seed: int) -> torch.Tensor:
+    """z = (2a, 0.4b + a²/2 - 1), a, b ~ N(0, 1): a bent, non-Gaussian density in 2-D."""
+    a, b = torch.randn(2, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.stack([2 * a, 0.4 * b + 0.5 * a.square() - 1], 1)
+
+
+def banana_log_density(z: torch.Tensor) -> torch.Tensor:
+    """ln p(z) of the banana: ln N(a) + ln N(b) - ln 2 - ln 0.4, the Jacobian of (a, b) -> z."""
+    a = z[:, 0] / 2
+    b = (z[:, 1] - 0.5 * a.square() + 1) / 0.4
+    return Prior(2).log_density(torch.stack([a, b], 1)) - math.log(2 * 0.4)
+
+
+@pytest.fixture(scope="module")
+def banana_flow() -> Flow:
+    """The flow with its default layers, fitted on 4,000 draws of the banana (seed 0)."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Flow, "EPOCHS", 12)
+        return fitted("flow", banana(4000, seed=0).float())
+
+
 def test_the_gmm_recovers_a_known_mixture():
     gmm = fitted("gmm", draws(20000, seed=1), components=3)
     key = lambda means: torch.argsort(means[:, 0] * 10 + means[:, 1])  # noqa: E731  (components are unordered)
@@ -56,8 +85,9 @@ def test_the_gmm_samples_its_own_density():
     torch.testing.assert_close(torch.cov(z.T), second - torch.outer(mean, mean), atol=0.06, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["gmm", "two_stage"])
-def test_a_stored_sampler_gives_the_same_draws_and_densities_as_the_fitted_one(kind, tmp_path, short_two_stage):
+@pytest.mark.parametrize("kind", ["gmm", "two_stage", "flow"])
+def test_a_stored_sampler_gives_the_same_draws_and_densities_as_the_fitted_one(kind, tmp_path, short_two_stage,
+                                                                               short_flow):
     z = draws(3000, seed=3).float()
     sampler = fitted(kind, z)
     options = FitOptions(kind=kind)
@@ -70,8 +100,8 @@ def test_a_stored_sampler_gives_the_same_draws_and_densities_as_the_fitted_one(k
     assert not torch.equal(sampler.sample(500, gen()), sampler.sample(500, torch.Generator().manual_seed(8)))
 
 
-@pytest.mark.parametrize("kind", ["gmm", "two_stage"])
-def test_fitting_twice_with_the_same_seed_writes_the_same_file(kind, tmp_path, short_two_stage):
+@pytest.mark.parametrize("kind", ["gmm", "two_stage", "flow"])
+def test_fitting_twice_with_the_same_seed_writes_the_same_file(kind, tmp_path, short_two_stage, short_flow):
     z = draws(3000, seed=4).float()
     options = FitOptions(kind=kind, seed=5)
     files = []
@@ -99,6 +129,95 @@ def test_the_second_stage_is_regularized_as_asked(short_two_stage):
     # the same seed, the same data: only the regularizer differs, and KL ≈ 4 BD near the prior
     assert kl.losses[0] > bd.losses[0] and kl.losses != bd.losses
     assert parse_name("two_stage-kl") == FitOptions(kind="two_stage", regularizer="kl")
+
+
+def test_the_flows_density_integrates_to_one(banana_flow):
+    # A 2-D grid covering the banana (|a| < 5.5): the exact density, standardization's Jacobian included, has mass 1.
+    step = 0.1
+    z1, z2 = torch.meshgrid(torch.arange(-11, 11, step), torch.arange(-4, 16, step), indexing="ij")
+    density = banana_flow.log_density(torch.stack([z1.flatten(), z2.flatten()], 1)).exp()
+    assert density.dtype == torch.float64
+    assert density.sum().item() * step**2 == pytest.approx(1.0, abs=0.01)
+
+
+def test_the_flow_fits_a_density_no_gaussian_can():
+    # Held-out latents: the flow comes within 0.1 nats of the banana's own density, the best single
+    # Gaussian (a 1-component mixture) is 0.7 nats short of it, N(0, I) further.
+    train, test = banana(4000, seed=0).float(), banana(5000, seed=1).float()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Flow, "EPOCHS", 12)
+        flow = fitted("flow", train)
+    mine, truth = flow.log_density(test).mean().item(), banana_log_density(test.double()).mean().item()
+    gaussian = fitted("gmm", train, components=1).log_density(test).mean().item()
+    assert truth - 0.1 < mine < truth + 0.05, (mine, truth)
+    assert mine > gaussian + 0.5, (mine, gaussian)
+    assert mine > Prior(2).log_density(test).mean().item() + 1.5
+    assert flow.params()["best_epoch"] >= 8 and len(flow.params()["validation_losses"]) == len(flow.params()["losses"])
+
+
+def test_the_flow_samples_its_own_density_from_the_callers_generator(banana_flow):
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    torch.manual_seed(1)
+    z = banana_flow.sample(10000, gen(2))
+    torch.manual_seed(3)  # the global RNG plays no part in a draw
+    torch.testing.assert_close(banana_flow.sample(10000, gen(2)), z, rtol=0, atol=0)
+    assert not torch.equal(banana_flow.sample(100, gen(4)), z[:100])
+    assert z.shape == (10000, 2) and z.dtype == torch.float32
+    # the draws follow the banana: its moments, and its own density scores them as it scores its draws
+    torch.testing.assert_close(z.double().mean(0), torch.tensor([0.0, -0.5], dtype=torch.float64), atol=0.06, rtol=0)
+    torch.testing.assert_close(z.double().std(0), torch.tensor([2.0, math.sqrt(0.66)], dtype=torch.float64),
+                               atol=0.06, rtol=0)
+    entropy = -banana_log_density(banana(20000, seed=5)).mean().item()
+    assert -banana_log_density(z.double()).mean().item() == pytest.approx(entropy, abs=0.1)
+
+
+def test_the_flow_lowers_its_loss_and_leaves_the_callers_rng_alone(short_flow):
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    flow = fitted("flow", draws(3000, seed=5).float())
+    assert torch.equal(torch.get_rng_state(), before)
+    losses, held_out = flow.params()["losses"], flow.params()["validation_losses"]
+    assert len(losses) == len(held_out) <= Flow.EPOCHS and all(math.isfinite(v) for v in losses + held_out)
+    assert losses[-1] < losses[0] - 0.2, losses
+    assert flow.params()["best_epoch"] == 1 + held_out.index(min(held_out))
+    assert flow.params()["zuko"] == __import__("zuko").__version__
+
+
+def test_a_diverging_flow_is_one_line(short_flow, monkeypatch):
+    monkeypatch.setattr(Flow, "LR", 1e4)
+    with pytest.raises(BdvaeError, match=r"^flow: the loss became non-finite in epoch 1 .*try another --seed$"):
+        fitted("flow", draws(500, seed=6).float())
+    with pytest.raises(BdvaeError, match="needs at least 20 latents"):
+        fitted("flow", draws(19, seed=6).float())
+
+
+def test_without_zuko_fitting_or_loading_a_flow_is_one_line(tmp_path, short_flow, monkeypatch):
+    z = draws(500, seed=7).float()
+    save_sampler(tmp_path, fitted("flow", z), FitOptions(kind="flow"), len(z), seconds=0.0)
+    monkeypatch.setitem(sys.modules, "zuko", None)  # `import zuko` raises ImportError
+    for attempt in (lambda: fitted("flow", z), lambda: load_sampler(tmp_path, "flow", latent_dim=2)):
+        with pytest.raises(BdvaeError) as caught:
+            attempt()
+        assert str(caught.value) == 'the flow sampler needs zuko, which is not installed: pip install "bdvae[flow]"'
+
+
+def test_the_command_line_imports_zuko_only_for_a_flow():
+    script = ("import sys; from bdvae.__main__ import build_parser; import bdvae.samplers; "
+              "build_parser().format_help(); print(sorted(bdvae.samplers.SAMPLERS), 'zuko' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert result.stdout == "['flow', 'gmm', 'prior', 'two_stage'] False\n", result.stderr
+
+
+def test_a_flow_file_that_does_not_fit_its_layers_is_one_line(tmp_path, short_flow):
+    z = draws(500, seed=8).float()
+    save_sampler(tmp_path, fitted("flow", z), FitOptions(kind="flow"), len(z), seconds=0.0)
+    _, json_path = sampler_paths(tmp_path, "flow")
+    facts = json.loads(json_path.read_text())
+    facts["params"]["hidden_features"] = [32, 32]
+    json_path.write_text(json.dumps(facts))
+    with pytest.raises(BdvaeError, match=r"flow.safetensors: damaged sampler file \(Error\(s\) in loading state_dict "
+                                         r"for MAF: size mismatch"):
+        load_sampler(tmp_path, "flow", latent_dim=2)
 
 
 def test_the_priors_draws_are_the_ones_evaluate_always_scored(trained_run):
@@ -133,10 +252,12 @@ def test_on_standard_normal_latents_a_fitted_gmm_scores_as_the_prior_does():
 def test_names_are_canonical_and_bad_names_are_one_line():
     assert canonical_names(["gmm", "two_stage", "gmm-10", "prior"]) == ("prior", "gmm-10", "two_stage")
     assert parse_name("gmm-3").components == 3
-    for bad, message in [("flow", "unknown sampler 'flow'"), ("gmm-x", "expected gmm-K"),
+    assert parse_name("flow") == FitOptions(kind="flow") and canonical_names(["flow"]) == ("prior", "flow")
+    for bad, message in [("maf", "unknown sampler 'maf'; valid: prior, gmm-K (e.g. gmm-10), two_stage, "
+                                 "two_stage-REGULARIZER, flow"), ("gmm-x", "expected gmm-K"),
                          ("gmm-0", "--components must be positive"), ("two_stage-nope", "unknown regularizer"),
-                         ("prior-3", "takes no options")]:
-        with pytest.raises(BdvaeError, match=message):
+                         ("prior-3", "takes no options"), ("flow-5", "'flow' takes no options")]:
+        with pytest.raises(BdvaeError, match=re.escape(message)):
             parse_name(bad)
 
 
@@ -270,11 +391,43 @@ def test_a_bad_sampler_file_is_one_line_and_nothing_is_lost(evaluated, tmp_path,
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
+def test_a_flow_is_fitted_drawn_from_and_scored_from_the_command_line(trained_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    result = run_cli("sampler", "fit", str(run_dir), "flow")
+    assert result.returncode == 0, result.stderr
+    assert "fitted flow (16 latent dimensions)" in result.stdout
+    facts = json.loads(sampler_paths(run_dir, "flow")[1].read_text())
+    assert facts["fit"]["latents"] == 12000 and facts["params"]["transforms"] == Flow.TRANSFORMS
+    result = run_cli("sample", str(run_dir), "--sampler", "flow", "--seed", "1", "-n", "16", "--out", str(tmp_path / "f.png"))
+    assert result.returncode == 0, result.stderr
+    assert "the fitted sampler flow" in result.stdout and (tmp_path / "f.png").stat().st_size > 200
+    result = run_cli("evaluate", str(run_dir), "--samplers", "flow", "-k", "2", "--samples", "300", "--test-size", "300",
+                     "--no-pictures", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "fitting" not in result.stdout  # the stored flow, not a new fit
+    m = json.loads((run_dir / "metrics.json").read_text())["samplers"]
+    assert m["flow"]["test_latent_log_density"]["mean"] > m["prior"]["test_latent_log_density"]["mean"] + 1.0
+
+
+def test_without_zuko_sampler_fit_flow_is_one_line_and_writes_nothing(trained_run):
+    before = sorted(p.name for p in trained_run.rglob("*"))
+    script = (f"import sys; sys.modules['zuko'] = None; from bdvae.__main__ import main; "
+              f"sys.exit(main(['sampler', 'fit', {str(trained_run)!r}, 'flow']))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ('bdvae: error: the flow sampler needs zuko, which is not installed: '
+                             'pip install "bdvae[flow]"\n')
+    assert sorted(p.name for p in trained_run.rglob("*")) == before
+
+
 @pytest.mark.parametrize("args, message", [
-    (["evaluate", "{run}", "--samplers", "prior,flow"], "unknown sampler 'flow'"),
+    (["evaluate", "{run}", "--samplers", "prior,maf"], "unknown sampler 'maf'"),
     (["sample", "{run}", "--sampler", "gmm-0", "--out", "{tmp}/s.png"], "--components must be positive"),
     (["sampler", "fit", "{run}", "prior"], "needs no fitting"),
     (["sampler", "fit", "{run}", "two_stage", "--components", "3"], "--components is for gmm"),
+    (["sampler", "fit", "{run}", "flow", "--regularizer", "kl"], "--regularizer for two_stage, not flow"),
     (["sampler", "fit", "{run}", "gmm", "--fit-on", "mode"], "invalid choice"),
     (["sampler", "fit", "{run}", "gmm-20", "--components", "5"], "name another sampler, gmm-5"),
     (["sampler", "list", "{tmp}"], "not a finished run"),

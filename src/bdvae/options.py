@@ -36,7 +36,7 @@ class EvalOptions:
     pictures: bool = True
     """Draw the pictures in RUN/eval/."""
     samplers: tuple[str, ...] = ("prior",)
-    """The latent samplers whose draws are scored: prior (N(0, I), always scored), gmm-K, two_stage[-REGULARIZER];
+    """The latent samplers whose draws are scored: prior (N(0, I), always scored), gmm-K, two_stage[-REGULARIZER], flow;
     those not fitted yet are fitted first, with seed 0."""
 
     def __post_init__(self) -> None:

@@ -8,10 +8,12 @@ fitted to q(z) after training, on one draw z ~ q(z|x) per training image (or the
 2019, the two-stage VAE; pythae's samplers follow the same protocol).
 
 ``SAMPLERS`` maps a kind to its class. A sampler's name is its kind with its options: ``prior``,
-``gmm-10`` (a 10-component Gaussian mixture), ``two_stage`` (a second VAE regularized by BD) or
-``two_stage-kl`` (by another regularizer). A fitted sampler is stored in the run directory (rundir.py: its
-arrays as safetensors, never a pickle, so drawing from it needs only torch, and a JSON of its
-kind, options, what it was fitted on and the arrays' sha256).
+``gmm-10`` (a 10-component Gaussian mixture), ``two_stage`` (a second VAE regularized by BD),
+``two_stage-kl`` (by another regularizer) or ``flow`` (a masked autoregressive flow). A fitted
+sampler is stored in the run directory (rundir.py: its arrays as safetensors, never a pickle, so
+drawing from it needs only torch, and zuko for a flow, an optional dependency imported only when a
+flow is fitted or loaded; and a JSON of its kind, options, what it was fitted on and the arrays'
+sha256).
 """
 
 from __future__ import annotations
@@ -78,9 +80,18 @@ class Sampler:
         return cls.kind
 
     @classmethod
+    def spellings(cls) -> str:
+        """How its names are spelled, for messages: "gmm-K (e.g. gmm-10)"."""
+        return cls.kind
+
+    @classmethod
     def options_from_suffix(cls, suffix: str) -> dict[str, Any]:
         """The options spelled after the kind in a name ("10" in "gmm-10")."""
         raise BdvaeError(f"sampler {cls.kind!r} takes no options, got {cls.kind}-{suffix}")
+
+    @classmethod
+    def requires(cls) -> None:
+        """One line if a package the fit needs is missing, checked before the latents are encoded."""
 
     @classmethod
     def fit(cls, z: Tensor, options: FitOptions, log: Callable[[str], None]) -> Sampler:
@@ -146,6 +157,10 @@ class GaussianMixture(Sampler):
     @classmethod
     def name_of(cls, options: FitOptions) -> str:
         return f"gmm-{options.components}"
+
+    @classmethod
+    def spellings(cls) -> str:
+        return "gmm-K (e.g. gmm-10)"
 
     @classmethod
     def options_from_suffix(cls, suffix: str) -> dict[str, Any]:
@@ -250,6 +265,10 @@ class TwoStage(Sampler):
         return cls.kind if options.regularizer == DEFAULT_REGULARIZER else f"{cls.kind}-{options.regularizer}"
 
     @classmethod
+    def spellings(cls) -> str:
+        return f"{cls.kind}, {cls.kind}-REGULARIZER"
+
+    @classmethod
     def options_from_suffix(cls, suffix: str) -> dict[str, Any]:
         return {"regularizer": suffix}
 
@@ -330,13 +349,167 @@ class TwoStage(Sampler):
         return cls(vae, str(params["regularizer"]), list(params.get("losses", [])))
 
 
+FLOW_EXTRA = 'pip install "bdvae[flow]"'
+
+
+def _zuko() -> Any:
+    """zuko, the flow library, an optional dependency; one line if it is missing."""
+    try:
+        import zuko
+    except ImportError:
+        raise BdvaeError(f"the flow sampler needs zuko, which is not installed: {FLOW_EXTRA}") from None
+    return zuko
+
+
+@register("flow")
+class Flow(Sampler):
+    """A masked autoregressive flow (MAF, Papamakarios et al. 2017; pythae's MAFSampler) fitted by
+    maximum likelihood: z = m + s * T^-1(u), u ~ N(0, I), with T a stack of TRANSFORMS affine
+    autoregressive layers (zuko's MAF, each a MADE of HIDDEN widths, the order reversed between
+    layers) and m, s the latents' mean and standard deviation, so the flow sees standardized
+    latents. Its density is exact: ln p(z) = ln N(T(x) | 0, I) + ln |det dT/dx| - Σ_d ln s_d, with
+    x = (z - m) / s. Drawing inverts T, one pass per latent dimension per layer.
+
+    The fit holds out VALIDATION of the latents and keeps the weights of the epoch that scores them
+    best, stopping after PATIENCE epochs without a better one."""
+
+    TRANSFORMS = 3
+    HIDDEN = (256, 256)
+    EPOCHS = 30
+    BATCH = 256
+    LR = 1e-3
+    VALIDATION = 0.1  # share of the latents held out to pick the epoch
+    PATIENCE = 5
+    MIN_LATENTS = 20
+
+    def __init__(self, flow: nn.Module, mean: Tensor, std: Tensor, params: dict[str, Any]) -> None:
+        super().__init__(len(mean))
+        self.flow = flow.eval()
+        self.mean, self.std = mean.float(), std.float()  # (D,) each: x = (z - mean) / std
+        self.fit_params = params  # the layers' sizes, the fit's settings and losses, zuko's version
+
+    @staticmethod
+    def build(latent_dim: int, transforms: int, hidden: tuple[int, ...]) -> nn.Module:
+        return _zuko().flows.MAF(latent_dim, transforms=transforms, hidden_features=tuple(hidden))
+
+    @classmethod
+    def requires(cls) -> None:
+        _zuko()
+
+    @classmethod
+    def fit(cls, z: Tensor, options: FitOptions, log: Callable[[str], None]) -> Flow:
+        """Adam on -ln p(z) over shuffled batches, cosine schedule; the initial weights, the
+        held-out latents and the data order come from the seed."""
+        zuko = _zuko()
+        n, d = z.shape
+        if n < cls.MIN_LATENTS:
+            raise BdvaeError(f"flow: needs at least {cls.MIN_LATENTS} latents to fit, got {n}")
+        z = z.double()
+        mean, std = z.mean(0), z.std(0).clamp_min(1e-6)  # a collapsed dimension: a narrow flow, not a division by 0
+        x = ((z - mean) / std).float()  # (N, D), standardized
+        gen = torch.Generator().manual_seed(options.seed)
+        order = torch.randperm(n, generator=gen)
+        held = max(1, int(n * cls.VALIDATION))
+        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+            torch.manual_seed(options.seed)
+            flow = cls.build(d, cls.TRANSFORMS, cls.HIDDEN)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the same file whatever the core count; 2 threads on a busy CPU crawl
+        try:  # ln p(z) = ln p(x) - Σ ln s: the losses are in nats of z, as log_density's
+            losses, validation, best = cls._train(flow, x[order[held:]], x[order[:held]], gen, std.log().sum().item())
+        finally:
+            torch.set_num_threads(threads)
+        log(f"flow: held-out -ln p(z) {validation[best]:.3f} after epoch {best + 1} of {len(losses)}")
+        params = {"transforms": cls.TRANSFORMS, "hidden_features": list(cls.HIDDEN), "epochs": cls.EPOCHS,
+                  "batch_size": cls.BATCH, "lr": cls.LR, "validation": cls.VALIDATION, "patience": cls.PATIENCE,
+                  "best_epoch": best + 1, "losses": losses, "validation_losses": validation,
+                  "log_density": "exact", "zuko": zuko.__version__}
+        return cls(flow, mean, std, params)
+
+    @classmethod
+    def _train(cls, flow: nn.Module, x: Tensor, x_val: Tensor, gen: torch.Generator,
+               log_det: float) -> tuple[list[float], list[float], int]:
+        """At most cls.EPOCHS epochs on x; the mean -ln p(z) per latent of each epoch, on x and on
+        x_val, and the epoch whose weights it leaves in `flow`: the best on x_val."""
+        optimizer = torch.optim.Adam(flow.parameters(), lr=cls.LR)
+        steps = cls.EPOCHS * math.ceil(len(x) / cls.BATCH)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        losses: list[float] = []
+        validation: list[float] = []
+        best, best_state = 0, None
+        for epoch in range(cls.EPOCHS):
+            flow.train()
+            order = torch.randperm(len(x), generator=gen)
+            total = 0.0
+            for start in range(0, len(x), cls.BATCH):
+                batch = x[order[start: start + cls.BATCH]]
+                loss = -flow().log_prob(batch).sum()
+                optimizer.zero_grad(set_to_none=True)
+                (loss / len(batch)).backward()
+                optimizer.step()
+                schedule.step()
+                total += loss.item()
+            losses.append(total / len(x) + log_det)
+            flow.eval()
+            with torch.no_grad():
+                dist = flow()
+                held_out = sum(dist.log_prob(x_val[i: i + ENCODE_BATCH]).sum().item()
+                               for i in range(0, len(x_val), ENCODE_BATCH))
+            validation.append(-held_out / len(x_val) + log_det)
+            if not (math.isfinite(losses[-1]) and math.isfinite(validation[-1])):
+                raise BdvaeError(f"flow: the loss became non-finite in epoch {epoch + 1} ({losses[-1]}, "
+                                 f"held out {validation[-1]}); try another --seed")
+            if best_state is None or validation[-1] < validation[best]:
+                best, best_state = epoch, {k: v.clone() for k, v in flow.state_dict().items()}
+            elif epoch - best >= cls.PATIENCE:  # no better epoch for PATIENCE epochs: over-fitting
+                break
+        flow.load_state_dict(best_state)
+        return losses, validation, best
+
+    @torch.inference_mode()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        u = torch.randn(n, self.latent_dim, generator=generator)  # the base noise, from the caller's generator
+        inverse = self.flow().transform.inv  # u -> x
+        x = torch.cat([inverse(u[i: i + ENCODE_BATCH]) for i in range(0, n, ENCODE_BATCH)])
+        return self.mean + self.std * x
+
+    @torch.inference_mode()
+    def log_density(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        dist = self.flow()
+        x = (z.float() - self.mean) / self.std
+        log_px = torch.cat([dist.log_prob(x[i: i + ENCODE_BATCH]) for i in range(0, len(x), ENCODE_BATCH)])
+        return log_px.double() - self.std.double().log().sum()
+
+    def arrays(self) -> dict[str, Tensor]:
+        weights = {f"flow.{k}": v.detach().contiguous() for k, v in self.flow.state_dict().items()}
+        return {"mean": self.mean, "std": self.std, **weights}
+
+    def params(self) -> dict[str, Any]:
+        return self.fit_params
+
+    @classmethod
+    def from_arrays(cls, latent_dim: int, arrays: dict[str, Tensor], params: dict[str, Any]) -> Flow:
+        mean, std = arrays["mean"], arrays["std"]
+        if mean.shape != (latent_dim,) or std.shape != (latent_dim,):
+            raise ValueError(f"standardization of shapes {tuple(mean.shape)} and {tuple(std.shape)}, "
+                             f"not ({latent_dim},)")
+        flow = cls.build(latent_dim, int(params["transforms"]), tuple(int(h) for h in params["hidden_features"]))
+        flow.load_state_dict({k.removeprefix("flow."): v for k, v in arrays.items() if k.startswith("flow.")})
+        return cls(flow, mean, std, params)
+
+
+def fitted_kinds() -> str:
+    """The kinds that are fitted, for messages: "gmm, two_stage or flow"."""
+    kinds = [kind for kind in SAMPLERS if kind != "prior"]
+    return f"{', '.join(kinds[:-1])} or {kinds[-1]}"
+
+
 def parse_name(name: str) -> FitOptions:
     """The options a sampler name spells: "gmm-10" -> gmm with 10 components, "two_stage-kl" ->
     two_stage with KL, a bare kind -> its defaults. One line on an unknown name."""
     kind, sep, suffix = name.strip().partition("-")
     if kind not in SAMPLERS:
-        raise BdvaeError(f"unknown sampler {name!r}; valid: prior, gmm-K (e.g. gmm-10), two_stage, "
-                         f"two_stage-REGULARIZER")
+        raise BdvaeError(f"unknown sampler {name!r}; valid: {', '.join(c.spellings() for c in SAMPLERS.values())}")
     options = FitOptions(kind=kind, **(SAMPLERS[kind].options_from_suffix(suffix) if sep else {}))
     return options
 
@@ -367,7 +540,8 @@ def fit(model: nn.Module, binarize: bool, train_images: Tensor, options: FitOpti
     """The sampler `options` describes, fitted on the training latents of `model`; and how many
     latents it saw."""
     if options.kind == "prior":
-        raise BdvaeError("the prior N(0, I) needs no fitting; fit gmm or two_stage")
+        raise BdvaeError(f"the prior N(0, I) needs no fitting; fit {fitted_kinds()}")
+    SAMPLERS[options.kind].requires()
     z = training_latents(model, train_images, binarize, options.fit_on, options.seed)
     what = "posterior means" if options.fit_on == "mean" else "one z ~ q(z|x) per training image"
     log(f"fitting {options.name} on {len(z)} latents ({what}, seed {options.seed})")

@@ -97,6 +97,17 @@ def test_bf16_autocast_where_the_device_computes_it_natively(mnist_dir, cpu_run,
     assert_rows_close(run_rows(run_dir), run_rows(cpu_run), rel=3e-2)  # as 2 CPU processes in bf16: 2e-2
 
 
+@pytest.mark.parametrize("aggregate", ["bhattacharyya", "mmd"])
+def test_an_aggregate_term_on_the_device_is_the_cpus(mnist_dir, aggregate, tmp_path):
+    """The aggregate terms' float64 linear algebra (Cholesky, eigenvalues) and kernels on the device:
+    the same run as on the CPU, within the device's float sums."""
+    term = ["--set", f"objective.aggregate='{aggregate}'", "--set", "objective.aggregate_weight=50", *FP32]
+    on_device = run_rows(_train(mnist_dir, tmp_path / "device", DEVICE, *term))
+    on_cpu = run_rows(_train(mnist_dir, tmp_path / "cpu", "cpu", *term))
+    assert all(row["test_aggregate"] > 0 for row in on_device)
+    assert_rows_close(on_device, on_cpu, rel=1e-2)
+
+
 @pytest.mark.parametrize("direction", ["device-to-cpu", "cpu-to-device"])
 def test_a_training_state_resumes_on_the_other_device(direction, device_run, cpu_run, tmp_path):
     started, other = (device_run, "cpu") if direction == "device-to-cpu" else (cpu_run, DEVICE)

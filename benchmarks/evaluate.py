@@ -2,7 +2,7 @@
 wall time and peak memory of the whole command on a trained run. Prints a table, writes JSON.
 
     python benchmarks/evaluate.py RUN_DIR [--images 500] [--device auto] [--max-batch 1000]
-                                  [--json benchmarks/evaluate.json]
+                                  [--samples 10000] [--test-size N] [--json benchmarks/evaluate.json]
 
 Not part of the test suite: on 2 CPU cores it takes about 10 minutes. On a GPU (`--device cuda`,
 or auto where there is one) --max-batch sets how many latents one decode takes (each step holds
@@ -46,6 +46,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500, help="test images for the K comparison")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda: where the IWAE runs")
     parser.add_argument("--max-batch", type=int, default=1000, help="as bdvae evaluate --max-batch")
+    parser.add_argument("--samples", type=int, default=EvalOptions().samples,
+                        help=f"as bdvae evaluate --samples, for the timed command (default {EvalOptions().samples:,})")
+    parser.add_argument("--test-size", type=int, default=None,
+                        help="as bdvae evaluate --test-size, for the timed command (default: all test images)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/evaluate.json"))
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -74,15 +78,18 @@ def main() -> None:
     # keeps the high-water mark of the forked copy across exec).
     time_cmd = ["/usr/bin/time", "-f", "maxrss_kib=%M"] if Path("/usr/bin/time").is_file() else []
     t0 = time.perf_counter()
+    test_size = [] if args.test_size is None else ["--test-size", str(args.test_size)]
     proc = subprocess.run([*time_cmd, sys.executable, "-m", "bdvae", "evaluate", str(args.run), "--quiet",
-                           "--device", args.device, "--max-batch", str(args.max_batch)],
+                           "--device", args.device, "--max-batch", str(args.max_batch), "--samples", str(args.samples),
+                           *test_size],
                           capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"bdvae evaluate failed: {proc.stderr.strip()}")
     found = re.search(r"maxrss_kib=(\d+)", proc.stderr)
     peak_kib = int(found.group(1)) if found else resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    results["evaluate_command"] = {"k": DEFAULT_K, "wall_seconds": wall, "peak_rss_gib": peak_kib / 2**20}
+    results["evaluate_command"] = {"k": DEFAULT_K, "samples": args.samples, "test_size": args.test_size, "wall_seconds": wall,
+                                   "peak_rss_gib": peak_kib / 2**20}
 
     print(f"IWAE on the first {len(x)} test images of {args.run} ({results['machine']})")
     print(f"{'K':>6} {'-ln p(x)':>10} {'± s.e.':>8} {'seconds':>9} {'samples/s':>11}  precision")
@@ -90,7 +97,8 @@ def main() -> None:
         print(f"{r['k']:>6} {r['nll']:>10.3f} {r['std_error']:>8.3f} {r['seconds']:>9.1f} "
               f"{r['importance_samples_per_second']:>11.0f}  {r['precision']}")
     print(f"K={DEFAULT_K} (the default) minus K=5000: {results['default_k_minus_k5000_nats']:+.3f} nats per image")
-    print(f"bdvae evaluate {args.run} (all test images, K={DEFAULT_K}, 10,000 samples): "
+    images = "all test images" if args.test_size is None else f"the first {args.test_size:,} test images"
+    print(f"bdvae evaluate {args.run} ({images}, K={DEFAULT_K}, {args.samples:,} samples): "
           f"{wall:.0f} s wall, peak RSS {results['evaluate_command']['peak_rss_gib']:.2f} GiB")
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.json}")

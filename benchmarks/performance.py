@@ -9,10 +9,16 @@ noisy machine:
   ("bdvae": bf16 autocast where train.mixed_precision takes effect on this machine) and in given
   settings ("bdvae:fp32", "bdvae:bf16"); pythae 0.1.2's real path
   (`BaseTrainer.train_step`: its DataLoader over a `BaseDataset`, `VAE.forward` with its BCE + KL
-  loss, Adam, `loss.item()` and its progress-bar callback); a minimal hand-written fp32 loop over
-  in-memory tensors (bdvae's loss, Adam, nothing else);
+  loss, Adam, `loss.item()` and its progress-bar callback); a minimal hand-written loop over the
+  images held on the device, `X[perm[i:i+128]]` (bdvae's loss, Adam, nothing else), in fp32
+  ("minimal") or under bf16 autocast where the device has native bf16 ("minimal:bf16"); on a CUDA
+  GPU the same step (forward, backward, Adam with capturable=True) captured once in a CUDA graph and
+  replayed ("captured", "captured:bf16"): the ceiling, with no Python or launch overhead left
+  (reported as not applicable on the CPU);
 - FLOPs per training image (torch.utils.flop_counter over one forward + backward of a batch) and the
-  utilisation: achieved FLOP/s over the fp32 and the bf16 matmul rates measured in the same run;
+  utilisation: achieved FLOP/s over the fp32 and the bf16 matmul rates measured in the same run,
+  on the device the contenders train on (`--device cpu|cuda`; on CUDA every timed window is
+  bracketed by torch.cuda.synchronize());
 - importance samples/s of bdvae's IWAE (fp32, and bf16 autocast where the CPU has native bf16)
   against pythae's `VAE.get_nll` on the same trained weights with the same K, and how far the bf16
   estimate is from the fp32 one;
@@ -31,6 +37,12 @@ The benchmark has its own environment, so that pythae never becomes a dependency
     benchmarks/.venv/bin/pip install -r benchmarks/requirements.txt -e .
     benchmarks/.venv/bin/python benchmarks/performance.py          # ~15 min on 2 cores; benchmarks/performance.json
     benchmarks/.venv/bin/python benchmarks/performance.py --smoke  # ~30 s: every part runs, numbers meaningless
+
+On a GPU, the training part alone, side by side with the CUDA-graph ceiling (benchmarks/gpu_check.sh
+runs this, with the wheels pythae needs, on a machine that cannot download):
+
+    python3 benchmarks/performance.py --device cuda --contenders bdvae,bdvae:fp32,pythae,minimal,minimal:bf16,captured,captured:bf16 \
+        --skip-likelihood --skip-evaluate --rss-batches 0
 
 Test-loss parity of a reduced-precision (or other) training setting against fp32, both trained
 the same number of epochs from the same seed through bdvae's train_epoch (~3 min for bf16):
@@ -68,7 +80,7 @@ from bdvae import rundir
 from bdvae.api import Run, load_run
 from bdvae.config import Config, DataConfig
 from bdvae.data import Dataset, load_dataset
-from bdvae.devices import keep_freed_memory
+from bdvae.devices import keep_freed_memory, native_bf16
 from bdvae.distributed import Context
 from bdvae.evaluation import EvalOptions, iwae_nll
 from bdvae.likelihoods import LIKELIHOODS, binarized, to_float
@@ -81,8 +93,9 @@ from bdvae.training import evaluate_terms, train_epoch
 
 DEFAULT_RUN = Path("runs/compare-bd-kl/runs/bhattacharyya-beta1-seed0")  # the default config, 10 epochs
 # Training contenders: bdvae's train_epoch with its default config ("bdvae") or in a setting
-# ("bdvae:SETTING"), pythae, a minimal loop.
+# ("bdvae:SETTING"), pythae, a minimal loop and its CUDA-graph capture (each fp32 or ":bf16").
 DEFAULT_CONTENDERS = ("bdvae", "bdvae:fp32", "pythae", "minimal")
+LOOPS = ("minimal", "minimal:bf16", "captured", "captured:bf16")
 PARITY_TOLERANCE = 0.01  # the issue's bar: test loss within 1% of the fp32 result
 
 
@@ -98,10 +111,24 @@ def with_setting(config: Config, setting: str) -> Config:
     return dataclasses.replace(config, train=dataclasses.replace(config.train, mixed_precision=SETTINGS[setting]))
 
 
-def bdvae_default_precision(config: Config = Config()) -> str:
-    """What bdvae's default config trains in on this machine: "bf16" where train.mixed_precision
+def bdvae_default_precision(device: torch.device = torch.device("cpu"), config: Config = Config()) -> str:
+    """What bdvae's default config trains in on `device`: "bf16" where train.mixed_precision
     takes effect (distributed.Context decides), else "fp32"."""
-    return "bf16" if Context().bf16_autocast(config.train.mixed_precision) else "fp32"
+    return "bf16" if Context(device=device).bf16_autocast(config.train.mixed_precision) else "fp32"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: CUDA runs asynchronously, so a timed window must start
+    and end with an idle GPU. The CPU computes eagerly and has nothing to wait for."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def not_applicable(name: str, device: torch.device) -> str | None:
+    """Why contender `name` cannot run on `device`, or None."""
+    if name.partition(":")[0] == "captured" and device.type != "cuda":
+        return "needs CUDA (torch.cuda.graph)"
+    return None
 
 
 # ----------------------------------------------------------------------------- the contenders
@@ -110,10 +137,13 @@ class BdvaeContender:
     """bdvae's own training path: train_epoch over the window's images with a progress bar, the
     per-step checks and running sums, and a training state every checkpoint_every steps."""
 
-    def __init__(self, base: VAE, config: Config, images: Tensor, run_dir: Path, setting: str | None = None):
-        """`setting` None: `config` as it is, bdvae's default path; else with that setting."""
+    def __init__(self, base: VAE, config: Config, images: Tensor, run_dir: Path, setting: str | None = None,
+                 device: torch.device = torch.device("cpu")):
+        """`setting` None: `config` as it is, bdvae's default path; else with that setting. The
+        images stay in host memory as uint8, as in a real training; each step copies its batch."""
         model = plain_layers(base) if setting in PLAIN else copy.deepcopy(base)
-        self.model = model.to(memory_format=torch.channels_last)  # as training._fit does
+        self.model = model.to(device, memory_format=torch.channels_last)  # as training._setup and _fit do
+        self.ctx = Context(device=device)
         keep_freed_memory()  # as training._fit does: this process's malloc keeps freed activations
         config = config if setting is None else with_setting(config, setting)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.train.lr)
@@ -132,30 +162,86 @@ class BdvaeContender:
             if every and pos.global_step % every == 0:
                 save_training_state(self.run_dir, self.model, self.optimizer, pos, self.generator)
 
+        synchronize(self.ctx.device)
         t0 = time.perf_counter()
         with tqdm(total=len(images), desc="bdvae", unit="img", leave=False, disable=False) as bar:
-            train_epoch(self.model, self.optimizer, images, self.config, bar, pos, self.generator, after_step, Context())
+            train_epoch(self.model, self.optimizer, images, self.config, bar, pos, self.generator, after_step, self.ctx)
+        synchronize(self.ctx.device)
         return len(images) / (time.perf_counter() - t0)
 
 
 class MinimalContender:
-    """The arithmetic alone: bdvae's loss, backward and an Adam step on consecutive batches."""
+    """The arithmetic alone: bdvae's loss, backward and an Adam step, the images held on the device
+    (uint8) and each batch gathered there as `X[perm[i:i+B]]` from a fresh permutation per window.
+    `bf16`: the forward under bf16 autocast where the device computes bf16 natively (as bdvae's
+    train.mixed_precision), else fp32."""
 
-    def __init__(self, base: VAE, config: Config, images: Tensor):
-        self.model = copy.deepcopy(base)
+    def __init__(self, base: VAE, config: Config, images: Tensor, device: torch.device = torch.device("cpu"),
+                 bf16: bool = False):
+        self.model = copy.deepcopy(base).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.train.lr)
-        self.config, self.images = config, images
+        self.config, self.images, self.device = config, images.to(device), device
+        self.bf16 = bf16 and native_bf16(device)
         self.model.train()
+
+    def step(self, x: Tensor) -> None:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = loss_terms(self.model, to_float(x), self.config.objective).loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
 
     def window(self, batches: int) -> float:
         batch = self.config.train.batch_size
+        synchronize(self.device)
         t0 = time.perf_counter()
-        for i in range(batches):
-            x = to_float(self.images[i * batch: (i + 1) * batch])
-            loss = loss_terms(self.model, x, self.config.objective).loss
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+        perm = torch.randperm(len(self.images), device=self.device)
+        for i in range(0, batches * batch, batch):
+            self.step(self.images[perm[i: i + batch]])  # (B, C, H, W) uint8, on the device
+        synchronize(self.device)
+        return batches * batch / (time.perf_counter() - t0)
+
+
+class CapturedContender(MinimalContender):
+    """The minimal loop's step (forward, backward, Adam with capturable=True) captured once in a
+    CUDA graph and replayed, as the whole-network capture example of PyTorch's CUDA semantics
+    notes does: static input tensors, warm-up steps on a side stream, g.replay(). No Python, no
+    kernel launches and no allocator left per step: the ceiling of this model at this batch size.
+    Only the gather of the batch into the static input runs outside the graph."""
+
+    def __init__(self, base: VAE, config: Config, images: Tensor, device: torch.device, bf16: bool = False):
+        super().__init__(base, config, images, device, bf16)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.train.lr, capturable=True)
+        batch = config.train.batch_size
+        self.static_x = self.images[:batch].clone()  # (B, C, H, W) uint8: the graph's input
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: cuDNN's choices, Adam's state, the allocator's pools
+            for _ in range(3):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step(self.static_x)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)  # backward makes .grad in the graph's private pool
+        with torch.cuda.graph(self.graph):
+            self.step(self.static_x)  # the noise eps too is drawn in the graph, anew at every replay
+
+    def step(self, x: Tensor) -> None:
+        # Autocast's weight cache must be off under capture (PyTorch's CUDA graphs notes).
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+            loss = loss_terms(self.model, to_float(x), self.config.objective).loss
+        loss.backward()
+        self.optimizer.step()  # no zero_grad: the captured backward writes the same .grad tensors anew
+
+    def window(self, batches: int) -> float:
+        batch = self.config.train.batch_size
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(self.images), device=self.device)
+        for i in range(0, batches * batch, batch):
+            torch.index_select(self.images, 0, perm[i: i + batch], out=self.static_x)
+            self.graph.replay()
+        synchronize(self.device)
         return batches * batch / (time.perf_counter() - t0)
 
 
@@ -222,15 +308,19 @@ class PythaeContender:
     loss.item() and its progress-bar callback. The BaseDataset holds the whole training set as
     floats, as pythae's users give it; each window's loader covers its first batches."""
 
-    def __init__(self, base: VAE, config: Config, data: Dataset, out_dir: Path):
+    def __init__(self, base: VAE, config: Config, data: Dataset, out_dir: Path,
+                 device: torch.device = torch.device("cpu")):
+        """On a CUDA `device` pythae's trainer moves the model there and each batch as it comes
+        (its `no_cuda=False`, with the current CUDA device)."""
         BaseDataset, _, _, _, _, _, BaseTrainer, BaseTrainerConfig = import_pythae()
         self.dataset = BaseDataset(to_float(data.train_images), data.train_labels)
         self.model = pythae_vae(base)
         training = BaseTrainerConfig(output_dir=str(out_dir), per_device_train_batch_size=config.train.batch_size,
-                                     num_epochs=1, learning_rate=config.train.lr, optimizer_cls="Adam", no_cuda=True)
+                                     num_epochs=1, learning_rate=config.train.lr, optimizer_cls="Adam",
+                                     no_cuda=device.type != "cuda")
         self.trainer = BaseTrainer(self.model, self.dataset, training_config=training)
         self.trainer.prepare_training()  # seed, Adam, output folder, callbacks (as BaseTrainer.train does)
-        self.batch, self.epoch, self.loaders = config.train.batch_size, 0, {}
+        self.batch, self.epoch, self.loaders, self.device = config.train.batch_size, 0, {}, device
 
     def window(self, batches: int) -> float:
         if batches not in self.loaders:
@@ -238,9 +328,11 @@ class PythaeContender:
             self.loaders[batches] = self.trainer.get_train_dataloader(subset)  # pythae's own loader settings
         self.trainer.train_loader = self.loaders[batches]
         self.epoch += 1
+        synchronize(self.device)
         t0 = time.perf_counter()
         self.trainer.train_step(self.epoch)
         self.trainer.callback_handler.on_epoch_end(training_config=self.trainer.training_config)  # closes its bar
+        synchronize(self.device)
         return batches * self.batch / (time.perf_counter() - t0)
 
 
@@ -254,32 +346,51 @@ def training_setup(seed: int = 0) -> tuple[Config, Dataset, VAE]:
 
 
 def check_contender(name: str) -> str:
-    """`name` if it is a contender: pythae, minimal, bdvae or bdvae:SETTING."""
+    """`name` if it is a contender: pythae, minimal[:bf16], captured[:bf16], bdvae or bdvae:SETTING."""
     kind, _, setting = name.partition(":")
-    if not (name in ("pythae", "minimal", "bdvae") or (kind == "bdvae" and setting in SETTINGS)):
-        raise argparse.ArgumentTypeError(f"unknown contender {name!r}; valid: pythae, minimal, bdvae, "
+    if not (name in ("pythae", "bdvae", *LOOPS) or (kind == "bdvae" and setting in SETTINGS)):
+        raise argparse.ArgumentTypeError(f"unknown contender {name!r}; valid: pythae, {', '.join(LOOPS)}, bdvae, "
                                          + ", ".join(f"bdvae:{s}" for s in SETTINGS))
     return name
 
 
-def label(name: str) -> str:
-    setting = name.partition(":")[2] or f"default config: {bdvae_default_precision()}"
-    return {"pythae": "pythae BaseTrainer.train_step, fp32", "minimal": "minimal loop, fp32"}.get(
-        name, f"bdvae train_epoch, {setting}")
+def precision(name: str, device: torch.device) -> str:
+    """The arithmetic contender `name` trains in on `device`: "fp32" or "bf16" (autocast)."""
+    kind, _, setting = name.partition(":")
+    if kind == "pythae":
+        return "fp32"  # its trainer's amp option is fp16 autocast, and it turns that off for a BCE loss
+    if kind == "bdvae" and not setting:
+        return bdvae_default_precision(device)
+    return "bf16" if setting == "bf16" and native_bf16(device) else "fp32"
 
 
-def make_contender(name: str, config: Config, data: Dataset, base: VAE, tmp: Path):
+def label(name: str, device: torch.device = torch.device("cpu")) -> str:
+    kind, _, setting = name.partition(":")
+    arithmetic = precision(name, device)
+    if setting == "bf16" and arithmetic != "bf16":
+        arithmetic = "fp32 (no native bf16 here)"
+    elif arithmetic == "bf16":
+        arithmetic = "bf16 autocast"
+    what = {"pythae": "pythae BaseTrainer.train_step", "minimal": "minimal loop",
+            "captured": "minimal step in a CUDA graph"}.get(kind, "bdvae train_epoch")
+    return f"{what}, {'default config: ' if kind == 'bdvae' and not setting else ''}{arithmetic}"
+
+
+def make_contender(name: str, config: Config, data: Dataset, base: VAE, tmp: Path,
+                   device: torch.device = torch.device("cpu")):
     folder = tmp / name.replace(":", "-")
     folder.mkdir(parents=True, exist_ok=True)
-    if name == "pythae":
-        return PythaeContender(base, config, data, folder)
-    if name == "minimal":
-        return MinimalContender(base, config, data.train_images)
-    setting = name.partition(":")[2]
-    return BdvaeContender(base, config, data.train_images, folder, setting or None)
+    kind, _, setting = name.partition(":")
+    if kind == "pythae":
+        return PythaeContender(base, config, data, folder, device)
+    if kind in ("minimal", "captured"):
+        loop = CapturedContender if kind == "captured" else MinimalContender
+        return loop(base, config, data.train_images, device, bf16=setting == "bf16")
+    return BdvaeContender(base, config, data.train_images, folder, setting or None, device)
 
 
-def training_rates(names: list[str], windows: int, batches: int, warmup: int) -> dict[str, list[float]]:
+def training_rates(names: list[str], windows: int, batches: int, warmup: int,
+                   device: torch.device = torch.device("cpu")) -> dict[str, list[float]]:
     """Images/s of each contender in `windows` timed windows of `batches` steps, taking turns (the
     order rotates each window), after one warm-up window each. Each contender lives in a process of
     its own (`window-child`), idle while another one's window runs: what one sets process-wide
@@ -287,7 +398,8 @@ def training_rates(names: list[str], windows: int, batches: int, warmup: int) ->
     children = {}
     try:
         for name in names:  # one after another: the warm-ups do not overlap
-            cmd = [sys.executable, str(Path(__file__).resolve()), "window-child", name, "--warmup", str(warmup)]
+            cmd = [sys.executable, str(Path(__file__).resolve()), "window-child", name, "--warmup", str(warmup),
+                   "--device", str(device)]
             children[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             _child_line(children[name], name)  # "ready"
         rates: dict[str, list[float]] = {name: [] for name in names}
@@ -314,7 +426,7 @@ def window_child(args: argparse.Namespace) -> None:
     images/s on stdout. The progress bars go to stderr."""
     config, data, base = training_setup()
     with tempfile.TemporaryDirectory() as tmp:
-        contender = make_contender(args.name, config, data, base, Path(tmp))
+        contender = make_contender(args.name, config, data, base, Path(tmp), torch.device(args.device))
         contender.window(args.warmup)
         print("ready", flush=True)
         for line in sys.stdin:
@@ -333,14 +445,18 @@ def flops_per_image(batch: int = 128) -> float:
     return counter.get_total_flops() / batch
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 7) -> list[float]:
-    """GFLOP/s of n x n matmuls in `dtype`, each timed alone after a warm-up."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 7,
+                  device: torch.device = torch.device("cpu")) -> list[float]:
+    """GFLOP/s of n x n matmuls in `dtype` on `device`, each timed alone after a warm-up (with
+    torch's default precision settings: no TF32 for fp32 matmuls on CUDA)."""
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     a @ b
     rates = []
     for _ in range(repeats):
+        synchronize(device)
         t0 = time.perf_counter()
         a @ b
+        synchronize(device)
         rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return rates
 
@@ -468,10 +584,10 @@ def measured(args: list[str]) -> dict:
     return {"wall_seconds": wall, "peak_rss_gib": peak, "stdout": proc.stdout}
 
 
-def training_peak_rss(name: str, batches: int) -> float:
+def training_peak_rss(name: str, batches: int, device: torch.device = torch.device("cpu")) -> float:
     """Peak resident memory (GiB) of a fresh process that loads the data and trains `batches`
     steps by contender `name`, as a real training holds it (the whole training set in memory)."""
-    return measured(["train-child", name, "--batches", str(batches)])["peak_rss_gib"]
+    return measured(["train-child", name, "--batches", str(batches), "--device", str(device)])["peak_rss_gib"]
 
 
 def evaluate_command(run_dir: Path, k: int, test_size: int | None, extra: list[str]) -> dict:
@@ -494,10 +610,18 @@ def evaluate_command(run_dir: Path, k: int, test_size: int | None, extra: list[s
 
 # ----------------------------------------------------------------------------- report
 
-def machine() -> dict:
+def machine(device: torch.device = torch.device("cpu")) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "bdvae_default_training_precision": bdvae_default_precision()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": str(device),
+            "bdvae_default_training_precision": bdvae_default_precision(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=torch.cuda.get_device_name(device), gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    compute_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version(),
+                    # torch's defaults, which every contender trains with: TF32 convolutions, fp32 matmuls
+                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
@@ -513,28 +637,53 @@ def machine() -> dict:
     return info
 
 
+def ratios(medians: dict[str, float], device: torch.device) -> dict[str, dict[str, float]]:
+    """Each contender's median images/s over pythae's, over the minimal loop's in the same
+    arithmetic, and over the captured step's in the same arithmetic (the ceiling), where measured."""
+    def same(kind: str, name: str) -> str | None:
+        return next((other for other in medians if other.partition(":")[0] == kind
+                     and precision(other, device) == precision(name, device)), None)
+
+    out = {}
+    for name, rate in medians.items():
+        row = {"pythae": rate / medians["pythae"]} if "pythae" in medians else {}
+        for kind in ("minimal", "captured"):
+            if (other := same(kind, name)) is not None:
+                row[kind] = rate / medians[other]
+        out[name] = row
+    return out
+
+
 def table(results: dict) -> str:
     rows: list[tuple[str, str, str]] = []
     train = results.get("training")
+    device = torch.device(results["machine"].get("device", "cpu"))
     if train:
         med, fpi = train["medians"], results["flops_per_image"]
         fp32, bf16 = results["matmul_gflops"]["fp32_median"], results["matmul_gflops"]["bf16_median"]
         for name, values in train["rates"].items():
             util = med[name] * fpi / 1e9
             of_bf16 = f", {util / bf16:.0%} of bf16" if bf16 > fp32 else ""  # else emulated bf16: no yardstick
-            rows.append((f"train img/s, {label(name)}", f"{med[name]:,.0f}",
+            rows.append((f"train img/s, {label(name, device)}", f"{med[name]:,.0f}",
                          f"{util / fp32:.0%} of fp32{of_bf16} matmul; windows " + ", ".join(f"{v:,.0f}" for v in values)))
-        for name in med:
+        for name, why in train.get("not_applicable", {}).items():
+            rows.append((f"train img/s, {label(name, device)}", "n/a", why))
+        for name, r in train.get("ratios", {}).items():
+            if any(k != name.partition(":")[0] for k in r):  # a yardstick other than itself
+                rows.append((f"  {name} against pythae / minimal / captured",
+                             " / ".join(f"{r[k]:.2f}x" if k in r else "-" for k in ("pythae", "minimal", "captured")),
+                             "median over median; the minimal loop and the captured step in the same arithmetic"))
+        for name in med if device.type == "cpu" else ():  # the CPU issue's targets
             if name.startswith("bdvae") and "pythae" in med:
                 rows.append((f"  {name} / pythae", f"{med[name] / med['pythae']:.2f}x",
                              "target >= 1.5x with the test loss within 1% of fp32 (see `parity`)"))
-        if "minimal" in med and "bdvae:fp32" in med:
+        if "minimal" in med and "bdvae:fp32" in med and device.type == "cpu":
             rows.append(("  bdvae:fp32 / minimal loop", f"{med['bdvae:fp32'] / med['minimal']:.3f}",
                          "bdvae's own overhead and its kept heap (the minimal loop has glibc's default), both fp32"))
         rows.append(("FLOP per training image (fwd + bwd)", f"{fpi / 1e6:.1f} M", "torch.utils.flop_counter, batch 128"))
-        bf16_n = results["matmul_gflops"].get("bf16_n", 2048)
+        fp32_n, bf16_n = results["matmul_gflops"].get("fp32_n", 2048), results["matmul_gflops"].get("bf16_n", 2048)
         rows.append(("matmul GFLOP/s, fp32 / bf16", f"{fp32:.0f} / {bf16:.{0 if bf16 > 10 else 2}f}",
-                     f"2048 x 2048 / {bf16_n} x {bf16_n}, median of 7, this run"))
+                     f"{fp32_n} x {fp32_n} / {bf16_n} x {bf16_n}, median of 7, this run, {device.type}"))
     if "peak_rss_gib" in results:
         rss = results["peak_rss_gib"]
         rows.append(("peak RSS of training, GiB", " / ".join(f"{rss[n]:.2f}" for n in rss), " / ".join(rss)))
@@ -569,6 +718,8 @@ def table(results: dict) -> str:
     value_width = max(len(r[1]) for r in rows)
     m = results["machine"]
     head = f"{m.get('cpu')}, {m['threads']} threads, torch {m['torch']}, pythae {m.get('pythae')}"
+    if "gpu" in m:
+        head = f"{m['gpu']} (CUDA {m['cuda']}, compute capability {m['compute_capability']}); host: " + head
     return head + "\n" + "\n".join(f"{a:<{width}}  {b:>{value_width}}  {c}" for a, b, c in rows)
 
 
@@ -577,7 +728,7 @@ def table(results: dict) -> str:
 def check_inputs(args: argparse.Namespace) -> None:
     """What the parts asked for need, checked before the first one starts (minutes of timing
     must not end in a missing run): the trained run of the likelihood and evaluate parts, and
-    pythae where it is timed. One line and exit 2 otherwise."""
+    pythae where it is timed, a GPU for --device cuda. One line and exit 2 otherwise."""
     from bdvae.errors import BdvaeError
 
     needs_run = [part for part, skip in (("likelihood", args.skip_likelihood), ("evaluate", args.skip_evaluate))
@@ -588,30 +739,39 @@ def check_inputs(args: argparse.Namespace) -> None:
     except BdvaeError as e:
         sys.exit(f"performance.py: {e}; the {' and '.join(needs_run)} part(s) need a trained run: give --run RUN "
                  f"(e.g. one trained by `bdvae train`), or --skip-{' --skip-'.join(needs_run)}")
-    if "pythae" in args.contenders or not args.skip_likelihood:
+    if ("pythae" in args.contenders and not args.skip_training) or not args.skip_likelihood:
         import_pythae()
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("performance.py: --device cuda, but torch sees no CUDA GPU here (a CPU build of torch?)")
 
 
 def benchmark(args: argparse.Namespace) -> None:
     """Every part asked for, in turn. A part that fails ends the run, but what the parts before it
     measured is printed and written first, with the failure."""
     check_inputs(args)
-    names = args.contenders
-    results: dict = {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    device = args.device
+    results: dict = {"machine": machine(device), "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    skipped = {n: why for n in args.contenders if (why := not_applicable(n, device))}
+    names = [n for n in args.contenders if n not in skipped]
 
     def training() -> None:
-        rates = training_rates(names, args.windows, args.batches, args.warmup)
-        results["training"] = {"batches_per_window": args.batches, "batch_size": 128,
-                               "rates": rates, "medians": {n: statistics.median(v) for n, v in rates.items()}}
-        results["flops_per_image"] = flops_per_image()
+        rates = training_rates(names, args.windows, args.batches, args.warmup, device)
+        medians = {n: statistics.median(v) for n, v in rates.items()}
+        results["training"] = {"device": str(device), "batches_per_window": args.batches, "batch_size": 128,
+                               "labels": {n: label(n, device) for n in args.contenders},
+                               "rates": rates, "medians": medians, "ratios": ratios(medians, device),
+                               "not_applicable": skipped}
+        results["flops_per_image"] = flops_per_image()  # counted on the CPU: the same operations anywhere
         # Emulated bf16 (no native bf16 here) runs at a fraction of a GFLOP/s: a smaller matrix
-        # shows that in a second instead of minutes.
-        bf16_n = 2048 if bdvae_default_precision() == "bf16" else 256
-        fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16, n=bf16_n)
+        # shows that in a second instead of minutes. A GPU needs larger ones to be kept busy.
+        fp32_n = 8192 if device.type == "cuda" else 2048
+        bf16_n = fp32_n if bdvae_default_precision(device) == "bf16" else 256
+        fp32 = matmul_gflops(torch.float32, n=fp32_n, device=device)
+        bf16 = matmul_gflops(torch.bfloat16, n=bf16_n, device=device)
         results["matmul_gflops"] = {"fp32": fp32, "bf16": bf16, "fp32_median": statistics.median(fp32),
-                                    "bf16_median": statistics.median(bf16), "bf16_n": bf16_n}
+                                    "bf16_median": statistics.median(bf16), "fp32_n": fp32_n, "bf16_n": bf16_n}
         if args.rss_batches:
-            results["peak_rss_gib"] = {name: training_peak_rss(name, args.rss_batches) for name in names}
+            results["peak_rss_gib"] = {name: training_peak_rss(name, args.rss_batches, device) for name in names}
 
     def likelihood() -> None:
         results["likelihood"] = likelihood_figures(args.run, args.k, args.iwae_images, args.pythae_images,
@@ -645,7 +805,7 @@ def train_child(args: argparse.Namespace) -> None:
     report_peak_at_exit()
     config, data, base = training_setup()
     with tempfile.TemporaryDirectory() as tmp:
-        make_contender(args.name, config, data, base, Path(tmp)).window(args.batches)
+        make_contender(args.name, config, data, base, Path(tmp), torch.device(args.device)).window(args.batches)
 
 
 def bdvae_child(args: argparse.Namespace) -> None:
@@ -703,6 +863,8 @@ def main() -> None:
                         default=list(DEFAULT_CONTENDERS),
                         help=f"training contenders, comma-separated (default {','.join(DEFAULT_CONTENDERS)}; "
                              f"bdvae:SETTING with SETTING one of {', '.join(SETTINGS)})")
+    parser.add_argument("--device", type=torch.device, choices=[torch.device("cpu"), torch.device("cuda")],
+                        default=torch.device("cpu"), help="where the training contenders train: cpu (default) or cuda")
     parser.add_argument("--windows", type=int, default=5, help="timed training windows per contender (default 5)")
     parser.add_argument("--batches", type=int, default=120, help="optimizer steps per training window (default 120)")
     parser.add_argument("--warmup", type=int, default=20, help="steps of the untimed warm-up window (default 20)")
@@ -735,6 +897,7 @@ def main() -> None:
     p = commands.add_parser("window-child", help=argparse.SUPPRESS)
     p.add_argument("name", type=check_contender)
     p.add_argument("--warmup", type=int, required=True)
+    p.add_argument("--device", default="cpu")
     p.set_defaults(func=window_child)
     p = commands.add_parser("pythae-child", help=argparse.SUPPRESS)
     p.add_argument("run", type=Path)
@@ -746,6 +909,7 @@ def main() -> None:
     p = commands.add_parser("train-child", help=argparse.SUPPRESS)
     p.add_argument("name", type=check_contender)
     p.add_argument("--batches", type=int, required=True)
+    p.add_argument("--device", default="cpu")
     p.set_defaults(func=train_child)
     args = parser.parse_args()
     if args.func is benchmark:

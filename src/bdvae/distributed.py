@@ -73,7 +73,6 @@ class Context:
         torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
         return buffer.to(t.device)
 
-
     def gather_rows(self, t: Tensor, total: int) -> Tensor:
         """The rows of every rank's `t`, this rank's shard of a global batch of `total` rows, in rank
         order: the global batch (total, ...), differentiable (the gradient of each rank's rows

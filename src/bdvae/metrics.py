@@ -100,7 +100,8 @@ def mmd2(x: Tensor, y: Tensor) -> float:
     return mmd2_tensor(x, y).item()
 
 
-EIGENVALUE_FLOOR = 1e-12  # of S in gaussian_bd, float64: a covariance collapsed to a point stays finite, and so does its gradient
+# Of S in gaussian_bd, float64: a covariance collapsed to a point stays finite, and so does its gradient.
+EIGENVALUE_FLOOR = 1e-12
 
 
 def mixture_moments(mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
@@ -131,7 +132,8 @@ def gaussian_bd(m: Tensor, s: Tensor) -> Tensor:
     return (m @ solved) / 8 + 0.5 * log_det_a - 0.25 * log_det_s
 
 
-def prior_match(z: Tensor, mu: Tensor, logvar: Tensor, generator: torch.Generator, mmd_samples: int = 2000) -> dict[str, object]:
+def prior_match(z: Tensor, mu: Tensor, logvar: Tensor, generator: torch.Generator,
+                mmd_samples: int = 2000) -> dict[str, object]:
     """How far the aggregate posterior q(z) = mean_x q(z|x) is from N(0, I).
 
     z (N, D): one draw from q(z|x) per test image, so z ~ q(z); mu, logvar (N, D): the posterior
@@ -245,7 +247,9 @@ class Figure:
     better: str = ""  # "↓": lower is better, "↑": higher is better, "": neither (the report marks the best of each column that has one)
     unit: str = ""  # what the report's column header gives as its unit
     theme: str = ""  # the report's table of the run's figures that holds its column (reporting.THEMES)
-    optional: bool = False  # added after metrics.json files were published: where one lacks it, it is shown as absent, not computed again
+    # Added after metrics.json files were published: where one lacks it, it is shown as absent, not
+    # computed again (missing_figures skips it).
+    optional: bool = False
 
 
 _SAMPLE_QUALITY = (

@@ -49,7 +49,8 @@ def evaluate_terms(model: VAE, images: Tensor, config: Config, seed: int, ctx: C
     for i, start in enumerate(range(0, len(images), EVAL_BATCH)):
         x = likelihood.targets(images[start: start + EVAL_BATCH], gen)
         eps = torch.randn(len(x), config.model.latent_dim, generator=gen)
-        prior = torch.randn(len(x), config.model.latent_dim, generator=gen) if objective.aggregate in NEEDS_PRIOR_DRAWS else None
+        prior = (torch.randn(len(x), config.model.latent_dim, generator=gen)
+                 if objective.aggregate in NEEDS_PRIOR_DRAWS else None)
         if i % ctx.world_size != ctx.rank:
             continue
         terms = image_terms(model, x.to(ctx.device), objective, eps.to(ctx.device))
@@ -61,7 +62,8 @@ def evaluate_terms(model: VAE, images: Tensor, config: Config, seed: int, ctx: C
                              REGULARIZERS["bhattacharyya"](mu, logvar).sum(), aggregate]).cpu().double()
     recon_nll, reg, kl, bd, aggregate = (ctx.all_reduce_sum(sums) / len(images)).tolist()
     model.train()
-    result = {"recon_nll": recon_nll, "reg": reg, "kl": kl, "bhattacharyya": bd, "loss": recon_nll + objective.beta * reg}
+    result = {"recon_nll": recon_nll, "reg": reg, "kl": kl, "bhattacharyya": bd,
+              "loss": recon_nll + objective.beta * reg}
     if objective.aggregate is not None:
         result["aggregate"] = aggregate
         result["loss"] += objective.aggregate_weight * aggregate

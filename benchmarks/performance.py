@@ -197,9 +197,13 @@ class MinimalContender:
         t0 = time.perf_counter()
         perm = torch.randperm(len(self.images), device=self.device)
         for i in range(0, batches * batch, batch):
-            self.step(self.images[perm[i: i + batch]])  # (B, C, H, W) uint8, on the device
+            self.train_on(perm[i: i + batch])
         synchronize(self.device)
         return batches * batch / (time.perf_counter() - t0)
+
+    def train_on(self, indices: Tensor) -> None:
+        """One step on the images at `indices` (on the device)."""
+        self.step(self.images[indices])  # (B, C, H, W) uint8, on the device
 
 
 class CapturedContender(MinimalContender):
@@ -233,16 +237,9 @@ class CapturedContender(MinimalContender):
         loss.backward()
         self.optimizer.step()  # no zero_grad: the captured backward writes the same .grad tensors anew
 
-    def window(self, batches: int) -> float:
-        batch = self.config.train.batch_size
-        synchronize(self.device)
-        t0 = time.perf_counter()
-        perm = torch.randperm(len(self.images), device=self.device)
-        for i in range(0, batches * batch, batch):
-            torch.index_select(self.images, 0, perm[i: i + batch], out=self.static_x)
-            self.graph.replay()
-        synchronize(self.device)
-        return batches * batch / (time.perf_counter() - t0)
+    def train_on(self, indices: Tensor) -> None:
+        torch.index_select(self.images, 0, indices, out=self.static_x)
+        self.graph.replay()
 
 
 def import_pythae():

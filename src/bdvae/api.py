@@ -26,7 +26,7 @@ from bdvae.comparison import compare as _compare
 from bdvae.config import Config
 from bdvae.data import load_dataset
 from bdvae.devices import check_memory
-from bdvae.evaluation import EvalOptions, evaluate_run
+from bdvae.evaluation import EvalOptions, batched, evaluate_run
 from bdvae.likelihoods import LIKELIHOODS, to_float
 from bdvae.reporting import Entry, report as _report
 from bdvae.samplers import Sampler, parse_name
@@ -76,17 +76,6 @@ def report(run_dirs: Sequence[str | Path], out: str | Path, overwrite: bool = Fa
     return _report([Path(r) for r in run_dirs], Path(out), overwrite)
 
 
-BATCH = 1000  # images or latents per forward pass, so that memory does not grow with a request
-
-
-def _batched(fn: Any, x: Tensor) -> Any:
-    """fn(x) computed BATCH rows at a time: a tensor, or a tuple of tensors, concatenated."""
-    if len(x) <= BATCH:
-        return fn(x)
-    parts = [fn(x[i: i + BATCH]) for i in range(0, len(x), BATCH)]
-    return torch.cat(parts) if isinstance(parts[0], Tensor) else tuple(map(torch.cat, zip(*parts)))
-
-
 def _as_float(x: Tensor) -> Tensor:
     """Images as floats in [0, 1]: uint8 pixels are divided by 255; (C, H, W) gets a batch axis."""
     x = to_float(x)
@@ -101,12 +90,12 @@ class Run(rundir.TrainedRun):
     @torch.inference_mode()
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior parameters (mu, logvar), each (B, D), of images x (B, C, H, W)."""
-        return _batched(self.model.encode, _as_float(x))
+        return batched(self.model.encode, _as_float(x))
 
     @torch.inference_mode()
     def decode(self, z: Tensor) -> Tensor:
         """Mean images (B, C, H, W) in [0, 1] for latents z (B, D)."""
-        return _batched(self.model.decode_mean, z.float())
+        return batched(self.model.decode_mean, z.float())
 
     @torch.inference_mode()
     def reconstruct(self, x: Tensor) -> Tensor:

@@ -51,8 +51,13 @@ def mean_and_error(v: Tensor) -> dict[str, float]:
     return {"mean": v.mean().item(), "std_error": (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else 0.0}
 
 
-def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch: int = BATCH) -> Tensor:
-    return torch.cat([fn(x[i: i + batch]) for i in range(0, len(x), batch)])
+def batched(fn: Callable[[Tensor], Any], x: Tensor, batch: int = BATCH) -> Any:
+    """fn(x) computed `batch` rows at a time, so that memory does not grow with x: a tensor, or a
+    tuple of tensors, concatenated."""
+    if len(x) <= batch:
+        return fn(x)
+    parts = [fn(x[i: i + batch]) for i in range(0, len(x), batch)]
+    return torch.cat(parts) if isinstance(parts[0], Tensor) else tuple(map(torch.cat, zip(*parts)))
 
 
 @torch.inference_mode()
@@ -84,7 +89,7 @@ def reconstruction_and_divergences(run: TrainedRun, x: Tensor, intensities: Tens
     recon_nll, mu, logvar, z = (torch.cat([getattr(t, name) for t in batches])
                                 for name in ("recon_nll", "mu", "logvar", "z"))
     rows = torch.arange(len(x))  # batched by row index, so the term reads its own tensors
-    mse = _batched(lambda i: (model.decode_mean(mu[i]) - intensities[i]).square().flatten(1).mean(1), rows)
+    mse = batched(lambda i: (model.decode_mean(mu[i]) - intensities[i]).square().flatten(1).mean(1), rows)
     kl, bd = regularizer(objective, "kl"), regularizer(objective, "bhattacharyya")
 
     def per_dim_mean(fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:  # (D,): both are sums over dimensions
@@ -161,7 +166,7 @@ def decoded_samples(run: TrainedRun, sampler: Sampler, n: int, seed: int) -> Ten
     are the decoded z ~ N(0, I) that earlier versions scored (torch.randn with the seed)."""
     z = sampler.sample(n, torch.Generator().manual_seed(seed))
     with torch.inference_mode():
-        return _batched(run.model.decode_mean, z)
+        return batched(run.model.decode_mean, z)
 
 
 def has_reference_classifier(run: TrainedRun, data: Dataset) -> bool:

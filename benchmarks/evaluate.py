@@ -1,7 +1,7 @@
 """Benchmark of `bdvae evaluate`: IWAE throughput, the gap of the default K to K = 5000, and the
 wall time and peak memory of the whole command on a trained run. Prints a table, writes JSON.
 
-    python benchmarks/evaluate.py RUN_DIR [--images 500] [--device auto] [--max-batch 1000]
+    python benchmarks/evaluate.py RUN_DIR [--images 500] [--device auto] [--max-batch N]
                                   [--samples 10000] [--test-size N] [--json benchmarks/evaluate.json]
 
 Not part of the test suite: on 2 CPU cores it takes about 10 minutes. On a GPU (`--device cuda`,
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--images", type=int, default=500, help="test images for the K comparison")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda: where the IWAE runs")
-    parser.add_argument("--max-batch", type=int, default=1000, help="as bdvae evaluate --max-batch")
+    parser.add_argument("--max-batch", type=int, default=None, help="as bdvae evaluate --max-batch (default: its default)")
     parser.add_argument("--samples", type=int, default=EvalOptions().samples,
                         help=f"as bdvae evaluate --samples, for the timed command (default {EvalOptions().samples:,})")
     parser.add_argument("--test-size", type=int, default=None,
@@ -80,8 +80,8 @@ def main() -> None:
     t0 = time.perf_counter()
     test_size = [] if args.test_size is None else ["--test-size", str(args.test_size)]
     proc = subprocess.run([*time_cmd, sys.executable, "-m", "bdvae", "evaluate", str(args.run), "--quiet",
-                           "--device", args.device, "--max-batch", str(args.max_batch), "--samples", str(args.samples),
-                           *test_size],
+                           "--device", args.device, *([] if args.max_batch is None else ["--max-batch", str(args.max_batch)]),
+                           "--samples", str(args.samples), *test_size],
                           capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:

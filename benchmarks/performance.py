@@ -89,7 +89,7 @@ from bdvae.model import VAE, build_model
 from bdvae.objective import loss_terms
 from bdvae.rundir import save_training_state
 from bdvae.states import Position
-from bdvae.training import evaluate_terms, train_epoch
+from bdvae.training import evaluate_terms, step_parts, train_epoch
 
 DEFAULT_RUN = Path("runs/compare-bd-kl/runs/bhattacharyya-beta1-seed0")  # the default config, 10 epochs
 # Training contenders: bdvae's train_epoch with its default config ("bdvae") or in a setting
@@ -102,13 +102,15 @@ PARITY_TOLERANCE = 0.01  # the issue's bar: test loss within 1% of the fp32 resu
 # ----------------------------------------------------------------------------- training settings
 
 # bdvae's training settings: train.mixed_precision off or on (bf16 autocast, where the hardware has
-# bf16; see distributed.Context.bf16_autocast()). Both train in channels-last layout, as bdvae does.
-SETTINGS = {"fp32": False, "bf16": True, "fp32-plain": False}  # name -> train.mixed_precision
+# bf16; see distributed.Context.bf16_autocast()), or train.step on the host or on the device in the
+# default precision. All train in channels-last layout, as bdvae does.
+SETTINGS = {"fp32": {"mixed_precision": False}, "bf16": {"mixed_precision": True},
+            "fp32-plain": {"mixed_precision": False}, "host": {"step": "host"}, "device": {"step": "device"}}
 PLAIN = {"fp32-plain"}  # settings whose model is in plain layers (plain_layers): bdvae's layer levers undone
 
 
 def with_setting(config: Config, setting: str) -> Config:
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, mixed_precision=SETTINGS[setting]))
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **SETTINGS[setting]))
 
 
 def bdvae_default_precision(device: torch.device = torch.device("cpu"), config: Config = Config()) -> str:
@@ -146,10 +148,11 @@ class BdvaeContender:
         self.ctx = Context(device=device)
         keep_freed_memory()  # as training._fit does: this process's malloc keeps freed activations
         config = config if setting is None else with_setting(config, setting)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.train.lr)
-        self.config, self.images, self.run_dir = config, images, run_dir
+        generator = torch.Generator().manual_seed(config.train.seed)  # data order, binarization, noise
+        # As training._fit: train.step decides where the images, the draws and the checks are.
+        _, self.optimizer, self.images, self.generator = step_parts(self.model, config, device, images, generator)
+        self.config, self.run_dir = config, run_dir
         self.pos = Position()  # global_step carries over windows, so states are saved at the real rate
-        self.generator = torch.Generator().manual_seed(config.train.seed)  # data order, binarization, noise
         self.model.train()
 
     def window(self, batches: int) -> float:
@@ -356,7 +359,7 @@ def precision(name: str, device: torch.device) -> str:
     kind, _, setting = name.partition(":")
     if kind == "pythae":
         return "fp32"  # its trainer's amp option is fp16 autocast, and it turns that off for a BCE loss
-    if kind == "bdvae" and not setting:
+    if kind == "bdvae" and "mixed_precision" not in SETTINGS.get(setting, {}):
         return bdvae_default_precision(device)
     return "bf16" if setting == "bf16" and native_bf16(device) else "fp32"
 
@@ -370,7 +373,8 @@ def label(name: str, device: torch.device = torch.device("cpu")) -> str:
         arithmetic = "bf16 autocast"
     what = {"pythae": "pythae BaseTrainer.train_step", "minimal": "minimal loop",
             "captured": "minimal step in a CUDA graph"}.get(kind, "bdvae train_epoch")
-    return f"{what}, {'default config: ' if kind == 'bdvae' and not setting else ''}{arithmetic}"
+    step = f", train.step = {SETTINGS[setting]['step']}" if "step" in SETTINGS.get(setting, {}) else ""
+    return f"{what}, {'default config: ' if kind == 'bdvae' and not setting else ''}{arithmetic}{step}"
 
 
 def make_contender(name: str, config: Config, data: Dataset, base: VAE, tmp: Path,
@@ -828,8 +832,8 @@ def parity(args: argparse.Namespace) -> None:
                 t0 = time.perf_counter()
                 contender.pos.order, contender.pos.next_start = None, 0
                 with tqdm(total=len(images), desc=f"{name} epoch {epoch}", unit="img", leave=False) as bar:
-                    train_epoch(contender.model, contender.optimizer, images, contender.config, bar, contender.pos,
-                                contender.generator)
+                    train_epoch(contender.model, contender.optimizer, contender.images, contender.config, bar,
+                                contender.pos, contender.generator, ctx=contender.ctx)
                 seconds = time.perf_counter() - t0
                 # The test loss in fp32 whatever the training setting: how good the weights are.
                 test = evaluate_terms(contender.model, data.test_images, config, seed=config.train.seed)

@@ -92,7 +92,7 @@ def trained_run(mnist_dir, tmp_path_factory) -> Path:
 # or module): every test that needs one is `slow`, as are the tests marked so because they train
 # by themselves. `python -m pytest -m "not slow"` leaves them all out.
 TRAINING_FIXTURES = {"trained_run", "evaluated", "compared", "reference", "single", "two_processes", "cpu_run",
-                     "device_run"}
+                     "device_run", "device_step_run"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -27,6 +27,9 @@ pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available
 SMALL = ["--set", "data.train_size=512", "--set", "data.test_size=256", "--set", "train.epochs=2",
          "--set", "train.checkpoint_every=3", "--set", "train.batch_size=64", "--quiet"]
 FP32 = ["--set", "train.mixed_precision=false"]
+HOST = ["--set", "train.step='host'"]  # the CPU's draws: the same run as on the CPU, to the device's float sums
+ON_DEVICE = ["--set", "train.step='device'"]  # a GPU's default: the draws come from the device's own generator
+DRAWS_APART = 0.1  # the test loss of two such runs whose draws differ (6% apart at most on a CPU, 3 streams)
 
 
 @pytest.fixture
@@ -55,7 +58,12 @@ def cpu_run(mnist_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def device_run(mnist_dir, tmp_path_factory) -> Path:
-    return _train(mnist_dir, tmp_path_factory.mktemp("device") / "run", DEVICE, *FP32)
+    return _train(mnist_dir, tmp_path_factory.mktemp("device") / "run", DEVICE, *FP32, *HOST)
+
+
+@pytest.fixture(scope="module")
+def device_step_run(mnist_dir, tmp_path_factory) -> Path:
+    return _train(mnist_dir, tmp_path_factory.mktemp("device-step") / "run", DEVICE, *FP32, *ON_DEVICE)
 
 
 def test_a_step_on_the_device_leaves_the_cpus_gradient(exact_fp32):
@@ -88,10 +96,48 @@ def test_training_on_the_device_is_the_cpu_run(device_run, cpu_run):
     assert_rows_close(run_rows(device_run), run_rows(cpu_run), rel=1e-2)
 
 
+def test_the_device_step_trains_like_the_cpu(device_step_run, cpu_run):
+    assert run_files(device_step_run) == run_files(cpu_run)
+    facts = json.loads((device_step_run / "run.json").read_text())
+    assert facts["device"] == DEVICE and facts["step"] == "device"
+    rows, ref_rows = run_rows(device_step_run), run_rows(cpu_run)
+    assert rows[1]["test_loss"] < rows[0]["test_loss"]
+    assert rows[1]["test_loss"] == pytest.approx(ref_rows[1]["test_loss"], rel=DRAWS_APART)
+
+
+def test_the_device_step_resumes_on_the_device(device_step_run, tmp_path):
+    # Bit for bit where the device's kernels are deterministic; cuDNN's convolution gradients may
+    # sum in another order from run to run, hence 1e-4: another generator state would be % apart.
+    run_dir = interrupted_copy(device_step_run, tmp_path / "run")
+    result = run_cli("train", "--resume", str(run_dir), "--device", DEVICE, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "resuming at epoch 2, image 448 of 512, after 15 steps" in result.stdout
+    assert "a new stream" not in result.stdout
+    assert_rows_close(run_rows(run_dir), run_rows(device_step_run), rel=1e-4)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_nan_in_the_device_step(mnist_dir, tmp_path, monkeypatch, skip):
+    from test_resume import _faulty_loss_terms, _small_config
+
+    import bdvae
+    from bdvae.errors import BdvaeError
+
+    _faulty_loss_terms(monkeypatch, bad_step=3 if skip else 12)
+    config = _small_config(mnist_dir, step="device", skip_nonfinite=skip)
+    if skip:
+        run_dir = bdvae.train(config, tmp_path / "skip", progress=False, device=DEVICE)
+        assert [r["skipped_batches"] for r in run_rows(run_dir)] == [1, 0]
+        return
+    with pytest.raises(BdvaeError, match=r"^step 12: non-finite loss or gradient \(loss=nan, recon_nll=nan.*"
+                                         r"the last good checkpoint .*step-000000010\.safetensors is kept"):
+        bdvae.train(config, tmp_path / "nan", progress=False, device=DEVICE)
+
+
 def test_bf16_autocast_where_the_device_computes_it_natively(mnist_dir, cpu_run, tmp_path):
     from bdvae.devices import native_bf16
 
-    run_dir = _train(mnist_dir, tmp_path / "run", DEVICE)  # train.mixed_precision defaults to true
+    run_dir = _train(mnist_dir, tmp_path / "run", DEVICE, *HOST)  # train.mixed_precision defaults to true
     native = native_bf16(torch.device(DEVICE))
     assert json.loads((run_dir / "run.json").read_text())["precision"] == ("bf16 autocast" if native else "fp32")
     assert_rows_close(run_rows(run_dir), run_rows(cpu_run), rel=3e-2)  # as 2 CPU processes in bf16: 2e-2
@@ -102,22 +148,26 @@ def test_an_aggregate_term_on_the_device_is_the_cpus(mnist_dir, aggregate, tmp_p
     """The aggregate terms' float64 linear algebra (Cholesky, eigenvalues) and kernels on the device:
     the same run as on the CPU, within the device's float sums."""
     term = ["--set", f"objective.aggregate='{aggregate}'", "--set", "objective.aggregate_weight=50", *FP32]
-    on_device = run_rows(_train(mnist_dir, tmp_path / "device", DEVICE, *term))
+    on_device = run_rows(_train(mnist_dir, tmp_path / "device", DEVICE, *term, *HOST))
     on_cpu = run_rows(_train(mnist_dir, tmp_path / "cpu", "cpu", *term))
     assert all(row["test_aggregate"] > 0 for row in on_device)
     assert_rows_close(on_device, on_cpu, rel=1e-2)
 
 
-@pytest.mark.parametrize("direction", ["device-to-cpu", "cpu-to-device"])
-def test_a_training_state_resumes_on_the_other_device(direction, device_run, cpu_run, tmp_path):
-    started, other = (device_run, "cpu") if direction == "device-to-cpu" else (cpu_run, DEVICE)
+@pytest.mark.parametrize("direction", ["device-to-cpu", "cpu-to-device", "device-step-to-cpu"])
+def test_a_training_state_resumes_on_the_other_device(direction, device_run, device_step_run, cpu_run, tmp_path):
+    started, other = {"device-to-cpu": (device_run, "cpu"), "cpu-to-device": (cpu_run, DEVICE),
+                      "device-step-to-cpu": (device_step_run, "cpu")}[direction]
     run_dir = interrupted_copy(started, tmp_path / "run")
     result = run_cli("train", "--resume", str(run_dir), "--device", other, "--quiet")
     assert result.returncode == 0, result.stderr
     assert "resuming at epoch 2, image 448 of 512, after 15 steps" in result.stdout
     rows, ref_rows = run_rows(run_dir), run_rows(started)
     assert rows[0] == ref_rows[0]  # epoch 1 comes from the checkpoint
-    assert_rows_close(rows[1:], ref_rows[1:], rel=1e-2)  # the last step on the other device
+    # The last step on the other device; with the GPU's own draws it goes on with a new stream.
+    new_stream = direction == "device-step-to-cpu" and DEVICE != "cpu"
+    assert ("a new stream" in result.stdout) == new_stream
+    assert_rows_close(rows[1:], ref_rows[1:], rel=DRAWS_APART if new_stream else 1e-2)
     assert json.loads((run_dir / "run.json").read_text())["device"] == other
     assert run_files(run_dir) == run_files(started)
 

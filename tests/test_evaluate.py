@@ -272,6 +272,28 @@ def test_the_iwae_estimate_does_not_depend_on_the_decode_batch(tmp_path, latent_
     torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
 
 
+def test_a_gpus_decode_batch_is_sized_from_its_free_memory(tmp_path, monkeypatch):
+    """No GPU is needed to size it: the free memory is what the device says it has."""
+    from bdvae import evaluation
+    from bdvae.model import activation_bytes
+
+    run = _untrained_run(tmp_path)
+    per_latent = activation_bytes(run.model.decoder, torch.zeros(1, 16))
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def batch(free: int | None, **options) -> int:
+        monkeypatch.setattr(evaluation, "available_memory", lambda device: free)
+        return evaluation.iwae_decode_batch(EvalOptions(**options), gpu, run.model.decoder, 16)
+
+    assert batch(4 * per_latent * 50_000, k=5000) == 32_768  # a quarter of it holds 50,000: the power of 2 below
+    assert batch(4 * per_latent * 50_000, k=100) == 8_192  # no more than a step's 100 images times k
+    assert batch(4 * per_latent * 10, k=5000) == 256  # at least what a CPU decodes
+    assert batch(None, k=5000) == 256  # the free memory unknown
+    assert batch(4 * per_latent * 50_000, k=5000, max_batch=1000) == 1000  # --max-batch says
+    assert evaluation.iwae_decode_batch(EvalOptions(k=5000), cpu, run.model.decoder, 16) == 256
+    assert evaluation.iwae_decode_batch(EvalOptions(k=5000, max_batch=100), cpu, run.model.decoder, 16) == 100
+
+
 def test_bf16_iwae_is_within_a_tenth_of_a_nat_of_fp32(trained_run):
     """bf16 rounds the decoder's arithmetic only: with the same draws the estimate moves by
     hundredths of a nat (benchmarks/performance.py measures it on 100 images at K = 1000)."""

@@ -143,7 +143,7 @@ def _faulty_loss_terms(monkeypatch, bad_step: int):
         sums = real(*args, **kwargs)  # loss, recon_nll, reg
         calls["n"] += 1
         if calls["n"] == bad_step:
-            return sums * torch.tensor([float("nan"), float("nan"), 1.0])
+            return sums * torch.tensor([float("nan"), float("nan"), 1.0], device=sums.device)
         return sums
 
     monkeypatch.setattr(objective, "loss_sums", faulty)  # what Objective, the training step's module, calls
@@ -156,7 +156,8 @@ def _small_config(mnist_dir, **train):
                   train=TrainConfig(epochs=2, batch_size=64, checkpoint_every=5, threads=1, **train))
 
 
-def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(mnist_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("step", ["host", "device"])  # the device step finds it at the next checkpoint point (15)
+def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(mnist_dir, tmp_path, monkeypatch, step):
     import math
 
     import bdvae
@@ -166,7 +167,7 @@ def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint
 
     _faulty_loss_terms(monkeypatch, bad_step=12)
     with pytest.raises(BdvaeError) as err:
-        bdvae.train(_small_config(mnist_dir), tmp_path / "nan", progress=False)
+        bdvae.train(_small_config(mnist_dir, step=step), tmp_path / "nan", progress=False)
     message = str(err.value)
     assert message.startswith("step 12: non-finite loss or gradient (loss=nan, recon_nll=nan, reg=")
     kept = state_paths(tmp_path / "nan")
@@ -177,12 +178,13 @@ def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint
     assert "\n" not in message and not math.isnan(state["rows"][0]["train_loss"])  # epoch 1 (8 steps) was fine
 
 
-def test_skip_nonfinite_skips_and_counts_the_bad_batch(mnist_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("step", ["host", "device"])
+def test_skip_nonfinite_skips_and_counts_the_bad_batch(mnist_dir, tmp_path, monkeypatch, step):
     import bdvae
     from safetensors.torch import load_file
 
     _faulty_loss_terms(monkeypatch, bad_step=3)
-    run_dir = bdvae.train(_small_config(mnist_dir, skip_nonfinite=True), tmp_path / "skip", progress=False)
+    run_dir = bdvae.train(_small_config(mnist_dir, skip_nonfinite=True, step=step), tmp_path / "skip", progress=False)
     rows = run_rows(run_dir)
     assert [r["skipped_batches"] for r in rows] == [1, 0]
     assert all(v == v for r in rows for v in r.values())  # no NaN reached the metrics

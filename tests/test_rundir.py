@@ -66,6 +66,20 @@ def test_metrics_json_of_the_first_format_reads_with_the_arithmetic_as_dtype(tmp
     assert rundir.upgrade_metrics([1, 2]) == [1, 2]  # not a metrics dict: left for the caller to refuse
 
 
+def test_the_old_default_max_batch_reads_as_unset(tmp_path):
+    """--max-batch's default was 1000 and is now unset (sized by the device): an evaluation made
+    with the old default is still the one `compare` asks for with the default options."""
+    import dataclasses
+    import json
+
+    from bdvae.options import EvalOptions
+
+    asked = json.loads(json.dumps(dataclasses.asdict(EvalOptions())))
+    for given, read in ((1000, asked), (4000, {**asked, "max_batch": 4000})):
+        (tmp_path / "metrics.json").write_text(json.dumps({"options": {**asked, "max_batch": given}}))
+        assert rundir.read_metrics(tmp_path)["options"] == read
+
+
 def test_an_unfinished_iwae_of_the_first_format_is_taken_up(tmp_path):
     import torch
 

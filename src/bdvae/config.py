@@ -29,6 +29,7 @@ import tomli_w
 from bdvae.errors import BdvaeError, check_seed
 
 LR_SCHEDULES = ("constant", "cosine")
+STEPS = ("auto", "host", "device")  # train.step
 
 
 def _require(condition: bool, message: str) -> None:
@@ -220,11 +221,17 @@ class TrainConfig:
     norm; 0: none)."""
     tensorboard: bool = False
     """Write TensorBoard event files under RUN/tensorboard/ (needs the tensorboard package: bdvae[tensorboard])."""
+    step: str = "auto"
+    """host: each batch drawn on the CPU, its loss and gradient norm checked on the host every step; device: the
+    images, the draws (a generator on the device), the loss sums and the non-finite checks stay on the training
+    device, Adam is fused, and a non-finite step makes no update and is reported at the next progress, log or
+    checkpoint point; auto: device on a GPU, host on a CPU."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "lr", "threads"):
             _positive("train", name, getattr(self, name))
         _one_of("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _one_of("train.step", self.step, STEPS)
         _require(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every!r}")
         _require(self.log_every >= 0, f"train.log_every must be >= 0, got {self.log_every!r}")
         _require(0 <= self.max_skipped_share < 1, f"train.max_skipped_share must be in [0, 1), got {self.max_skipped_share!r}")
@@ -339,9 +346,9 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 # Config values that say how a machine runs a model, not which model it is: where it caches the
-# data, how many threads it uses, what it reports as it trains. Runs that differ only in them are
-# the same run to `compare` (which reuses it) and to `report` (which puts them side by side).
-MACHINE_KEYS = ("data.data_dir", "train.threads", "train.log_every", "train.tensorboard")
+# data, how many threads it uses, what it reports as it trains, where its step runs. Runs that differ
+# only in them are the same run to `compare` (which reuses it) and to `report` (which puts them side by side).
+MACHINE_KEYS = ("data.data_dir", "train.threads", "train.log_every", "train.tensorboard", "train.step")
 
 
 def flat(config: Config, without: tuple[str, ...] = ()) -> dict[str, Any]:

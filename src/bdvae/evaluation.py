@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bdvae import logs, metrics, pictures, rundir
 from bdvae._version import __version__
 from bdvae.classifier import classifier_facts, features_and_logits, load_classifier, score_samples
 from bdvae.data import Dataset, load_dataset
-from bdvae.devices import check_memory, keep_freed_memory, native_bf16, resolve_device
+from bdvae.devices import available_memory, check_memory, keep_freed_memory, native_bf16, resolve_device
 from bdvae.errors import BdvaeError, first_line
 from bdvae.likelihoods import LIKELIHOODS, to_float
 from bdvae.kernels import iwae_decoder
@@ -41,8 +41,9 @@ IWAE_IMAGES_PER_STEP = 100  # images per IWAE step: the progress bar's unit of w
 IWAE_SAVE_SECONDS = 60.0  # how often an evaluation saves its IWAE's progress (rundir.save_iwae_progress)
 # Latents per IWAE decode at most on a CPU, whatever --max-batch allows: with a few hundred the
 # decoder's activations stay in the CPU's caches (docs/results/performance.md#intel-xeon-with-amx-the-levers).
-# A GPU decodes --max-batch latents at once.
+# A GPU decodes --max-batch latents at once, by default as many as GPU_DECODE_SHARE of its free memory holds.
 IWAE_DECODE_BATCH = 256
+GPU_DECODE_SHARE = 4  # a quarter
 
 
 def mean_and_error(v: Tensor) -> dict[str, float]:
@@ -106,9 +107,22 @@ def iwae_dtype(options: EvalOptions, device: torch.device = torch.device("cpu"))
     return "bf16" if native_bf16(device) else "fp32"
 
 
-def iwae_decode_batch(options: EvalOptions, device: torch.device) -> int:
-    """Latents per IWAE decode on `device`."""
-    return min(options.max_batch, IWAE_DECODE_BATCH) if device.type == "cpu" else options.max_batch
+def iwae_decode_batch(options: EvalOptions, device: torch.device, decoder: nn.Module, latent_dim: int) -> int:
+    """Latents per IWAE decode of `decoder` on `device`: options.max_batch (at most IWAE_DECODE_BATCH on
+    a CPU); unset, IWAE_DECODE_BATCH on a CPU, and on a GPU the power of 2 of latents whose fp32
+    activations fill at most 1 / GPU_DECODE_SHARE of its free memory, no more than a step's images
+    times k and no fewer than IWAE_DECODE_BATCH (a power of 2, so that an unfinished pass, whose
+    setting holds it, is taken up after the free memory moved a little)."""
+    if device.type == "cpu":
+        return min(options.max_batch or IWAE_DECODE_BATCH, IWAE_DECODE_BATCH)
+    if options.max_batch is not None:
+        return options.max_batch
+    free = available_memory(device)
+    if free is None:
+        return IWAE_DECODE_BATCH
+    where = next(decoder.parameters()).device  # a CPU model, or its copy on the GPU
+    fits = free // GPU_DECODE_SHARE // activation_bytes(decoder, torch.zeros(1, latent_dim, device=where))
+    return max(IWAE_DECODE_BATCH, 1 << (min(fits, IWAE_IMAGES_PER_STEP * options.k).bit_length() - 1))
 
 
 def iwae_nll(run: TrainedRun, x: Tensor, options: EvalOptions, gen: torch.Generator, progress: bool | None,
@@ -127,7 +141,7 @@ def iwae_nll(run: TrainedRun, x: Tensor, options: EvalOptions, gen: torch.Genera
     nll = LIKELIHOODS[run.config.objective.likelihood].nll
     decoder = iwae_decoder(model)
     bf16 = iwae_dtype(options, device) == "bf16"
-    max_batch = iwae_decode_batch(options, device)
+    max_batch = iwae_decode_batch(options, device, model.decoder, run.config.model.latent_dim)
 
     def log_px_given_z(z: Tensor, xs: Tensor) -> Tensor:
         with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -225,7 +239,7 @@ def _check_sizes(run: TrainedRun, n: int, options: EvalOptions, device: torch.de
     IWAE's batch of latents and its running sums (which grow with k) on `device`, and the decoded
     samples scored on the CPU."""
     d = run.config.model.latent_dim
-    decode_batch = iwae_decode_batch(options, device)
+    decode_batch = iwae_decode_batch(options, device, run.model.decoder, d)
     images = min(IWAE_IMAGES_PER_STEP, n, decode_batch)  # as metrics.iwae_log_likelihood splits them
     decodes = math.ceil(options.k / max(1, min(options.k, decode_batch // images)))
     per_latent = activation_bytes(run.model.decoder, torch.zeros(1, d)) // 2  # halved: bf16 may decode
@@ -268,7 +282,8 @@ def evaluate_run(run_dir: Path, options: EvalOptions = EvalOptions(), progress: 
     dtype = iwae_dtype(options, where)
     # An unfinished IWAE of this very setting (the evaluation was stopped) is taken up, not redone.
     setting = {"k": options.k, "seed": options.seed, "images": n, "dtype": dtype,
-               "device": where.type, "decode_batch": iwae_decode_batch(options, where),
+               "device": where.type, "decode_batch": iwae_decode_batch(options, where, run.model.decoder,
+                                                                       run.config.model.latent_dim),
                "weights": rundir.weights_digest(run.path)}
     done = None
     if (found := rundir.load_iwae_progress(run.path, setting, log)) is not None:

@@ -28,8 +28,9 @@ class EvalOptions:
     """Evaluate on the first N test images only (unset: all)."""
     seed: int = 0
     """Seed of every random draw of the evaluation (binarization, z, samples)."""
-    max_batch: int = 1000
-    """Most latents decoded at once on a GPU, which bounds memory whatever k is (a CPU decodes at most 256)."""
+    max_batch: int | None = None
+    """Most latents decoded at once, which bounds memory whatever k is (unset: 256 on a CPU, whose caches more
+    would leave; on a GPU as many as a quarter of its free memory holds, a power of 2; a CPU decodes at most 256)."""
     # Called "precision" in metrics.json before, a word that now means only the sample-quality metric.
     dtype: str = "auto"
     """The IWAE decoder's arithmetic: auto (bf16 where the device computes it natively, else fp32), fp32 or bf16."""
@@ -44,7 +45,7 @@ class EvalOptions:
 
         for name, flag in (("k", "-k"), ("max_batch", "--max-batch")):
             value = getattr(self, name)
-            if value <= 0:
+            if value is not None and value <= 0:
                 raise BdvaeError(f"{flag} must be positive, got {value}", python=f"{name} must be positive, got {value}")
         for name, flag in (("samples", "--samples"), ("test_size", "--test-size")):
             value = getattr(self, name)

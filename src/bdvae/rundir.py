@@ -226,12 +226,20 @@ def _renamed(section: Any, old: str, new: str) -> None:
         section[new] = section.pop(old)
 
 
+# --max-batch's old default, now unset (sized by the device): on a CPU both decode 256 latents at
+# once, on a GPU they chunk K otherwise, which moves -ln p(x) by float rounding only.
+OLD_MAX_BATCH = 1000
+
+
 def upgrade_metrics(metrics: Any) -> Any:
-    """A metrics dict as the current version writes it: keys of older versions renamed (RENAMED_KEYS),
-    in place; anything else is left as it is."""
+    """A metrics dict as the current version writes it: keys of older versions renamed (RENAMED_KEYS)
+    and --max-batch's old default read as unset, in place; anything else is left as it is."""
     if isinstance(metrics, dict):
         for section, old, new in RENAMED_KEYS:
             _renamed(metrics.get(section) if section else metrics, old, new)
+        options = metrics.get("options")
+        if isinstance(options, dict) and options.get("max_batch") == OLD_MAX_BATCH:
+            options["max_batch"] = None
     return metrics
 
 

@@ -26,6 +26,7 @@ from bdvae.files import atomic_path
 # The generator's state keeps the name it had when training drew from torch's global generator,
 # whose state it was: a state saved then resumes exactly as before.
 GENERATOR_KEY = "rng.torch"
+IMPLEMENTATION = ("fused", "foreach", "capturable")  # Adam's settings that say how it computes, not what
 
 
 @dataclass
@@ -99,27 +100,32 @@ def pack(model: nn.Module, optimizer: torch.optim.Optimizer, pos: Position,
     if pos.order is not None:
         tensors["order"] = pos.order
     state = {"epoch": pos.epoch, "next_start": pos.next_start, "global_step": pos.global_step, "rows": pos.rows,
-             "skipped": pos.skipped, "skipped_images": pos.skipped_images, "param_groups": opt["param_groups"]}
+             "skipped": pos.skipped, "skipped_images": pos.skipped_images, "param_groups": opt["param_groups"],
+             "generator_device": generator.device.type}
     return tensors, state
 
 
 def unpack(tensors: dict[str, Tensor], state: dict[str, Any], model: nn.Module,
-                           optimizer: torch.optim.Optimizer, generator: torch.Generator) -> Position:
-    """The inverse of pack: loads weights, optimizer and generator; returns the
-    position. A state from another model or layout raises RuntimeError, KeyError, ValueError or
-    TypeError."""
+           optimizer: torch.optim.Optimizer, generator: torch.Generator | None) -> Position:
+    """The inverse of pack: loads weights, optimizer and generator (None: the generator is left as
+    it is, for a state drawn on another device); returns the position. The optimizer keeps its own
+    implementation (fused or not), whichever saved the state. A state from another model or layout
+    raises RuntimeError, KeyError, ValueError or TypeError."""
     model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
     opt_state: dict[int, dict[str, Tensor]] = {}
     for key, t in tensors.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
             opt_state.setdefault(int(index), {})[name] = t
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    own = [{k: group[k] for k in IMPLEMENTATION if k in group} for group in optimizer.param_groups]
+    groups = [{**saved, **own[i]} if i < len(own) else saved for i, saved in enumerate(state["param_groups"])]
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
     for param, moments in optimizer.state.items():  # saved contiguous: the moments go back to the
         for name, t in moments.items():           # weights' layout (channels-last), as Adam made them
             if name != "step":                    # (the step count stays where Adam keeps it)
                 moments[name] = torch.empty_like(param).copy_(t)
-    generator.set_state(tensors[GENERATOR_KEY])
+    if generator is not None:
+        generator.set_state(tensors[GENERATOR_KEY])
     return Position(epoch=state["epoch"], next_start=state["next_start"], global_step=state["global_step"],
                     order=tensors.get("order"), totals=tensors["totals"].clone(), rows=state["rows"],
                     skipped=state["skipped"], skipped_images=state["skipped_images"])

@@ -102,6 +102,61 @@ def backward_shard(loss: nn.Module, x: Tensor, eps: Tensor, total: int, beta: fl
     return ctx.all_reduce_sum(sums.detach())  # in place: `sums` is not used after its backward
 
 
+def step_on_device(train: TrainConfig, device: torch.device) -> bool:
+    """Whether train.step keeps the training step on `device`: "device", or "auto" on a GPU."""
+    return train.step == "device" or (train.step == "auto" and device.type != "cpu")
+
+
+def make_optimizer(model: nn.Module, train: TrainConfig, on_device: bool) -> torch.optim.Adam:
+    """Adam at train.lr; fused for a step on the device: one kernel for every parameter, and its
+    `found_inf` flag makes a non-finite step no update without the host looking."""
+    return torch.optim.Adam(model.parameters(), lr=train.lr, fused=True if on_device else None)
+
+
+def step_parts(model: nn.Module, config: Config, device: torch.device, images: Tensor,
+               generator: torch.Generator) -> tuple[bool, torch.optim.Adam, Tensor, torch.Generator]:
+    """Where train.step puts the step on `device`, and its optimizer, training images and
+    generator: with the step on a GPU, fused Adam, the images copied there once and a generator
+    there seeded by train.seed; else the host's images and `generator` (the CPU's draws)."""
+    on_device = step_on_device(config.train, device)
+    if on_device and device.type != "cpu":
+        images, generator = images.to(device), torch.Generator(device).manual_seed(config.train.seed)
+    return on_device, make_optimizer(model, config.train, on_device), images, generator
+
+
+def _nonfinite(step: int, loss: float, recon: float, reg: float, grad_norm: float) -> str:
+    return f"step {step}: non-finite loss or gradient (loss={loss}, recon_nll={recon}, reg={reg}, gradient norm={grad_norm})"
+
+
+class DeferredChecks:
+    """The non-finite checks of a step on the device, where the host does not look at every step:
+    each step's flag sets Adam's found_inf (no update: weights, moments and step count stay) and
+    device-side counts, and the first bad step's figures are kept there. `settle` reads them (one
+    host synchronisation) at the progress, log and checkpoint points and at the epoch's end, so a
+    non-finite step is reported no later than the next one, before any training state is saved."""
+
+    def __init__(self, device: torch.device):
+        self.counts = torch.zeros(3, dtype=torch.int64, device=device)  # first bad step (0: none), batches, images
+        self.figures = torch.zeros(4, device=device)  # the first bad step's loss, recon_nll, reg means, gradient norm
+
+    def record(self, step: int, sums: Tensor, grad_norm: Tensor, images: int) -> Tensor:
+        """Note one step's loss sums (3,) and gradient norm over `images` images; its flag (bool, 0-dim)."""
+        bad = ~(torch.isfinite(sums).all() & torch.isfinite(grad_norm))
+        first = bad & (self.counts[0] == 0)
+        self.figures = torch.where(first, torch.cat([sums / images, grad_norm.reshape(1)]), self.figures)
+        self.counts += torch.stack([first.long() * step, bad.long(), bad.long() * images])
+        return bad
+
+    def settle(self, pos: states.Position, skip: bool) -> None:
+        """Raise NonFiniteError for the first bad step unless `skip`; else count the skipped batches into `pos`."""
+        first_bad, batches, images = self.counts.tolist()
+        if first_bad and not skip:
+            raise NonFiniteError(_nonfinite(first_bad, *self.figures.tolist()))
+        pos.skipped += batches
+        pos.skipped_images += images
+        self.counts.zero_()
+
+
 def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, config: Config, bar: tqdm,
                 pos: states.Position, generator: torch.Generator, after_step: Callable[[], None] = lambda: None,
                 ctx: Context = Context(), loss: nn.Module | None = None,
@@ -111,15 +166,19 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, co
     epoch's order, binarization, the noise eps) comes from `generator`. `loss` is the Objective
     to differentiate (wrapped for several ranks; default: Objective(model)). Each step takes a
     global batch of batch_size images per rank. Every train.log_every steps `on_step` gets the
-    step's figures (tracking.py)."""
-    objective, batch_size = config.objective, config.train.batch_size * ctx.world_size
+    step's figures (tracking.py). With the step on the device (step_on_device), `images`, the
+    generator and `optimizer` (make_optimizer) are there, and the checks are deferred."""
+    objective, train, batch_size = config.objective, config.train, config.train.batch_size * ctx.world_size
     likelihood = LIKELIHOODS[objective.likelihood]
     loss = Objective(model, objective, ctx.gather_rows) if loss is None else loss
     prior_draws = objective.aggregate in NEEDS_PRIOR_DRAWS
-    mixed_precision = ctx.bf16_autocast(config.train.mixed_precision)
+    mixed_precision = ctx.bf16_autocast(train.mixed_precision)
+    checks = DeferredChecks(ctx.device) if step_on_device(train, ctx.device) else None
+    sums_on = ctx.device if checks else torch.device("cpu")
     if pos.order is None:  # a new epoch: drawn from the generator, whose state a checkpoint holds
-        pos.order, pos.totals, pos.next_start = torch.randperm(len(images), generator=generator), torch.zeros(3), 0
-        pos.skipped = pos.skipped_images = 0
+        pos.order = torch.randperm(len(images), generator=generator, device=generator.device)
+        pos.totals, pos.next_start, pos.skipped, pos.skipped_images = torch.zeros(3), 0, 0, 0
+    pos.order, pos.totals = pos.order.to(images.device), pos.totals.to(sums_on)  # as a saved state has them: on the CPU
     bar.update(pos.next_start)
     while pos.next_start < len(images):
         start = pos.next_start
@@ -132,40 +191,55 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, co
             x = likelihood.targets(images[batch], generator)[part]
         else:
             x = to_float(images[batch[part]])  # (B_r, C, H, W)
-        eps = torch.randn(len(batch), config.model.latent_dim, generator=generator)[part]  # (B_r, D)
-        prior = torch.randn(len(batch), config.model.latent_dim, generator=generator) if prior_draws else None
+        eps = torch.randn(len(batch), config.model.latent_dim, generator=generator, device=generator.device)[part]
+        prior = (torch.randn(len(batch), config.model.latent_dim, generator=generator, device=generator.device)
+                 if prior_draws else None)
         optimizer.zero_grad(set_to_none=True)
-        lr = lr_at(config.train, (pos.epoch - 1 + start / len(images)) / config.train.epochs)
+        lr = lr_at(train, (pos.epoch - 1 + start / len(images)) / train.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
         beta = beta_at(objective, pos.global_step + 1)
-        stacked = backward_shard(loss, x, eps, len(batch), beta, ctx, mixed_precision, prior).cpu()
-        # The total gradient norm is NaN or inf if any gradient is; checking it with the loss costs
-        # one host synchronisation per step, which on a CPU (where ops run eagerly) is nearly free.
-        # After DDP's all-reduce every rank holds the same gradients and sums: all decide alike.
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+        stacked = backward_shard(loss, x, eps, len(batch), beta, ctx, mixed_precision, prior)
         pos.global_step += 1
         pos.next_start = min(start + batch_size, len(images))
-        if not bool(torch.isfinite(stacked).all() & torch.isfinite(grad_norm)):
-            loss_sum, recon, reg = (stacked / len(batch)).tolist()
-            values = f"loss={loss_sum}, recon_nll={recon}, reg={reg}, gradient norm={grad_norm.item()}"
-            if not config.train.skip_nonfinite:
-                raise NonFiniteError(f"step {pos.global_step}: non-finite loss or gradient ({values})")
-            optimizer.zero_grad(set_to_none=True)  # the batch is skipped: no update, not in the sums
-            pos.skipped += 1
-            pos.skipped_images += len(batch)
-        else:
+        if checks is not None:  # nothing here waits for the device
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            bad = checks.record(pos.global_step, stacked, grad_norm, len(batch))
+            optimizer.found_inf = bad.float()  # type: ignore[attr-defined]  # read by fused Adam
             optimizer.step()
-            pos.totals += stacked  # sums over images, kept as a tensor
+            pos.totals += torch.where(bad, 0.0, stacked)
+        else:
+            # The total gradient norm is NaN or inf if any gradient is; checking it with the loss costs
+            # one host synchronisation per step, which on a CPU (where ops run eagerly) is nearly free.
+            # After DDP's all-reduce every rank holds the same gradients and sums: all decide alike.
+            stacked = stacked.cpu()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+            if not bool(torch.isfinite(stacked).all() & torch.isfinite(grad_norm)):
+                message = _nonfinite(pos.global_step, *(stacked / len(batch)).tolist(), grad_norm.item())
+                if not train.skip_nonfinite:
+                    raise NonFiniteError(message)
+                optimizer.zero_grad(set_to_none=True)  # the batch is skipped: no update, not in the sums
+                pos.skipped += 1
+                pos.skipped_images += len(batch)
+            else:
+                optimizer.step()
+                pos.totals += stacked  # sums over images, kept as a tensor
         bar.update(len(batch))
-        if on_step is not None and config.train.log_every and pos.global_step % config.train.log_every == 0:
+        logged = on_step is not None and train.log_every and pos.global_step % train.log_every == 0
+        postfix = pos.global_step % POSTFIX_EVERY == 0
+        if checks is not None and (logged or postfix or train.checkpoint_every
+                                   and pos.global_step % train.checkpoint_every == 0):
+            checks.settle(pos, train.skip_nonfinite)
+        if logged:
             loss_mean, recon, reg = (stacked / len(batch)).tolist()  # this step's batch: NaN where it was skipped
-            on_step(pos.global_step, {"loss": loss_mean, "recon_nll": recon, "reg": reg, "lr": lr, "beta": beta,
-                                      "grad_norm": grad_norm.item()})
-        if pos.global_step % POSTFIX_EVERY == 0:
+            on_step(pos.global_step, {"loss": loss_mean, "recon_nll": recon, "reg": reg, "lr": lr,  # type: ignore[misc]
+                                      "beta": beta, "grad_norm": grad_norm.item()})
+        if postfix:
             loss_sum, recon, reg = (pos.totals / max(1, pos.next_start - pos.skipped_images)).tolist()
             bar.set_postfix(loss=f"{loss_sum:.2f}", recon=f"{recon:.2f}", reg=f"{reg:.2f}", refresh=False)
         after_step()
+    if checks is not None:
+        checks.settle(pos, train.skip_nonfinite)
     used = len(images) - pos.skipped_images  # 0 only if every batch was skipped: the means are then NaN
     loss_sum, recon, reg = (pos.totals / used if used else torch.full((3,), math.nan)).tolist()
     return {"loss": loss_sum, "recon_nll": recon, "reg": reg, "skipped_batches": pos.skipped}
@@ -190,12 +264,14 @@ def _setup(config: Config, ctx: Context, log: Callable[[str], None]) -> tuple[Da
 
 def _check_step_size(config: Config, data: Dataset, model: VAE, device: torch.device) -> None:
     """Refuse in one line a training step that cannot fit: the weights, their gradients, Adam's two
-    moments and one batch's activations (halved, for bf16 autocast), a lower bound of its memory."""
+    moments, one batch's activations (halved, for bf16 autocast) and, with the step on a GPU, the
+    training images (uint8): a lower bound of its memory."""
     per_image = (activation_bytes(model.encoder, torch.zeros(1, *data.shape, device=device))
                  + activation_bytes(model.decoder, torch.zeros(1, config.model.latent_dim, device=device)))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     batch = min(config.train.batch_size, len(data.train_images))  # a batch holds at most the whole set
-    check_memory(4 * weights + batch * per_image // 2, f"a training step of train.batch_size={batch:,}",
+    resident = data.train_images.numel() if step_on_device(config.train, device) and device.type != "cpu" else 0
+    check_memory(4 * weights + batch * per_image // 2 + resident, f"a training step of train.batch_size={batch:,}",
                  device, "use a smaller train.batch_size")
 
 
@@ -256,13 +332,20 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
     # Freed activations stay in malloc's heap for the next step instead of coming back as fresh,
     # page-faulted memory (docs/results/performance.md).
     keep_freed_memory()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    on_device, optimizer, images, generator = step_parts(model, config, ctx.device, data.train_images, generator)
     checkpoints = run_dir / rundir.STATES_DIR
+    drawn_on = None if state is None else state[1].get("generator_device", "cpu")
     try:
-        pos = states.Position() if state is None else states.unpack(*state, model, optimizer, generator)
+        pos = states.Position() if state is None else states.unpack(
+            *state, model, optimizer, generator if drawn_on == generator.device.type else None)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:  # a state from another model or version
         raise BdvaeError(f"{checkpoints}: the checkpoint does not fit this run's config "
                          f"or this version of bdvae ({first_line(e)})") from None
+    if drawn_on not in (None, generator.device.type):
+        generator.manual_seed(config.train.seed + pos.global_step)
+        log(f"the training state's random draws came from a generator on the {drawn_on}, this run's are on the "
+            f"{generator.device.type}: a new stream seeded by train.seed and the step goes on from here, so the rest "
+            "is not bit for bit the run that was interrupted")
     n = len(data.train_images)
     if pos.order is not None and (len(pos.order) != n or not 0 <= pos.next_start <= n):
         raise BdvaeError(f"{checkpoints}: the checkpoint was taken on {len(pos.order)} training "
@@ -279,8 +362,10 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
         if ctx.world_size > 1 else ""
     mixed_precision = ctx.bf16_autocast(config.train.mixed_precision)
     precision = ", bf16 autocast" if mixed_precision else ""
+    place = "the step on the device" if on_device else "the step checked on the host"
     log(f"training on {n} images {tuple(data.shape)} from {data.source}; "
-        f"{sum(p.numel() for p in model.parameters())} parameters; {ctx.device}{precision}{processes}; run directory {run_dir}")
+        f"{sum(p.numel() for p in model.parameters())} parameters; {ctx.device}{precision}, {place}{processes}; "
+        f"run directory {run_dir}")
     loss = distributed.wrap(Objective(model, config.objective, ctx.gather_rows), ctx)
     every = config.train.checkpoint_every
 
@@ -298,7 +383,7 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
         with tqdm(total=n, desc=f"epoch {epoch}/{config.train.epochs}", unit="img",
                   disable=None if progress is None else not progress, leave=False) as bar:
             try:
-                train_means = train_epoch(model, optimizer, data.train_images, config, bar, pos, generator,
+                train_means = train_epoch(model, optimizer, images, config, bar, pos, generator,
                                           after_step, ctx, loss, on_step if callbacks else None)
             except NonFiniteError as e:
                 kept = rundir.state_paths(run_dir)
@@ -343,6 +428,7 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
             "image_shape": list(data.shape), "data_source": data.source, "epochs": config.train.epochs,
             "train_images": n, "test_images": len(data.test_images), "processes": ctx.world_size,
             "device": ctx.device.type, "precision": "bf16 autocast" if mixed_precision else "fp32",
+            "step": "device" if on_device else "host",
             "seconds": round(sum(r["seconds"] for r in pos.rows), 1)})
         pictures.save_run_pictures(model, to_float(data.test_images[:pictures.PICTURE_COUNT]),
                                    run_dir / rundir.ORIGINALS, run_dir / rundir.RECONSTRUCTIONS,

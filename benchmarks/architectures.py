@@ -23,7 +23,7 @@ from bdvae.evaluation import IWAE_DECODE_BATCH
 from bdvae.kernels import iwae_decoder
 from bdvae.model import build_model
 from bdvae.objective import Objective
-from bdvae.training import backward_shard
+from bdvae.steps import backward_shard
 from performance import machine  # benchmarks/ is on the path of a script run from it
 
 BATCH = 128  # train.batch_size's default

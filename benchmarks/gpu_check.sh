@@ -121,7 +121,7 @@ PY
   step train python3 -m bdvae train --device "$device" --out "$run_dir" "${train_args[@]}" --quiet
   step evaluate python3 benchmarks/evaluate.py "$run_dir" --device "$device" "${evaluate_args[@]}" \
     --json "$out/evaluate.json"
-  local contenders=bdvae,bdvae:fp32,bdvae:host,pythae,minimal,minimal:bf16,captured,captured:bf16
+  local contenders=bdvae,bdvae:fp32,bdvae:device,bdvae:host,pythae,minimal,minimal:bf16,captured,captured:bf16
   step pythae_install python3 -m pip install -q --no-index --no-deps --find-links .gpu/whl/pythae \
     --target "$pythae_site" "${PYTHAE_PACKAGES[@]}"
   if ! PYTHONPATH="$pythae_site:$PYTHONPATH" python3 -c "import pythae.trainers" >>"$out/pythae_install.log" 2>&1; then

@@ -41,7 +41,8 @@ def training_run(run: Path) -> dict | None:
         rows = []
     return {"run": str(run), "epochs": facts.get("epochs"), "train_images": facts.get("train_images"),
             "test_images": facts.get("test_images"), "device": facts.get("device"),
-            "precision": facts.get("precision"), "seconds": facts.get("seconds"),
+            "precision": facts.get("precision"), "step": facts.get("step", "host"), "seconds": facts.get("seconds"),
+            "test_loss": rows[-1].get("test_loss") if rows else None,
             "seconds_per_epoch": [round(r["seconds"], 2) for r in rows if "seconds" in r]}
 
 
@@ -111,8 +112,9 @@ def table(f: dict) -> str:
             lines.append(f"{what}: no figures (its step failed; see its log)")
             continue
         per_epoch = r["seconds"] / r["epochs"] if r["epochs"] else float("nan")
-        lines.append(f"{what}: {r['epochs']} epoch(s) of {r['train_images']:,} images on {r['device']}, {r['precision']}: "
-                     f"{r['seconds']:.1f} s ({per_epoch:.1f} s per epoch, its test pass of {r['test_images']:,} images included)")
+        lines.append(f"{what}: {r['epochs']} epoch(s) of {r['train_images']:,} images on {r['device']}, {r['precision']}, "
+                     f"step {r['step']}: {r['seconds']:.1f} s ({per_epoch:.1f} s per epoch, its test pass of "
+                     f"{r['test_images']:,} images included); test loss {r['test_loss']}")
     e = f.get("evaluate")
     if e:
         lines.append(f"bdvae evaluate RUN -k {e['k']} (default options, {e['test_images']:,} test images): "

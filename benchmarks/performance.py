@@ -86,10 +86,11 @@ from bdvae.evaluation import EvalOptions, iwae_nll
 from bdvae.likelihoods import LIKELIHOODS, binarized, to_float
 from bdvae.kernels import ImageConvTranspose2d
 from bdvae.model import VAE, build_model
-from bdvae.objective import loss_terms
+from bdvae.objective import Objective, loss_terms
 from bdvae.rundir import save_training_state
 from bdvae.states import Position
-from bdvae.training import evaluate_terms, step_parts, train_epoch
+from bdvae.steps import device_step, step_parts
+from bdvae.training import evaluate_terms, train_epoch
 
 DEFAULT_RUN = Path("runs/compare-bd-kl/runs/bhattacharyya-beta1-seed0")  # the default config, 10 epochs
 # Training contenders: bdvae's train_epoch with its default config ("bdvae") or in a setting
@@ -102,10 +103,11 @@ PARITY_TOLERANCE = 0.01  # the issue's bar: test loss within 1% of the fp32 resu
 # ----------------------------------------------------------------------------- training settings
 
 # bdvae's training settings: train.mixed_precision off or on (bf16 autocast, where the hardware has
-# bf16; see distributed.Context.bf16_autocast()), or train.step on the host or on the device in the
-# default precision. All train in channels-last layout, as bdvae does.
+# bf16; see distributed.Context.bf16_autocast()), or train.step (host, device, graph) in the default
+# precision. All train in channels-last layout, as bdvae does.
 SETTINGS = {"fp32": {"mixed_precision": False}, "bf16": {"mixed_precision": True},
-            "fp32-plain": {"mixed_precision": False}, "host": {"step": "host"}, "device": {"step": "device"}}
+            "fp32-plain": {"mixed_precision": False}, "host": {"step": "host"}, "device": {"step": "device"},
+            "graph": {"step": "graph"}}
 PLAIN = {"fp32-plain"}  # settings whose model is in plain layers (plain_layers): bdvae's layer levers undone
 
 
@@ -149,8 +151,12 @@ class BdvaeContender:
         keep_freed_memory()  # as training._fit does: this process's malloc keeps freed activations
         config = config if setting is None else with_setting(config, setting)
         generator = torch.Generator().manual_seed(config.train.seed)  # data order, binarization, noise
-        # As training._fit: train.step decides where the images, the draws and the checks are.
-        _, self.optimizer, self.images, self.generator = step_parts(self.model, config, device, images, generator)
+        # As training._fit: train.step decides where the images, the draws and the checks are, and
+        # whether the update is captured (once, kept across windows as across a run's epochs).
+        on_device, self.optimizer, self.images, self.generator = step_parts(self.model, config, device, images, generator)
+        self.loss = Objective(self.model, config.objective)
+        self.update = (device_step(self.model, self.optimizer, self.loss, config, self.ctx,
+                                   self.ctx.bf16_autocast(config.train.mixed_precision)) if on_device else None)
         self.config, self.run_dir = config, run_dir
         self.pos = Position()  # global_step carries over windows, so states are saved at the real rate
         self.model.train()
@@ -168,7 +174,8 @@ class BdvaeContender:
         synchronize(self.ctx.device)
         t0 = time.perf_counter()
         with tqdm(total=len(images), desc="bdvae", unit="img", leave=False, disable=False) as bar:
-            train_epoch(self.model, self.optimizer, images, self.config, bar, pos, self.generator, after_step, self.ctx)
+            train_epoch(self.model, self.optimizer, images, self.config, bar, pos, self.generator, after_step, self.ctx,
+                        self.loss, device_step=self.update)
         synchronize(self.ctx.device)
         return len(images) / (time.perf_counter() - t0)
 

@@ -71,7 +71,7 @@ def test_a_step_on_the_device_leaves_the_cpus_gradient(exact_fp32):
     from bdvae.distributed import Context
     from bdvae.model import build_model
     from bdvae.objective import Objective
-    from bdvae.training import backward_shard
+    from bdvae.steps import backward_shard
 
     def step(device: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         config = Config()
@@ -99,7 +99,7 @@ def test_training_on_the_device_is_the_cpu_run(device_run, cpu_run):
 def test_the_device_step_trains_like_the_cpu(device_step_run, cpu_run):
     assert run_files(device_step_run) == run_files(cpu_run)
     facts = json.loads((device_step_run / "run.json").read_text())
-    assert facts["device"] == DEVICE and facts["step"] == "device"
+    assert facts["device"] == DEVICE and facts["step"] == "device, eager"
     rows, ref_rows = run_rows(device_step_run), run_rows(cpu_run)
     assert rows[1]["test_loss"] < rows[0]["test_loss"]
     assert rows[1]["test_loss"] == pytest.approx(ref_rows[1]["test_loss"], rel=DRAWS_APART)
@@ -114,6 +114,35 @@ def test_the_device_step_resumes_on_the_device(device_step_run, tmp_path):
     assert "resuming at epoch 2, image 448 of 512, after 15 steps" in result.stdout
     assert "a new stream" not in result.stdout
     assert_rows_close(run_rows(run_dir), run_rows(device_step_run), rel=1e-4)
+
+
+CAPTURED = {  # what a run's facts say of its step under train.step = "graph"
+    "cuda": "device, CUDA graph", "cpu": "device, eager (CUDA graphs need a CUDA device)"}
+
+
+@pytest.mark.parametrize("what", ["reference", "quality", "mmd", "aggregate-bd"])
+def test_the_captured_step_is_the_eager_one(mnist_dir, device_step_run, what, tmp_path):
+    """The same draws (taken outside the graph) through the replayed update: the eager device
+    step's run to float rounding, for BatchNorm and a cosine schedule (quality) and a term with
+    prior draws (mmd); the aggregate BD term's Cholesky checks on the host, so it runs eagerly."""
+    extra = {"reference": [], "quality": ["--preset", "quality", "--set", "objective.warmup_steps=8"],
+             "mmd": ["--set", "objective.aggregate='mmd'", "--set", "objective.aggregate_weight=50"],
+             "aggregate-bd": ["--set", "objective.aggregate='bhattacharyya'"]}[what]
+    graph = _train(mnist_dir, tmp_path / "graph", DEVICE, *FP32, "--set", "train.step='graph'", *extra)
+    eager = device_step_run if what == "reference" else _train(mnist_dir, tmp_path / "eager", DEVICE, *FP32, *ON_DEVICE,
+                                                               *extra)
+    step = json.loads((graph / "run.json").read_text())["step"]
+    if what == "aggregate-bd" and DEVICE == "cuda":
+        assert step == "device, eager (objective.aggregate = 'bhattacharyya' checks its linear algebra on the host)"
+    else:
+        assert step == CAPTURED[DEVICE]
+    assert_rows_close(run_rows(graph), run_rows(eager), rel=1e-4)
+
+
+def test_auto_captures_the_step_on_a_gpu(mnist_dir, device_step_run, tmp_path):
+    run_dir = _train(mnist_dir, tmp_path / "run", DEVICE, *FP32)
+    expected = CAPTURED["cuda"] if DEVICE == "cuda" else "host"
+    assert json.loads((run_dir / "run.json").read_text())["step"] == expected
 
 
 @pytest.mark.parametrize("skip", [False, True])

@@ -16,7 +16,8 @@ from bdvae import rundir, states
 from bdvae.config import Config, DataConfig, TrainConfig
 from bdvae.distributed import Context
 from bdvae.model import build_model
-from bdvae.training import make_optimizer, resume, step_on_device, train, train_epoch
+from bdvae.steps import make_optimizer, place, step_on_device
+from bdvae.training import resume, train, train_epoch
 from conftest import assert_rows_close, interrupted_copy, run_rows
 
 
@@ -42,17 +43,28 @@ def host_and_device(mnist_dir, tmp_path_factory):
     return _train(_config(mnist_dir, "host"), root / "host"), _train(_config(mnist_dir, "device"), root / "device")
 
 
-def test_auto_puts_the_step_on_a_gpu_and_leaves_it_on_the_host_of_a_cpu():
+def test_auto_captures_the_step_on_a_gpu_and_leaves_it_on_the_host_of_a_cpu():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert [step_on_device(TrainConfig(step=s), cpu) for s in ("auto", "host", "device")] == [False, False, True]
-    assert [step_on_device(TrainConfig(step=s), gpu) for s in ("auto", "host", "device")] == [True, False, True]
+    steps = ("auto", "host", "device", "graph")
+    assert [place(TrainConfig(step=s), cpu) for s in steps] == ["host", "host", "device", "graph"]
+    assert [place(TrainConfig(step=s), gpu) for s in steps] == ["graph", "host", "device", "graph"]
+    assert [step_on_device(TrainConfig(step=s), gpu) for s in steps] == [True, False, True, True]
+
+
+def test_where_a_cuda_graph_cannot_be_captured_the_device_step_runs_eagerly(mnist_dir, host_and_device, tmp_path):
+    # On a CPU: the same run as the eager device step, bit for bit, and run.json says why.
+    _, device = host_and_device
+    logs: list[str] = []
+    graph = _train(_config(mnist_dir, "graph"), tmp_path / "graph", logs)
+    assert rundir.read_run_facts(graph)["step"] == "device, eager (CUDA graphs need a CUDA device)"
+    assert _same_weights(graph, device)
 
 
 def test_on_a_cpu_the_device_step_trains_the_host_steps_model(host_and_device):
     # The same draws (on a CPU the device's generator is the host's); fused Adam rounds otherwise.
     host, device = host_and_device
     assert_rows_close(run_rows(device), run_rows(host), rel=5e-3)
-    assert rundir.read_run_facts(device)["step"] == "device" and rundir.read_run_facts(host)["step"] == "host"
+    assert rundir.read_run_facts(device)["step"] == "device, eager" and rundir.read_run_facts(host)["step"] == "host"
 
 
 def _count_host_reads(monkeypatch) -> dict[str, int]:
@@ -71,6 +83,7 @@ def _count_host_reads(monkeypatch) -> dict[str, int]:
 
 @pytest.mark.parametrize("step", ["host", "device"])
 def test_the_device_step_reads_nothing_back_between_progress_points(step, monkeypatch):
+    # On a GPU each read waits for the device; on a CPU the same calls are counted.
     config = Config(train=TrainConfig(batch_size=8, step=step, checkpoint_every=0, mixed_precision=False))
     images = torch.randint(0, 256, (8 * 40, 1, 32, 32), dtype=torch.uint8)  # 40 steps: one progress point (25)
     torch.manual_seed(0)
@@ -107,7 +120,7 @@ def test_a_host_steps_training_state_goes_on_in_the_device_step(host_and_device,
     logs: list[str] = []
     resume(cut, progress=False, log=logs.append)
     assert any("the step on the device" in line for line in logs)
-    assert rundir.read_run_facts(cut)["step"] == "device"
+    assert rundir.read_run_facts(cut)["step"] == "device, eager"
     assert_rows_close(run_rows(cut), run_rows(host), rel=5e-3)
 
 

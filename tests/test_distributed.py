@@ -53,7 +53,7 @@ def _gradients(ctx, g: int, beta: float, aggregate: str | None = None) -> tuple[
     from bdvae.config import Config, ObjectiveConfig
     from bdvae.model import build_model
     from bdvae.objective import Objective
-    from bdvae.training import backward_shard
+    from bdvae.steps import backward_shard
 
     config = Config(objective=ObjectiveConfig(aggregate=aggregate, aggregate_weight=50.0))
     torch.manual_seed(0)

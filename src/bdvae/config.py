@@ -29,7 +29,7 @@ import tomli_w
 from bdvae.errors import BdvaeError, check_seed
 
 LR_SCHEDULES = ("constant", "cosine")
-STEPS = ("auto", "host", "device")  # train.step
+STEPS = ("auto", "host", "device", "graph")  # train.step
 
 
 def _require(condition: bool, message: str) -> None:
@@ -225,7 +225,8 @@ class TrainConfig:
     """host: each batch drawn on the CPU, its loss and gradient norm checked on the host every step; device: the
     images, the draws (a generator on the device), the loss sums and the non-finite checks stay on the training
     device, Adam is fused, and a non-finite step makes no update and is reported at the next progress, log or
-    checkpoint point; auto: device on a GPU, host on a CPU."""
+    checkpoint point; graph: device, with the update captured once in a CUDA graph and replayed (eager where it
+    cannot be; the log and the run's facts say which); auto: graph on a GPU, host on a CPU."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "lr", "threads"):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bdvae import distributed, logs, pictures, rundir, states, tracking
+from bdvae import distributed, logs, pictures, rundir, states, steps, tracking
 from bdvae.aggregates import NEEDS_PRIOR_DRAWS
 from bdvae.config import Config, TrainConfig, absolute_paths
 from bdvae.data import Dataset, load_dataset
@@ -29,6 +29,8 @@ from bdvae.likelihoods import LIKELIHOODS, to_float
 from bdvae.model import VAE, activation_bytes, build_model
 from bdvae.objective import Objective, aggregate_term, beta_at, image_terms
 from bdvae.regularizers import REGULARIZERS
+from bdvae.steps import (DeferredChecks, DeviceStep, NonFiniteError, host_update, nonfinite_message, step_on_device,
+                         step_parts)
 
 EVAL_BATCH = 1000  # test images per forward pass of the epoch's test pass
 POSTFIX_EVERY = 25  # steps between progress-bar updates (each one synchronises on the loss)
@@ -80,100 +82,27 @@ def lr_at(train: TrainConfig, progress: float) -> float:
     return train.lr
 
 
-class NonFiniteError(BdvaeError):
-    """A non-finite loss or gradient, with train.skip_nonfinite off."""
-
-
-def backward_shard(loss: nn.Module, x: Tensor, eps: Tensor, total: int, beta: float, ctx: Context = Context(),
-                   mixed_precision: bool = False, prior: Tensor | None = None) -> Tensor:
-    """One step's loss and gradient, this rank's part: x (B_r, C, H, W) and its noise eps (B_r, D)
-    are this rank's shard of a global batch of `total` images. `loss` is an Objective, under
-    DistributedDataParallel when there are several ranks. Leaves in each parameter's .grad the
-    gradient of the mean loss over the `total` images; returns the loss sums over them (3,), the
-    same on every rank. `mixed_precision`: the forward under bf16 autocast (the loss terms are
-    summed in fp32). `prior`: the global batch's N(0, I) draws (total, D), for an aggregate term
-    that needs them."""
-    with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=mixed_precision):
-        sums = loss(x.to(ctx.device, memory_format=torch.channels_last), eps.to(ctx.device), beta, total,
-                    None if prior is None else prior.to(ctx.device))
-    # DDP averages the ranks' gradients; scaling each rank's sum by world_size / total makes that
-    # average the gradient of the sum over all images divided by their number, whatever the shard sizes.
-    (sums[0] * (ctx.world_size / total)).backward()
-    return ctx.all_reduce_sum(sums.detach())  # in place: `sums` is not used after its backward
-
-
-def step_on_device(train: TrainConfig, device: torch.device) -> bool:
-    """Whether train.step keeps the training step on `device`: "device", or "auto" on a GPU."""
-    return train.step == "device" or (train.step == "auto" and device.type != "cpu")
-
-
-def make_optimizer(model: nn.Module, train: TrainConfig, on_device: bool) -> torch.optim.Adam:
-    """Adam at train.lr; fused for a step on the device: one kernel for every parameter, and its
-    `found_inf` flag makes a non-finite step no update without the host looking."""
-    return torch.optim.Adam(model.parameters(), lr=train.lr, fused=True if on_device else None)
-
-
-def step_parts(model: nn.Module, config: Config, device: torch.device, images: Tensor,
-               generator: torch.Generator) -> tuple[bool, torch.optim.Adam, Tensor, torch.Generator]:
-    """Where train.step puts the step on `device`, and its optimizer, training images and
-    generator: with the step on a GPU, fused Adam, the images copied there once and a generator
-    there seeded by train.seed; else the host's images and `generator` (the CPU's draws)."""
-    on_device = step_on_device(config.train, device)
-    if on_device and device.type != "cpu":
-        images, generator = images.to(device), torch.Generator(device).manual_seed(config.train.seed)
-    return on_device, make_optimizer(model, config.train, on_device), images, generator
-
-
-def _nonfinite(step: int, loss: float, recon: float, reg: float, grad_norm: float) -> str:
-    return f"step {step}: non-finite loss or gradient (loss={loss}, recon_nll={recon}, reg={reg}, gradient norm={grad_norm})"
-
-
-class DeferredChecks:
-    """The non-finite checks of a step on the device, where the host does not look at every step:
-    each step's flag sets Adam's found_inf (no update: weights, moments and step count stay) and
-    device-side counts, and the first bad step's figures are kept there. `settle` reads them (one
-    host synchronisation) at the progress, log and checkpoint points and at the epoch's end, so a
-    non-finite step is reported no later than the next one, before any training state is saved."""
-
-    def __init__(self, device: torch.device):
-        self.counts = torch.zeros(3, dtype=torch.int64, device=device)  # first bad step (0: none), batches, images
-        self.figures = torch.zeros(4, device=device)  # the first bad step's loss, recon_nll, reg means, gradient norm
-
-    def record(self, step: int, sums: Tensor, grad_norm: Tensor, images: int) -> Tensor:
-        """Note one step's loss sums (3,) and gradient norm over `images` images; its flag (bool, 0-dim)."""
-        bad = ~(torch.isfinite(sums).all() & torch.isfinite(grad_norm))
-        first = bad & (self.counts[0] == 0)
-        self.figures = torch.where(first, torch.cat([sums / images, grad_norm.reshape(1)]), self.figures)
-        self.counts += torch.stack([first.long() * step, bad.long(), bad.long() * images])
-        return bad
-
-    def settle(self, pos: states.Position, skip: bool) -> None:
-        """Raise NonFiniteError for the first bad step unless `skip`; else count the skipped batches into `pos`."""
-        first_bad, batches, images = self.counts.tolist()
-        if first_bad and not skip:
-            raise NonFiniteError(_nonfinite(first_bad, *self.figures.tolist()))
-        pos.skipped += batches
-        pos.skipped_images += images
-        self.counts.zero_()
-
-
 def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, config: Config, bar: tqdm,
                 pos: states.Position, generator: torch.Generator, after_step: Callable[[], None] = lambda: None,
                 ctx: Context = Context(), loss: nn.Module | None = None,
-                on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+                on_step: Callable[[int, dict[str, float]], None] | None = None,
+                device_step: DeviceStep | None = None) -> dict[str, float]:
     """Continue the epoch at `pos` to its end, updating `pos` after every step (then `after_step`
     may save it); returns the running means of the terms over the epoch. Every random draw (the
     epoch's order, binarization, the noise eps) comes from `generator`. `loss` is the Objective
     to differentiate (wrapped for several ranks; default: Objective(model)). Each step takes a
     global batch of batch_size images per rank. Every train.log_every steps `on_step` gets the
-    step's figures (tracking.py). With the step on the device (step_on_device), `images`, the
-    generator and `optimizer` (make_optimizer) are there, and the checks are deferred."""
+    step's figures (tracking.py). With the step on the device (steps.step_on_device), `images`,
+    the generator and `optimizer` are there (steps.step_parts), the checks are deferred, and
+    `device_step` (default: a new one) makes the update, captured where it can be."""
     objective, train, batch_size = config.objective, config.train, config.train.batch_size * ctx.world_size
     likelihood = LIKELIHOODS[objective.likelihood]
     loss = Objective(model, objective, ctx.gather_rows) if loss is None else loss
     prior_draws = objective.aggregate in NEEDS_PRIOR_DRAWS
     mixed_precision = ctx.bf16_autocast(train.mixed_precision)
     checks = DeferredChecks(ctx.device) if step_on_device(train, ctx.device) else None
+    if checks is not None and device_step is None:
+        device_step = steps.device_step(model, optimizer, loss, config, ctx, mixed_precision)
     sums_on = ctx.device if checks else torch.device("cpu")
     if pos.order is None:  # a new epoch: drawn from the generator, whose state a checkpoint holds
         pos.order = torch.randperm(len(images), generator=generator, device=generator.device)
@@ -194,35 +123,26 @@ def train_epoch(model: VAE, optimizer: torch.optim.Optimizer, images: Tensor, co
         eps = torch.randn(len(batch), config.model.latent_dim, generator=generator, device=generator.device)[part]
         prior = (torch.randn(len(batch), config.model.latent_dim, generator=generator, device=generator.device)
                  if prior_draws else None)
-        optimizer.zero_grad(set_to_none=True)
         lr = lr_at(train, (pos.epoch - 1 + start / len(images)) / train.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
         beta = beta_at(objective, pos.global_step + 1)
-        stacked = backward_shard(loss, x, eps, len(batch), beta, ctx, mixed_precision, prior)
         pos.global_step += 1
         pos.next_start = min(start + batch_size, len(images))
-        if checks is not None:  # nothing here waits for the device
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        if device_step is not None and checks is not None:  # nothing here waits for the device
+            stacked, grad_norm = device_step(x, eps, prior, len(batch), beta, lr)
             bad = checks.record(pos.global_step, stacked, grad_norm, len(batch))
-            optimizer.found_inf = bad.float()  # type: ignore[attr-defined]  # read by fused Adam
-            optimizer.step()
             pos.totals += torch.where(bad, 0.0, stacked)
         else:
-            # The total gradient norm is NaN or inf if any gradient is; checking it with the loss costs
-            # one host synchronisation per step, which on a CPU (where ops run eagerly) is nearly free.
-            # After DDP's all-reduce every rank holds the same gradients and sums: all decide alike.
-            stacked = stacked.cpu()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
-            if not bool(torch.isfinite(stacked).all() & torch.isfinite(grad_norm)):
-                message = _nonfinite(pos.global_step, *(stacked / len(batch)).tolist(), grad_norm.item())
+            stacked, grad_norm, finite = host_update(model, optimizer, loss, x, eps, prior, len(batch), beta, ctx,
+                                                     mixed_precision)
+            if not finite:
+                message = nonfinite_message(pos.global_step, *(stacked / len(batch)).tolist(), grad_norm.item())
                 if not train.skip_nonfinite:
                     raise NonFiniteError(message)
-                optimizer.zero_grad(set_to_none=True)  # the batch is skipped: no update, not in the sums
-                pos.skipped += 1
+                pos.skipped += 1  # the batch is skipped: no update, not in the sums
                 pos.skipped_images += len(batch)
             else:
-                optimizer.step()
                 pos.totals += stacked  # sums over images, kept as a tensor
         bar.update(len(batch))
         logged = on_step is not None and train.log_every and pos.global_step % train.log_every == 0
@@ -362,11 +282,12 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
         if ctx.world_size > 1 else ""
     mixed_precision = ctx.bf16_autocast(config.train.mixed_precision)
     precision = ", bf16 autocast" if mixed_precision else ""
-    place = "the step on the device" if on_device else "the step checked on the host"
+    step_text = "the step on the device" if on_device else "the step checked on the host"
     log(f"training on {n} images {tuple(data.shape)} from {data.source}; "
-        f"{sum(p.numel() for p in model.parameters())} parameters; {ctx.device}{precision}, {place}{processes}; "
+        f"{sum(p.numel() for p in model.parameters())} parameters; {ctx.device}{precision}, {step_text}{processes}; "
         f"run directory {run_dir}")
     loss = distributed.wrap(Objective(model, config.objective, ctx.gather_rows), ctx)
+    update = steps.device_step(model, optimizer, loss, config, ctx, mixed_precision, log) if on_device else None
     every = config.train.checkpoint_every
 
     def after_step() -> None:
@@ -384,7 +305,7 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
                   disable=None if progress is None else not progress, leave=False) as bar:
             try:
                 train_means = train_epoch(model, optimizer, images, config, bar, pos, generator,
-                                          after_step, ctx, loss, on_step if callbacks else None)
+                                          after_step, ctx, loss, on_step if callbacks else None, update)
             except NonFiniteError as e:
                 kept = rundir.state_paths(run_dir)
                 where = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint was saved yet"
@@ -395,10 +316,10 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
         if skipped:
             log(f"epoch {epoch}: skipped {skipped} batches with a non-finite loss or gradient")
         test_means = evaluate_terms(model, data.test_images, config, seed=config.train.seed, ctx=ctx)
-        steps = math.ceil(n / (config.train.batch_size * ctx.world_size))
-        diverged = (f"{skipped} of its {steps} batches had a non-finite loss or gradient, more than "
+        batches = math.ceil(n / (config.train.batch_size * ctx.world_size))
+        diverged = (f"{skipped} of its {batches} batches had a non-finite loss or gradient, more than "
                     f"train.max_skipped_share = {config.train.max_skipped_share:g}"
-                    if skipped > config.train.max_skipped_share * steps else
+                    if skipped > config.train.max_skipped_share * batches else
                     f"its test loss is {test_means['loss']}" if not math.isfinite(test_means["loss"]) else None)
         if diverged:  # before the epoch's training state: the last good one stays the newest
             kept = rundir.state_paths(run_dir)
@@ -428,7 +349,7 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
             "image_shape": list(data.shape), "data_source": data.source, "epochs": config.train.epochs,
             "train_images": n, "test_images": len(data.test_images), "processes": ctx.world_size,
             "device": ctx.device.type, "precision": "bf16 autocast" if mixed_precision else "fp32",
-            "step": "device" if on_device else "host",
+            "step": "host" if update is None else f"device, {update.how}",
             "seconds": round(sum(r["seconds"] for r in pos.rows), 1)})
         pictures.save_run_pictures(model, to_float(data.test_images[:pictures.PICTURE_COUNT]),
                                    run_dir / rundir.ORIGINALS, run_dir / rundir.RECONSTRUCTIONS,

@@ -139,6 +139,33 @@ def test_the_captured_step_is_the_eager_one(mnist_dir, device_step_run, what, tm
     assert_rows_close(run_rows(graph), run_rows(eager), rel=1e-4)
 
 
+def test_a_step_that_waits_for_the_host_is_not_captured(mnist_dir, tmp_path, monkeypatch):
+    """Found in the last warm-up step (CUDA's sync debug mode), before it could break a capture."""
+    from test_resume import _small_config
+
+    from bdvae import objective
+    from bdvae.training import train
+
+    real = objective.loss_sums
+
+    def waiting(*args, **kwargs):
+        sums = real(*args, **kwargs)
+        sums[0].item()  # a host read, as a check on the loss's value would make
+        return sums
+
+    monkeypatch.setattr(objective, "loss_sums", waiting)
+    logs: list[str] = []
+    run_dir = train(_small_config(mnist_dir, step="graph"), tmp_path / "run", progress=False, device=DEVICE,
+                    log=logs.append)
+    step = json.loads((run_dir / "run.json").read_text())["step"]
+    if DEVICE == "cuda":
+        assert step.startswith("device, eager (the step waits for the host (")
+        assert any("the training step runs eagerly: the step waits for the host" in line for line in logs)
+    else:
+        assert step == CAPTURED["cpu"]
+    assert len(run_rows(run_dir)) == 2
+
+
 def test_auto_captures_the_step_on_a_gpu(mnist_dir, device_step_run, tmp_path):
     run_dir = _train(mnist_dir, tmp_path / "run", DEVICE, *FP32)
     expected = CAPTURED["cuda"] if DEVICE == "cuda" else "host"

@@ -11,6 +11,7 @@ wherever capture is impossible; DeviceStep says which it used.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -183,36 +184,58 @@ class DeviceStep:
             return self.update(x, eps, prior, total, beta)
         if self.warm < WARMUP_STEPS:
             self.warm += 1
-            side = torch.cuda.Stream(self.ctx.device)
-            side.wait_stream(torch.cuda.current_stream(self.ctx.device))
-            with torch.cuda.stream(side):
-                out = self.update(x, eps, prior, total, beta)
-            torch.cuda.current_stream(self.ctx.device).wait_stream(side)
-            return out
+            return self._warm_up(x, eps, prior, total, beta, last=self.warm == WARMUP_STEPS)
         if self._capture(x, eps, prior, total, lr):
             return self._replay(x, eps, prior, beta, lr)
         return self.update(x, eps, prior, total, beta)
 
+    def _warm_up(self, x: Tensor, eps: Tensor, prior: Tensor | None, total: int, beta: float,
+                 last: bool) -> tuple[Tensor, Tensor]:
+        """An eager update on a side stream, as before a capture; the `last` one under CUDA's sync
+        debug mode, so that a step that waits for the host is found before it breaks a capture."""
+        device = self.ctx.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with warnings.catch_warnings(record=True) as caught, torch.cuda.stream(side):
+            warnings.simplefilter("always")
+            mode = torch.cuda.get_sync_debug_mode()
+            if last:
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = self.update(x, eps, prior, total, beta)
+            finally:
+                torch.cuda.set_sync_debug_mode(mode)
+        torch.cuda.current_stream(device).wait_stream(side)
+        waits = [w for w in caught if "synchroniz" in str(w.message)]
+        if waits:
+            self.why_not = f"the step waits for the host ({first_line(str(waits[0].message))})"
+            self.log(f"the training step runs eagerly: {self.why_not}")
+        for w in caught:
+            if w not in waits:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return out
+
     def _capture(self, x: Tensor, eps: Tensor, prior: Tensor | None, total: int, lr: float) -> bool:
         """Capture the update on static copies of this batch's inputs; False (and why_not) where it fails."""
         device = self.ctx.device
-        self.static = {"x": x.clone(), "eps": eps.clone(), "beta": torch.zeros((), device=device),
-                       "lr": torch.full((), lr, device=device)}
+        self.static = {"x": x.clone(), "eps": eps.clone(), "beta": torch.zeros((), dtype=torch.float32, device=device),
+                       "lr": torch.full((), lr, dtype=torch.float32, device=device)}  # fused Adam reads fp32
         if prior is not None:
             self.static["prior"] = prior.clone()
         groups = self.optimizer.param_groups
         saved = [(g["lr"], g["capturable"]) for g in groups]
         for g in groups:  # read from the device by every replay; set back to floats for the eager steps
             g["lr"], g["capturable"] = self.static["lr"], True
-        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream(device)
+        graph, pool, stream = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle(), torch.cuda.current_stream(device)
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=pool):
                 self.out = self.update(self.static["x"], self.static["eps"], self.static.get("prior"), total,
                                        self.static["beta"], cache=False)
-        except Exception as e:  # an operation that cannot be captured (one that waits for the host, say)
-            torch.cuda.set_stream(stream)  # where the capture's end failed, its stream would stay current
-            self.why_not = f"capture failed: {first_line(e)}"
+        except Exception as e:  # an operation that cannot be captured, which the sync debug mode did not see
+            _abandon_capture(device, pool, stream)
+            self.why_not = f"capture failed: {first_line(e.__context__ or e)}"
             self.log(f"the training step runs eagerly: its {self.why_not}")
+            self.static, self.out = {}, None
             self.optimizer.zero_grad(set_to_none=True)
             return False
         finally:
@@ -231,6 +254,21 @@ class DeviceStep:
         self.static["lr"].fill_(lr)
         self.graph.replay()  # type: ignore[union-attr]
         return self.out  # type: ignore[return-value]
+
+
+def _abandon_capture(device: torch.device, pool: tuple[int, int], stream: torch.cuda.Stream) -> None:
+    """Undo what a capture that failed midway left: torch.cuda.graph's exit raises before it gives
+    the stream and the allocator back (the allocator would go on routing to the graph's pool, and
+    empty_cache would fail). As torch.cuda.memory.use_mem_pool ends its pool."""
+    if torch.cuda.current_stream(device) == stream:
+        return  # the capture did end (its body raised): the graph holds its pool and frees it when freed
+    torch.cuda.set_stream(stream)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    for end in (torch._C._cuda_endAllocateToPool, torch._C._cuda_releasePool):
+        try:
+            end(index, pool)
+        except RuntimeError:  # already ended, where capture_end got that far
+            pass
 
 
 def host_update(model: nn.Module, optimizer: torch.optim.Optimizer, loss: nn.Module, x: Tensor, eps: Tensor,

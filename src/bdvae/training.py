@@ -184,14 +184,17 @@ def _setup(config: Config, ctx: Context, log: Callable[[str], None]) -> tuple[Da
 
 def _check_step_size(config: Config, data: Dataset, model: VAE, device: torch.device) -> None:
     """Refuse in one line a training step that cannot fit: the weights, their gradients, Adam's two
-    moments, one batch's activations (halved, for bf16 autocast) and, with the step on a GPU, the
+    moments, one batch's activations (halved, for bf16 autocast; twice for a captured step, whose
+    graph keeps them while the epoch's last batch runs eagerly) and, with the step on a GPU, the
     training images (uint8): a lower bound of its memory."""
     per_image = (activation_bytes(model.encoder, torch.zeros(1, *data.shape, device=device))
                  + activation_bytes(model.decoder, torch.zeros(1, config.model.latent_dim, device=device)))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     batch = min(config.train.batch_size, len(data.train_images))  # a batch holds at most the whole set
-    resident = data.train_images.numel() if step_on_device(config.train, device) and device.type != "cpu" else 0
-    check_memory(4 * weights + batch * per_image // 2 + resident, f"a training step of train.batch_size={batch:,}",
+    on_gpu = step_on_device(config.train, device) and device.type != "cpu"
+    resident = data.train_images.numel() if on_gpu else 0
+    copies = 2 if on_gpu and steps.place(config.train, device) == "graph" else 1  # the graph's pool and the last batch's
+    check_memory(4 * weights + copies * batch * per_image // 2 + resident, f"a training step of train.batch_size={batch:,}",
                  device, "use a smaller train.batch_size")
 
 

@@ -169,6 +169,18 @@ def test_two_processes_in_bf16_train_the_run_of_one_up_to_bf16_rounding(mnist_di
     assert_rows_close(run_rows(tmp_path / "two"), run_rows(tmp_path / "one"), rel=2e-2)
 
 
+@pytest.mark.slow
+def test_two_processes_with_the_step_on_the_device_train_the_run_of_one(mnist_dir, single, tmp_path):
+    """train.step = "device" (a GPU's default) under DDP: the loss sums all-reduced on the device,
+    the deferred checks alike on every rank; on a CPU its draws are the host step's."""
+    common = ["train", "--data-dir", str(mnist_dir), *SMALL, "--set", "train.threads=1", "--set", "train.step='device'"]
+    two = run_cli(*common, "--out", str(tmp_path / "two"), "--set", "train.batch_size=32", "--nproc", "2")
+    assert two.returncode == 0, two.stderr
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["step"] == "device, eager"
+    assert run_files(tmp_path / "two") == run_files(single)
+    assert_rows_close(run_rows(tmp_path / "two"), run_rows(single), rel=5e-3)  # fused Adam rounds otherwise
+
+
 @pytest.mark.parametrize("resume_with", [1, 2])
 @pytest.mark.slow
 def test_a_checkpoint_resumes_with_another_number_of_processes(resume_with, single, two_processes, tmp_path):

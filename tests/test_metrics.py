@@ -75,6 +75,28 @@ def test_iwae_is_exact_with_the_exact_posterior_whatever_the_chunking(lg):
         torch.testing.assert_close(estimate, one.log_marginal(x), rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("b, d", [(30, 16), (7, 16), (30, 5)])  # whole blocks of 16 numbers drawn at once, or not
+def test_iwae_draws_one_b_by_d_block_per_sample_from_the_generator(b, d):
+    """Each sample's noise is the generator's next (B, D) draw, however K is chunked: the figures
+    of an evaluation do not depend on the decode batch or the device."""
+    seen = []
+
+    def encode(x):  # the prior as posterior: z is the noise itself
+        return torch.zeros(len(x), d), torch.zeros(len(x), d)
+
+    def log_px_given_z(z, xs):
+        seen.append(z)
+        return torch.zeros(len(z))
+
+    for max_batch in (b, 4 * b):  # one sample per decode, then four
+        seen.clear()
+        metrics.iwae_log_likelihood(encode, log_px_given_z, torch.zeros(b, 1), k=9, max_batch=max_batch,
+                                    generator=torch.Generator().manual_seed(5))
+        gen = torch.Generator().manual_seed(5)
+        expected = torch.stack([torch.randn(b, d, generator=gen) for _ in range(9)])
+        assert torch.cat(seen).reshape(9, b, d).equal(expected)
+
+
 def test_iwae_chunked_and_whole_agree_within_sampling_noise(lg):
     x = lg.samples(20)
     encode = lg.encoder(mean_scale=0.8, logvar_shift=0.7)

@@ -52,8 +52,10 @@ def iwae_log_likelihood(encode: Callable[[Tensor], tuple[Tensor, Tensor]],
         # One (B, D) draw per sample, from the (CPU) generator whatever the device: the draws then
         # do not depend on how the K samples are chunked (torch's CPU sampler fills a call in blocks
         # of 16 numbers, so calls of other sizes draw other numbers), and a GPU, which decodes more
-        # samples at once, sees the same ones.
-        eps = torch.stack([torch.randn(b, d, generator=generator, dtype=mu.dtype) for _ in range(n)])
+        # samples at once, sees the same ones. Where B * D fills whole blocks, one call draws those
+        # numbers, without a call per sample.
+        eps = (torch.randn(n, b, d, generator=generator, dtype=mu.dtype) if b * d % 16 == 0
+               else torch.stack([torch.randn(b, d, generator=generator, dtype=mu.dtype) for _ in range(n)]))
         eps = eps.to(mu.device)  # (n, B, D)
         z = mu + std * eps
         log_q = -0.5 * (eps.square() + logvar + _LN_2PI).sum(-1)  # (n, B): ln q(z|x), with z - mu = std * eps

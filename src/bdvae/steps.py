@@ -208,7 +208,7 @@ class DeviceStep:
         torch.cuda.current_stream(device).wait_stream(side)
         waits = [w for w in caught if "synchroniz" in str(w.message)]
         if waits:
-            self.why_not = f"the step waits for the host ({first_line(str(waits[0].message))})"
+            self.why_not = f"the step waits for the host ({first_line(waits[0].message)})"
             self.log(f"the training step runs eagerly: {self.why_not}")
         for w in caught:
             if w not in waits:

@@ -1,7 +1,8 @@
 """train.step = "device": the images, the draws, the loss sums and the non-finite checks stay on the
 training device and the host does not wait for it every step. On a CPU it trains the model the
-host step trains, resumes bit for bit, and takes over a host step's training state; the GPU's own
-checks are in test_cuda.py."""
+host step trains, resumes bit for bit, and takes over a host step's training state; "graph", which
+a CPU cannot capture, falls back to it. The GPU's own checks, the capture's among them, are in
+test_cuda.py."""
 
 from __future__ import annotations
 
@@ -54,8 +55,7 @@ def test_auto_captures_the_step_on_a_gpu_and_leaves_it_on_the_host_of_a_cpu():
 def test_where_a_cuda_graph_cannot_be_captured_the_device_step_runs_eagerly(mnist_dir, host_and_device, tmp_path):
     # On a CPU: the same run as the eager device step, bit for bit, and run.json says why.
     _, device = host_and_device
-    logs: list[str] = []
-    graph = _train(_config(mnist_dir, "graph"), tmp_path / "graph", logs)
+    graph = _train(_config(mnist_dir, "graph"), tmp_path / "graph")
     assert rundir.read_run_facts(graph)["step"] == "device, eager (CUDA graphs need a CUDA device)"
     assert _same_weights(graph, device)
 

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from bdvae._version import __version__
+from bdvae import config as config_lib
 from bdvae.comparison import Entry, gpu_slots
-from bdvae.reporting import (COLUMNS, SAMPLER_COLUMNS, THEMES, heading, html_page, markdown, markdown_table, minus_signs,
+from bdvae.reporting import (COLUMNS, architecture, SAMPLER_COLUMNS, THEMES, heading, html_page, markdown, markdown_table, minus_signs,
                           number, summary_line, summary_rows, table, theme_columns)
 from conftest import run_cli
 
@@ -335,6 +336,14 @@ def test_the_report_of_published_runs_says_what_they_are(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert "<th>model</th><td>the quality preset: resnet" in page and "1×32×32" in page
     assert md.count("**") >= 2 * 10 and page.count('class="best"') >= 10  # bests marked in both
+
+
+def test_the_report_names_a_resnet_s_group_norm():
+    quality = config_lib.load(preset="quality")
+    assert architecture(quality) == "resnet (widths 32/64/128, 1 residual block per resolution), 32 latent dimensions"
+    grouped = config_lib.load(preset="quality", overrides=["model.norm=group"])
+    assert architecture(grouped) == ("resnet (widths 32/64/128, 1 residual block per resolution, GroupNorm), "
+                                     "32 latent dimensions")
 
 
 def test_the_report_takes_runs_evaluated_before_the_samplers_and_refuses_one_lacking_a_figure(tmp_path):

@@ -105,6 +105,8 @@ def test_an_unknown_preset_is_a_one_line_error_naming_the_valid_ones():
 @pytest.mark.parametrize("overrides,message", [
     (["train.lr_schedule=linear"], "train.lr_schedule must be one of constant, cosine"),
     (["model.arch=resnet", "model.blocks=-1"], "model.blocks applies to model.arch='resnet' only and must be >= 0"),
+    (["model.norm=group"], "model.norm applies to model.arch='resnet' only, got 'group'"),
+    (["model.arch=resnet", "model.norm=grup"], "model.norm must be one of batch, group, got 'grup' .did you mean group"),
 ])
 def test_new_fields_are_validated(overrides, message):
     with pytest.raises(BdvaeError, match=message):

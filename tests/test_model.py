@@ -9,7 +9,7 @@ from torch import nn
 from bdvae.config import ModelConfig, ObjectiveConfig
 from bdvae.errors import BdvaeError
 from bdvae.kernels import ImageConvTranspose2d
-from bdvae.model import ARCHITECTURES, ResidualBlock, build_model
+from bdvae.model import ARCHITECTURES, NORMS, ResidualBlock, build_model, group_norm
 from bdvae.objective import loss_terms
 
 
@@ -102,6 +102,40 @@ def test_resnet_trains_on_a_batch_of_one_image():
     x_logits, *_ = model(torch.rand(1, 1, 8, 8))
     x_logits.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_resnet_norms_keep_the_parameters_and_the_identity_start(norm):
+    # The quality preset's model has 1,302,209 parameters whatever its normalisation (a scale and a
+    # shift per channel either way), and a fresh residual block is ReLU(x) with either.
+    model = build_model(ModelConfig(arch="resnet", widths=(32, 64, 128), blocks=1, latent_dim=32, norm=norm),
+                        ObjectiveConfig(), (1, 32, 32))
+    assert sum(p.numel() for p in model.parameters()) == 1_302_209
+    kinds = {type(m) for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))}
+    assert kinds == {nn.BatchNorm2d if norm == "batch" else nn.GroupNorm}
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 5, 5)
+    torch.testing.assert_close(ResidualBlock(6, norm).train()(x), torch.relu(x))
+
+
+def test_group_norm_encodes_each_image_as_it_would_alone():
+    """In training mode a BatchNorm model's posterior for an image depends on the rest of its batch
+    (what a batch-level term like objective.aggregate can lean on); a GroupNorm model's does not, and
+    it computes the same function in training and evaluation."""
+    torch.manual_seed(0)
+    x = torch.rand(6, 1, 16, 16)
+    for norm, alone in [("batch", False), ("group", True)]:
+        model = build_model(ModelConfig(arch="resnet", widths=(8, 16), latent_dim=4, norm=norm), ObjectiveConfig(),
+                            (1, 16, 16)).train()
+        with torch.no_grad():
+            together, by_itself = model.encode(x)[0][:2], model.encode(x[:2])[0]
+            evaluated = model.eval().encode(x)[0][:2]
+        assert torch.allclose(together, by_itself, atol=1e-5) is alone
+        assert torch.allclose(together, evaluated, atol=1e-5) is alone
+
+
+def test_group_norm_groups_divide_any_width():
+    assert [group_norm(w).num_groups for w in (32, 12, 7)] == [8, 4, 1]
 
 
 def test_resnet_refuses_images_too_small_for_its_batchnorms():

@@ -102,6 +102,12 @@ def _architectures() -> dict[str, Any]:
     return ARCHITECTURES
 
 
+def _option_choices() -> dict[str, tuple[str, ...]]:
+    from bdvae.model import CHOICES  # the architectures' options that take a name, and the names
+
+    return CHOICES
+
+
 def _toml_value(value: Any) -> str:
     return f"[{', '.join(map(str, value))}]" if isinstance(value, tuple) else repr(value)
 
@@ -112,7 +118,7 @@ class ModelConfig:
 
     arch: str = "reference"
     """The architecture: reference (the fixed reference design), conv (its shape with your widths and latent_dim),
-    mlp (any image shape) or resnet (residual blocks and BatchNorm, the quality preset's)."""
+    mlp (any image shape) or resnet (residual blocks and BatchNorm or GroupNorm, the quality preset's)."""
     latent_dim: int = 16
     """Latent dimensions (reference fixes 16: set arch = "conv" to change it)."""
     widths: tuple[int, ...] | None = None
@@ -120,6 +126,10 @@ class ModelConfig:
     512, 256 for mlp; reference fixes 32, 64, 128)."""
     blocks: int | None = None
     """resnet only: residual blocks at each resolution (unset: 1)."""
+    norm: str | None = None
+    """resnet only: the normalisation after each convolution, batch (BatchNorm: a training batch's own statistics,
+    running averages in evaluation) or group (GroupNorm, 8 groups: each image's own, in training as in evaluation)
+    (unset: batch)."""
 
     def __post_init__(self) -> None:
         archs = _architectures()
@@ -132,6 +142,12 @@ class ModelConfig:
         for name in sorted({option for entry in archs.values() for option in entry.options}):
             value = getattr(self, name)
             takers = " or ".join(repr(a) for a, entry in archs.items() if name in entry.options)
+            if name in _option_choices():
+                _require(value is None or name in archs[self.arch].options,
+                         f"model.{name} applies to model.arch={takers} only, got {value!r}")
+                if value is not None:
+                    _one_of(f"model.{name}", value, _option_choices()[name])
+                continue
             _require(value is None or (name in archs[self.arch].options and value >= 0),
                      f"model.{name} applies to model.arch={takers} only and must be >= 0, got {value!r}")
             _require(value is None or value <= MAX_ITEMS, f"model.{name}: at most {MAX_ITEMS:,}, got {value!r}")

@@ -55,16 +55,31 @@ def conv_decoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_di
     return nn.Sequential(*layers[:-1])  # no ReLU on the logits
 
 
-class ResidualBlock(nn.Module):
-    """x -> ReLU(x + BN(Conv3x3(ReLU(BN(Conv3x3(x)))))): the basic block of He et al. 2016, its
-    second BatchNorm's scale starting at zero so that each block starts as the identity (Goyal et
-    al. 2017). The convolutions have no bias (the BatchNorm after each has one)."""
+GROUPS = 8  # GroupNorm's groups where the width allows (else the greatest common divisor)
 
-    def __init__(self, width: int):
+
+def group_norm(width: int) -> nn.GroupNorm:
+    """GroupNorm over groups of channels of each image (Wu and He 2018): unlike BatchNorm, what a
+    layer gives one image does not depend on the others in its batch, in training as in evaluation."""
+    return nn.GroupNorm(math.gcd(GROUPS, width), width)
+
+
+# model.norm: the normalisation after each convolution of the resnet architecture.
+NORMS: dict[str, Callable[[int], nn.Module]] = {"batch": nn.BatchNorm2d, "group": group_norm}
+
+
+class ResidualBlock(nn.Module):
+    """x -> ReLU(x + N(Conv3x3(ReLU(N(Conv3x3(x)))))), N a normalisation (BatchNorm unless `norm`
+    says otherwise): the basic block of He et al. 2016, its second normalisation's scale starting at
+    zero so that each block starts as the identity (Goyal et al. 2017). The convolutions have no
+    bias (the normalisation after each has one)."""
+
+    def __init__(self, width: int, norm: str = "batch"):
         super().__init__()
+        make = NORMS[norm]
         self.branch = nn.Sequential(
-            nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), relu(),
-            nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width))
+            nn.Conv2d(width, width, 3, 1, 1, bias=False), make(width), relu(),
+            nn.Conv2d(width, width, 3, 1, 1, bias=False), make(width))
         nn.init.zeros_(self.branch[-1].weight)
         self.out = relu()
 
@@ -73,15 +88,15 @@ class ResidualBlock(nn.Module):
 
 
 def resnet_encoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim: int,
-                   blocks: int = 1) -> nn.Sequential:
-    """The conv encoder with BatchNorm after each stride-2 convolution and `blocks` residual
-    blocks at each resolution: per width Conv(k4, s2, p1)-BN-ReLU-ResidualBlock x blocks, then
-    Linear(-> 2 D)."""
+                   blocks: int = 1, norm: str = "batch") -> nn.Sequential:
+    """The conv encoder with a normalisation N (NORMS[norm]) after each stride-2 convolution and
+    `blocks` residual blocks at each resolution: per width Conv(k4, s2, p1)-N-ReLU-ResidualBlock x
+    blocks, then Linear(-> 2 D)."""
     c, h, w = shape
     layers: list[nn.Module] = []
     for width in widths:
-        layers += [nn.Conv2d(c, width, 4, 2, 1, bias=False), nn.BatchNorm2d(width), relu()]
-        layers += [ResidualBlock(width) for _ in range(blocks)]
+        layers += [nn.Conv2d(c, width, 4, 2, 1, bias=False), NORMS[norm](width), relu()]
+        layers += [ResidualBlock(width, norm) for _ in range(blocks)]
         c = width
     scale = 2 ** len(widths)
     layers += [nn.Flatten(), nn.Linear(c * (h // scale) * (w // scale), 2 * latent_dim)]
@@ -89,19 +104,19 @@ def resnet_encoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_
 
 
 def resnet_decoder(shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim: int,
-                   blocks: int = 1) -> nn.Sequential:
-    """The encoder's mirror: Linear(D ->)-BN-ReLU, then per width in reverse ResidualBlock x blocks
-    and ConvTranspose(k4, s2, p1), each but the last (which gives the logits) followed by BN-ReLU."""
+                   blocks: int = 1, norm: str = "batch") -> nn.Sequential:
+    """The encoder's mirror: Linear(D ->)-N-ReLU, then per width in reverse ResidualBlock x blocks
+    and ConvTranspose(k4, s2, p1), each but the last (which gives the logits) followed by N-ReLU."""
     c, h, w = shape
     scale = 2 ** len(widths)
     hidden = (widths[-1], h // scale, w // scale)
     layers: list[nn.Module] = [nn.Linear(latent_dim, math.prod(hidden), bias=False), nn.Unflatten(1, hidden),
-                               nn.BatchNorm2d(widths[-1]), relu()]
+                               NORMS[norm](widths[-1]), relu()]
     outs = list(reversed(widths[:-1])) + [c]
     for c_in, c_out in zip(reversed(widths), outs):
-        layers += [ResidualBlock(c_in) for _ in range(blocks)]
-        layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), relu()]
-    layers[-3] = ImageConvTranspose2d(widths[0], c, 4, 2, 1)  # the logits: a bias, no BN, no ReLU
+        layers += [ResidualBlock(c_in, norm) for _ in range(blocks)]
+        layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), NORMS[norm](c_out), relu()]
+    layers[-3] = ImageConvTranspose2d(widths[0], c, 4, 2, 1)  # the logits: a bias, no normalisation, no ReLU
     return nn.Sequential(*layers[:-2])
 
 
@@ -134,12 +149,12 @@ def strided_shape_problem(shape: Shape, widths: tuple[int, ...]) -> str | None:
 
 def resnet_shape_problem(shape: Shape, widths: tuple[int, ...]) -> str | None:
     """The stride-2 rule, and more than one pixel at the lowest resolution: BatchNorm in training
-    needs more than one value per channel, even from a batch of 1."""
+    needs more than one value per channel, even from a batch of 1 (as GroupNorm does per group)."""
     scale = 2 ** len(widths)
     if problem := strided_shape_problem(shape, widths):
         return problem
     if shape[1] * shape[2] < 2 * scale * scale:
-        return (f"with {len(widths)} stride-2 layers needs images larger than {scale}x{scale} (its BatchNorms need "
+        return (f"with {len(widths)} stride-2 layers needs images larger than {scale}x{scale} (its normalisations need "
                 f"more than one pixel at the lowest resolution), got {shape[1]}x{shape[2]}")
     return None
 
@@ -151,14 +166,16 @@ class Architecture:
     encoder: Callable[..., nn.Module]  # (shape, widths, latent_dim, **options) -> x (B, C, H, W) to (B, 2 D)
     decoder: Callable[..., nn.Module]  # (shape, widths, latent_dim, **options) -> z (B, D) to x_logits
     default_widths: tuple[int, ...]  # model.widths when the config leaves it out
-    # ModelConfig fields the builders take besides widths and latent_dim, with their defaults.
-    options: dict[str, int] = field(default_factory=dict)
+    # ModelConfig fields the builders take besides widths and latent_dim, with their defaults: an int
+    # (a count, >= 0) or a str (a key of CHOICES).
+    options: dict[str, int | str] = field(default_factory=dict)
     # ModelConfig fields whose value the architecture fixes, and the one to use to change them.
     fixed: dict[str, Any] = field(default_factory=dict)
     unfixed: str | None = None
     shape_problem: Callable[[Shape, tuple[int, ...]], str | None] = lambda shape, widths: None  # None: it fits
 
 
+CHOICES: dict[str, tuple[str, ...]] = {"norm": tuple(NORMS)}  # the values of the options that are names
 REFERENCE_WIDTHS = (32, 64, 128)
 ARCHITECTURES: dict[str, Architecture] = {
     # The brief's design, what every benchmark compares: conv widths 32-64-128, 16 latent dimensions.
@@ -167,7 +184,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                               shape_problem=strided_shape_problem),
     "conv": Architecture(conv_encoder, conv_decoder, REFERENCE_WIDTHS, shape_problem=strided_shape_problem),
     "mlp": Architecture(mlp_encoder, mlp_decoder, (512, 256)),
-    "resnet": Architecture(resnet_encoder, resnet_decoder, REFERENCE_WIDTHS, options={"blocks": 1},
+    "resnet": Architecture(resnet_encoder, resnet_decoder, REFERENCE_WIDTHS, options={"blocks": 1, "norm": "batch"},
                            shape_problem=resnet_shape_problem),
 }
 

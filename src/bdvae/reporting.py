@@ -256,6 +256,7 @@ def preset_of(config: Config) -> tuple[str, list[str]]:
 def architecture(config: Config) -> str:
     m = config.model
     blocks = f", {m.blocks or 1} residual block{'s' if (m.blocks or 1) != 1 else ''} per resolution" if m.arch == "resnet" else ""
+    blocks += ", GroupNorm" if m.norm == "group" else ""
     return f"{m.arch} (widths {'/'.join(map(str, m.resolved_widths))}{blocks}), {m.latent_dim} latent dimensions"
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bdvae._version import __version__
 from bdvae import config as config_lib
+from bdvae._version import __version__
 from bdvae.comparison import Entry, gpu_slots
-from bdvae.reporting import (COLUMNS, architecture, SAMPLER_COLUMNS, THEMES, heading, html_page, markdown, markdown_table, minus_signs,
-                          number, summary_line, summary_rows, table, theme_columns)
+from bdvae.reporting import (COLUMNS, SAMPLER_COLUMNS, THEMES, architecture, heading, html_page, markdown,
+                          markdown_table, minus_signs, number, summary_line, summary_rows, table, theme_columns)
 from conftest import run_cli
 
 

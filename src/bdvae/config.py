@@ -142,15 +142,16 @@ class ModelConfig:
         for name in sorted({option for entry in archs.values() for option in entry.options}):
             value = getattr(self, name)
             takers = " or ".join(repr(a) for a, entry in archs.items() if name in entry.options)
-            if name in _option_choices():
+            choices = _option_choices().get(name)  # None: a count
+            if choices is not None:
                 _require(value is None or name in archs[self.arch].options,
                          f"model.{name} applies to model.arch={takers} only, got {value!r}")
                 if value is not None:
-                    _one_of(f"model.{name}", value, _option_choices()[name])
-                continue
-            _require(value is None or (name in archs[self.arch].options and value >= 0),
-                     f"model.{name} applies to model.arch={takers} only and must be >= 0, got {value!r}")
-            _require(value is None or value <= MAX_ITEMS, f"model.{name}: at most {MAX_ITEMS:,}, got {value!r}")
+                    _one_of(f"model.{name}", value, choices)
+            else:
+                _require(value is None or (name in archs[self.arch].options and value >= 0),
+                         f"model.{name} applies to model.arch={takers} only and must be >= 0, got {value!r}")
+                _require(value is None or value <= MAX_ITEMS, f"model.{name}: at most {MAX_ITEMS:,}, got {value!r}")
         fixed = archs[self.arch].fixed
         if fixed:
             given = {"latent_dim": self.latent_dim, "widths": self.resolved_widths}

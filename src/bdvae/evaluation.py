@@ -81,9 +81,11 @@ def _statistic(run: TrainedRun, what: str, fn: Callable[..., Any], *args: Any) -
         raise BdvaeError(f"{run.path}: {what} cannot be computed: {first_line(e)}") from None
 
 
+@torch.inference_mode()
 def reconstruction_and_divergences(run: TrainedRun, x: Tensor, intensities: Tensor, gen: torch.Generator) -> dict[str, Any]:
     """Single-sample reconstruction NLL (the training objective's, objective.image_terms), MSE of
-    the decoded posterior mean, KL and BD per image."""
+    the decoded posterior mean, KL and BD per image. Without a graph: its tensors live through the
+    whole evaluation, and the autograd graph of the test set's forward passes would live with them."""
     model, objective = run.model, run.config.objective
     eps = torch.randn(len(x), run.config.model.latent_dim, generator=gen)  # (N, D)
     batches = [image_terms(model, x[i: i + BATCH], objective, eps[i: i + BATCH]) for i in range(0, len(x), BATCH)]

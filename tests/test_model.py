@@ -8,7 +8,7 @@ from torch import nn
 
 from bdvae.config import ModelConfig, ObjectiveConfig
 from bdvae.errors import BdvaeError
-from bdvae.kernels import ImageConvTranspose2d
+from bdvae.kernels import ContiguousGroupNorm, ImageConvTranspose2d
 from bdvae.model import ARCHITECTURES, NORMS, ResidualBlock, build_model, group_norm
 from bdvae.objective import loss_terms
 
@@ -112,7 +112,7 @@ def test_resnet_norms_keep_the_parameters_and_the_identity_start(norm):
                         ObjectiveConfig(), (1, 32, 32))
     assert sum(p.numel() for p in model.parameters()) == 1_302_209
     kinds = {type(m) for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))}
-    assert kinds == {nn.BatchNorm2d if norm == "batch" else nn.GroupNorm}
+    assert kinds == {nn.BatchNorm2d if norm == "batch" else ContiguousGroupNorm}
     torch.manual_seed(0)
     x = torch.randn(3, 6, 5, 5)
     torch.testing.assert_close(ResidualBlock(6, norm).train()(x), torch.relu(x))
@@ -191,6 +191,33 @@ def test_the_image_layer_computes_the_plain_transposed_convolution(c_out, size, 
     torch.testing.assert_close(x.grad, x_plain.grad, rtol=0, atol=1e-12)
     for p, q in zip(layer.parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_contiguous_group_norm_computes_the_plain_layer_and_keeps_the_layout(dtype, monkeypatch):
+    """bf16 channels-last: normalised in the usual layout (the plain layer's code is not run), given
+    back channels-last, equal to the plain layer up to bf16 rounding, outputs and every gradient;
+    fp32: the plain layer's own path."""
+    torch.manual_seed(0)
+    layer = ContiguousGroupNorm(4, 16)
+    nn.init.normal_(layer.weight), nn.init.normal_(layer.bias)
+    plain = nn.GroupNorm(4, 16)
+    plain.load_state_dict(layer.state_dict())  # the same parameter names and shapes
+    x = torch.randn(3, 16, 8, 8).to(dtype=dtype, memory_format=torch.channels_last).requires_grad_()
+    x_plain = x.detach().clone().requires_grad_()
+    y_plain = plain(x_plain)
+    if dtype == torch.bfloat16:
+        monkeypatch.setattr(nn.GroupNorm, "forward", lambda *a: pytest.fail("took the plain layer's path"))
+    y = layer(x)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    tol = {"rtol": 0.02, "atol": 0.02} if dtype == torch.bfloat16 else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(y, y_plain, **tol)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_plain.backward(g)
+    torch.testing.assert_close(x.grad, x_plain.grad, **tol)
+    for p, q in zip(layer.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0.02, atol=0.2 if dtype == torch.bfloat16 else 0)
 
 
 @pytest.mark.parametrize("arch", ["reference", "resnet"])

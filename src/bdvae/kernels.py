@@ -36,6 +36,21 @@ class ImageConvTranspose2d(nn.ConvTranspose2d):
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
 
+class ContiguousGroupNorm(nn.GroupNorm):
+    """GroupNorm that, on a CPU, normalises a channels-last bf16 or fp16 input in the usual layout
+    and gives it back channels-last: the same function as the plain layer, with the same parameters
+    and state dict. The CPU's channels-last kernel in reduced precision runs at a fraction of the
+    usual layout's speed, which the two copies cost far less than (docs/results/performance.md).
+    Elsewhere (fp32, a GPU, the usual layout) the plain layer's computation."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or x.dim() != 4
+                or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
+            return super().forward(x)
+        y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+        return y.contiguous(memory_format=torch.channels_last)
+
+
 # ---------------------------------------------------------------------------------------------
 # The decoder rewritten for the IWAE's many decodes
 

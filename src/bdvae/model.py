@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bdvae.errors import BdvaeError
-from bdvae.kernels import ImageConvTranspose2d
+from bdvae.kernels import ContiguousGroupNorm, ImageConvTranspose2d
 from bdvae.likelihoods import LIKELIHOODS
 
 Shape = tuple[int, int, int]  # (C, H, W)
@@ -60,8 +60,9 @@ GROUPS = 8  # GroupNorm's groups where the width allows (else the greatest commo
 
 def group_norm(width: int) -> nn.GroupNorm:
     """GroupNorm over groups of channels of each image (Wu and He 2018): unlike BatchNorm, what a
-    layer gives one image does not depend on the others in its batch, in training as in evaluation."""
-    return nn.GroupNorm(math.gcd(GROUPS, width), width)
+    layer gives one image does not depend on the others in its batch, in training as in evaluation.
+    (ContiguousGroupNorm: plain GroupNorm, faster in bf16 on a CPU.)"""
+    return ContiguousGroupNorm(math.gcd(GROUPS, width), width)
 
 
 # model.norm: the normalisation after each convolution of the resnet architecture.

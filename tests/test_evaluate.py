@@ -263,7 +263,7 @@ def _untrained_run(tmp_path, latent_dim: int = 16) -> Run:
 
 def test_the_test_pass_keeps_no_autograd_graph(tmp_path):
     """Its tensors live through the whole evaluation: with a graph, every forward pass's
-    activations lived with them (the quality preset's evaluation held 14 GB instead of 1)."""
+    activations would live with them (docs/results/prior-hole.md: the GroupNorm evaluations)."""
     run = _untrained_run(tmp_path, 16)
     x = torch.bernoulli(torch.full((30, 1, 32, 32), 0.3), generator=torch.Generator().manual_seed(1))
     terms = evaluate.reconstruction_and_divergences(run, x, x, torch.Generator().manual_seed(2))

@@ -200,7 +200,8 @@ def test_the_contiguous_group_norm_computes_the_plain_layer_and_keeps_the_layout
     fp32: the plain layer's own path."""
     torch.manual_seed(0)
     layer = ContiguousGroupNorm(4, 16)
-    nn.init.normal_(layer.weight), nn.init.normal_(layer.bias)
+    nn.init.normal_(layer.weight)
+    nn.init.normal_(layer.bias)
     plain = nn.GroupNorm(4, 16)
     plain.load_state_dict(layer.state_dict())  # the same parameter names and shapes
     x = torch.randn(3, 16, 8, 8).to(dtype=dtype, memory_format=torch.channels_last).requires_grad_()

@@ -6,7 +6,7 @@ variants take turns, window by window, so that their ratios hold on a noisy mach
 
     python benchmarks/group_norm.py [--rounds 3] [--steps 10] [--json benchmarks/group-norm.json]
 
-Not part of the test suite (a few minutes on 2 cores).
+Not part of the test suite (about a minute on 2 cores).
 """
 
 from __future__ import annotations

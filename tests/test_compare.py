@@ -19,7 +19,8 @@ from bdvae import config as config_lib
 from bdvae._version import __version__
 from bdvae.comparison import Entry, gpu_slots
 from bdvae.reporting import (COLUMNS, SAMPLER_COLUMNS, THEMES, architecture, heading, html_page, markdown,
-                          markdown_table, minus_signs, number, summary_line, summary_rows, table, theme_columns)
+                          markdown_table, minus_signs, number, rate_distortion_figure, summary_line, summary_rows, table,
+                          theme_columns)
 from conftest import run_cli
 
 
@@ -240,6 +241,21 @@ def test_the_best_of_each_column_with_a_direction_is_bold_and_ties_share_it():
     assert '<td class="best"><b>50.00</b></td>' in page and '<td class="best"><b>7.50</b></td>' in page
     alone = summary_rows(entries[:1])  # one configuration: nothing to compare, nothing marked
     assert not any(any(r) for r in table(alone, theme_columns("likelihood")).best)
+
+
+def test_the_rate_distortion_legend_hides_no_point_and_betas_are_labelled_only_where_they_differ():
+    # Seven configurations, the legend's length that once covered a point in the axes' corner.
+    entries = [_entry(f"reg{i}", 1.0, 0, **{"recon NLL": 48.0 + 2 * i, "KL": 47.0 - 3 * i}) for i in range(7)]
+    fig = rate_distortion_figure(summary_rows(entries))
+    fig.canvas.draw()
+    (ax,), (legend,) = fig.axes, fig.legends
+    axes_box, legend_box = ax.get_window_extent(), legend.get_window_extent()
+    assert legend_box.y1 <= axes_box.y0  # below the axes, not over them
+    assert len(legend.get_texts()) == 7
+    assert not ax.texts and ax.get_title().endswith("β = 1")
+    betas = summary_rows([_entry("kl", 1.0, 0, **{"recon NLL": 60.0, "KL": 30.0}),
+                          _entry("kl", 2.0, 0, **{"recon NLL": 70.0, "KL": 20.0})])
+    assert sorted(t.get_text() for t in rate_distortion_figure(betas).axes[0].texts) == ["β=1", "β=2"]
 
 
 def test_negative_numbers_take_one_minus_sign():

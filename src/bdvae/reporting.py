@@ -210,12 +210,20 @@ def markdown_table(t: Table) -> str:
 
 
 def save_rate_distortion(rows: list[dict[str, Any]], path: Path) -> None:
+    pictures.save_figure(rate_distortion_figure(rows), path)
+
+
+def rate_distortion_figure(rows: list[dict[str, Any]]):
     """Rate (KL of the posteriors to the prior) against distortion (reconstruction NLL): one point
-    per configuration with ±1 std bars over seeds; the betas of one regularizer joined as a curve."""
+    per configuration with ±1 std bars over seeds; the betas of one regularizer joined as a curve,
+    each point labelled with its β where the rows' betas differ. The legend sits below the axes,
+    where it cannot hide a point."""
     plt = pictures.pyplot()
     rate, distortion = "KL", "recon NLL"
-    fig, ax = plt.subplots(figsize=(6, 4.5), constrained_layout=True)
-    for reg in dict.fromkeys(r["regularizer"] for r in rows):
+    regularizers = list(dict.fromkeys(r["regularizer"] for r in rows))
+    label_betas = len({r["beta"] for r in rows}) > 1
+    fig, ax = plt.subplots(figsize=(6, 4.5 + 0.2 * len(regularizers)), constrained_layout=True)
+    for reg in regularizers:
         points = sorted((r for r in rows if r["regularizer"] == reg and r["cells"][rate] and r["cells"][distortion]),
                         key=lambda r: r["beta"])
         xs = [r["cells"][rate] for r in points]
@@ -223,14 +231,16 @@ def save_rate_distortion(rows: list[dict[str, Any]], path: Path) -> None:
         ax.errorbar([x[0] for x in xs], [y[0] for y in ys], xerr=[x[1] for x in xs], yerr=[y[1] for y in ys],
                     marker="o", capsize=3, label=reg, linestyle="-" if len(points) > 1 else "none")
         for r, x, y in zip(points, xs, ys):
-            ax.annotate(f"β={r['beta']:g}", (x[0], y[0]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            if label_betas:
+                ax.annotate(f"β={r['beta']:g}", (x[0], y[0]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel("rate: KL(q(z|x) || N(0, I)) per image (nats)")
     ax.set_ylabel("distortion: reconstruction NLL per image (nats)")
-    ax.set_title("rate–distortion on the test set")
+    betas = sorted({r["beta"] for r in rows})
+    ax.set_title("rate–distortion on the test set" + ("" if label_betas or not betas else f", β = {betas[0]:g}"))
     ax.margins(0.12)  # room for the β labels at the edges
     ax.grid(alpha=0.3)
-    ax.legend()
-    pictures.save_figure(fig, path)
+    fig.legend(loc="outside lower center", fontsize=8, frameon=False)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------

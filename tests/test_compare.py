@@ -20,7 +20,7 @@ from bdvae._version import __version__
 from bdvae.comparison import Entry, gpu_slots
 from bdvae.reporting import (COLUMNS, SAMPLER_COLUMNS, THEMES, architecture, heading, html_page, markdown,
                           markdown_table, minus_signs, number, rate_distortion_figure, summary_line, summary_rows, table,
-                          theme_columns)
+                          theme_columns, title)
 from conftest import run_cli
 
 
@@ -256,6 +256,12 @@ def test_the_rate_distortion_legend_hides_no_point_and_betas_are_labelled_only_w
     betas = summary_rows([_entry("kl", 1.0, 0, **{"recon NLL": 60.0, "KL": 30.0}),
                           _entry("kl", 2.0, 0, **{"recon NLL": 70.0, "KL": 20.0})])
     assert sorted(t.get_text() for t in rate_distortion_figure(betas).axes[0].texts) == ["β=1", "β=2"]
+
+
+def test_a_title_names_up_to_three_configurations_and_counts_more():
+    three = [_entry(reg, 1.0, seed) for reg in ("bhattacharyya", "kl", "mmd") for seed in (0, 1)]
+    assert title(three) == "bdvae comparison: bhattacharyya vs kl vs mmd"
+    assert title(three + [_entry("wasserstein", 1.0, 0)]) == "bdvae comparison of 4 configurations"
 
 
 def test_negative_numbers_take_one_minus_sign():

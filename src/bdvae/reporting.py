@@ -435,10 +435,14 @@ def sections(entries: Sequence[Entry], rows: list[dict[str, Any]], now: datetime
     return out
 
 
+TITLE_NAMES = 3  # configurations a title names; more are counted, and the "runs" row names them
+
+
 def title(entries: Sequence[Entry]) -> str:
     config = _config(entries[0].run_dir)
-    regs = " vs ".join(dict.fromkeys(e.regularizer for e in entries))
-    return f"bdvae comparison: {regs}" + (f" on {config.data.name}" if config is not None else "")
+    regs = list(dict.fromkeys(e.regularizer for e in entries))
+    what = f": {' vs '.join(regs)}" if len(regs) <= TITLE_NAMES else f" of {len(regs)} configurations"
+    return f"bdvae comparison{what}" + (f" on {config.data.name}" if config is not None else "")
 
 
 Sections = list[tuple[str, list[Block]]]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from bdvae import config as config_lib
+from bdvae import pictures
 from bdvae._version import __version__
 from bdvae.comparison import Entry, gpu_slots
 from bdvae.reporting import (COLUMNS, SAMPLER_COLUMNS, THEMES, architecture, heading, html_page, markdown,
@@ -255,7 +256,10 @@ def test_the_rate_distortion_legend_hides_no_point_and_betas_are_labelled_only_w
     assert not ax.texts and ax.get_title().endswith("β = 1")
     betas = summary_rows([_entry("kl", 1.0, 0, **{"recon NLL": 60.0, "KL": 30.0}),
                           _entry("kl", 2.0, 0, **{"recon NLL": 70.0, "KL": 20.0})])
-    assert sorted(t.get_text() for t in rate_distortion_figure(betas).axes[0].texts) == ["β=1", "β=2"]
+    two = rate_distortion_figure(betas)
+    assert sorted(t.get_text() for t in two.axes[0].texts) == ["β=1", "β=2"]
+    for f in (fig, two):
+        pictures.pyplot().close(f)
 
 
 def test_a_title_names_up_to_three_configurations_and_counts_more():

@@ -221,7 +221,8 @@ def rate_distortion_figure(rows: list[dict[str, Any]]):
     plt = pictures.pyplot()
     rate, distortion = "KL", "recon NLL"
     regularizers = list(dict.fromkeys(r["regularizer"] for r in rows))
-    label_betas = len({r["beta"] for r in rows}) > 1
+    betas = sorted({r["beta"] for r in rows})
+    label_betas = len(betas) > 1
     fig, ax = plt.subplots(figsize=(6, 4.5 + 0.2 * len(regularizers)), constrained_layout=True)
     for reg in regularizers:
         points = sorted((r for r in rows if r["regularizer"] == reg and r["cells"][rate] and r["cells"][distortion]),
@@ -235,7 +236,6 @@ def rate_distortion_figure(rows: list[dict[str, Any]]):
                 ax.annotate(f"β={r['beta']:g}", (x[0], y[0]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel("rate: KL(q(z|x) || N(0, I)) per image (nats)")
     ax.set_ylabel("distortion: reconstruction NLL per image (nats)")
-    betas = sorted({r["beta"] for r in rows})
     ax.set_title("rate–distortion on the test set" + ("" if label_betas or not betas else f", β = {betas[0]:g}"))
     ax.margins(0.12)  # room for the β labels at the edges
     ax.grid(alpha=0.3)

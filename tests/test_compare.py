@@ -208,7 +208,7 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert rows[0]["cells"]["KL"] is None
     text = markdown_table(table(rows, theme_columns("likelihood")))
     assert "| bhattacharyya | 1 | 2 | 12.00 ± 2.83 |" in text and "| kl | 1 | 1 | **7.00** |" in text  # lower is better
-    assert text.startswith("| regularizer | β | seeds | recon NLL ↓ (nats) | MSE ↓ (per pixel) | KL (nats) |")
+    assert text.startswith("| regularizer | β | seeds | recon NLL ↓ (nats) |\n")  # no run has the others
     assert summary_line(rows).startswith("2 configurations, 1/2 seeds each; mean ± std over seeds;")
     assert summary_line(rows[1:]).startswith("1 configuration, 1 seed each; one seed, so no spread over seeds;")
 
@@ -225,19 +225,33 @@ def _entry(reg, beta, seed, **figures):
     return Entry(reg, beta, seed, Path("."), metrics)
 
 
+def test_a_column_no_run_has_is_left_out_and_one_some_runs_lack_shows_a_dash():
+    """Runs evaluated before a figure existed (aggregate BD, say) give no empty column."""
+    entries = [_entry("bhattacharyya", 1.0, 0, **{"‖mean q(z)‖": 0.3, "active units": 16}),
+               _entry("kl", 1.0, 0, **{"‖mean q(z)‖": 0.2, "active units": 16})]
+    header = [name for name, _ in table(summary_rows(entries), theme_columns("prior match")).header]
+    assert header == ["regularizer", "β", "seeds", "‖mean q(z)‖ ↓", "active units"]
+    entries.append(_entry("kl", 2.0, 0, **{"‖mean q(z)‖": 0.1, "aggregate BD": 0.05}))
+    prior = table(summary_rows(entries), theme_columns("prior match"))
+    header = [name for name, _ in prior.header]
+    assert "aggregate BD ↓" in header
+    assert [r[header.index("aggregate BD ↓")] for r in prior.rows] == ["–", "–", "0.050"]
+
+
 def test_the_best_of_each_column_with_a_direction_is_bold_and_ties_share_it():
     entries = [_entry("bhattacharyya", 1.0, 0, **{"recon NLL": 50.0, "classifier score": 6.0, "KL": 40.0, "precision": 0.6}),
                _entry("kl", 1.0, 0, **{"recon NLL": 60.0, "classifier score": 7.5, "KL": 20.0, "precision": 0.6004}),
                _entry("kl", 2.0, 0, **{"recon NLL": 70.0, "classifier score": 7.0, "KL": 10.0})]
     rows = summary_rows(entries)
     likelihood = markdown_table(table(rows, theme_columns("likelihood")))
-    assert "| bhattacharyya | 1 | 1 | **50.00** | – | 40.00 |" in likelihood  # ↓: the lowest NLL
-    assert "| kl | 2 | 1 | 70.00 | – | 10.00 |" in likelihood  # KL has no direction: never bold
+    assert "| bhattacharyya | 1 | 1 | **50.00** | 40.00 |" in likelihood  # ↓: the lowest NLL
+    assert "| kl | 2 | 1 | 70.00 | 10.00 |" in likelihood  # KL has no direction: never bold
     quality = table(rows, theme_columns("sample quality"))
     column = [name for name, _ in quality.header]
     score, precision = column.index("classifier score ↑"), column.index("precision ↑")
     assert [r[score] for r in quality.best] == [False, True, False]  # ↑: the highest score
     assert [r[precision] for r in quality.best] == [True, True, False]  # 0.600 and 0.600 as shown: a tie
+    assert [r[precision] for r in table(rows, theme_columns("sample quality")).rows] == ["0.600", "0.600", "–"]
     page = html_page(entries, rows, Path("."))
     assert '<td class="best"><b>50.00</b></td>' in page and '<td class="best"><b>7.50</b></td>' in page
     alone = summary_rows(entries[:1])  # one configuration: nothing to compare, nothing marked

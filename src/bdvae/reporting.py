@@ -179,7 +179,9 @@ def _best(rows: list[dict[str, Any]], f: Figure) -> list[bool]:
 
 def table(rows: list[dict[str, Any]], columns: Sequence[Figure]) -> Table:
     """The rows (summary_rows or sampler_rows) in `columns`, led by the configuration's name
-    (and its sampler, for a sampler row) and seed count."""
+    (and its sampler, for a sampler row) and seed count. A column no row has a value for is left
+    out (runs evaluated before bdvae measured it)."""
+    columns = [f for f in columns if any(r["cells"][f.column] is not None for r in rows)]
     lead = ["regularizer", "β", *(["sampler"] if rows and "sampler" in rows[0] else []), "seeds"]
     marks = [_best(rows, f) for f in columns]
     return Table(

@@ -18,7 +18,7 @@ from bdvae.config import Config, DataConfig, TrainConfig
 from bdvae.distributed import Context
 from bdvae.model import build_model
 from bdvae.steps import make_optimizer, place, step_on_device
-from bdvae.training import resume, train, train_epoch
+from bdvae.training import EVAL_BATCH, evaluate_terms, resume, train, train_epoch
 from conftest import assert_rows_close, interrupted_copy, run_rows
 
 
@@ -99,6 +99,19 @@ def test_the_device_step_reads_nothing_back_between_progress_points(step, monkey
         assert counts["n"] <= 6, counts
     else:  # the loss and the gradient norm, every step
         assert counts["n"] >= 2 * 40, counts
+
+
+def test_the_test_pass_reads_its_sums_back_once(monkeypatch):
+    # Each chunk's sums stay where the model runs; the pass ends with one read of all five.
+    config = Config(train=TrainConfig(mixed_precision=False))
+    images = torch.randint(0, 256, (3 * EVAL_BATCH, 1, 32, 32), dtype=torch.uint8)
+    torch.manual_seed(0)
+    model = build_model(config.model, config.objective, (1, 32, 32))
+    counts = _count_host_reads(monkeypatch)
+    terms = evaluate_terms(model, images, config, seed=0)
+    monkeypatch.undo()
+    assert counts["n"] == 1, counts
+    assert terms["loss"] == pytest.approx(terms["recon_nll"] + terms["reg"]) and terms["kl"] > 0
 
 
 def test_the_device_step_resumes_bit_for_bit(mnist_dir, host_and_device, tmp_path):

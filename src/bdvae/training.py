@@ -47,7 +47,8 @@ def evaluate_terms(model: VAE, images: Tensor, config: Config, seed: int, ctx: C
     objective = config.objective
     likelihood = LIKELIHOODS[objective.likelihood]
     gen = torch.Generator().manual_seed(seed)
-    sums = torch.zeros(5, dtype=torch.float64)  # recon_nll, reg, kl, bhattacharyya, aggregate
+    # recon_nll, reg, kl, bhattacharyya, aggregate, summed where the model runs: read back once
+    sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)
     for i, start in enumerate(range(0, len(images), EVAL_BATCH)):
         x = likelihood.targets(images[start: start + EVAL_BATCH], gen)
         eps = torch.randn(len(x), config.model.latent_dim, generator=gen)
@@ -61,7 +62,7 @@ def evaluate_terms(model: VAE, images: Tensor, config: Config, seed: int, ctx: C
         aggregate = (len(x) * aggregate_term(objective, terms, None if prior is None else prior.to(ctx.device))
                      if objective.aggregate is not None else mu.new_zeros(()))
         sums += torch.stack([terms.recon_nll.sum(), terms.reg.sum(), REGULARIZERS["kl"](mu, logvar).sum(),
-                             REGULARIZERS["bhattacharyya"](mu, logvar).sum(), aggregate]).cpu().double()
+                             REGULARIZERS["bhattacharyya"](mu, logvar).sum(), aggregate]).double()
     recon_nll, reg, kl, bd, aggregate = (ctx.all_reduce_sum(sums) / len(images)).tolist()
     model.train()
     result = {"recon_nll": recon_nll, "reg": reg, "kl": kl, "bhattacharyya": bd,

@@ -175,6 +175,20 @@ def test_unwritable_output_directory_is_one_line(mnist_dir, tmp_path):
     assert (tmp_path / "a-file").read_text() == "not a folder"
 
 
+def test_without_out_a_preset_or_an_aggregate_term_gets_a_folder_of_its_own():
+    from bdvae.__main__ import default_run_dir
+    from bdvae.config import load
+
+    def named(preset=None, *overrides):
+        return default_run_dir(load(None, list(overrides), preset=preset), preset).as_posix()
+
+    assert named() == "runs/bhattacharyya-beta1-seed0"  # the quick start's run
+    assert named(None, "objective.regularizer=kl", "train.seed=2") == "runs/kl-beta1-seed2"
+    assert named("quality") == "runs/quality-bhattacharyya-beta1-seed0"
+    assert (named(None, "objective.aggregate=mmd", "objective.aggregate_weight=300")
+            == "runs/bhattacharyya-beta1-agg-mmd300-seed0")
+
+
 def test_train_help_lists_the_presets():
     result = run_cli("train", "--help")
     assert result.returncode == 0

@@ -52,6 +52,16 @@ def _check_out(path: Path, overwrite: bool, suffix: str | None = ".png") -> None
         raise BdvaeError(f"--out {path}: file exists; pass --overwrite to replace it")
 
 
+def default_run_dir(config: Any, preset: str | None) -> Path:
+    """runs/[PRESET-]REGULARIZER-betaBETA[-agg-TERMWEIGHT]-seedSEED: what `train` writes to without
+    --out, so that a preset or an aggregate term does not land on the default run's folder."""
+    objective = config.objective
+    name = f"{objective.regularizer}-beta{objective.beta:g}"
+    if objective.aggregate is not None:
+        name += f"-agg-{objective.aggregate}{objective.aggregate_weight:g}"
+    return Path("runs") / f"{preset + '-' if preset else ''}{name}-seed{config.train.seed}"
+
+
 def _csv(text: str, kind: Callable[[str], object], what: str) -> list:
     try:
         values = [kind(v.strip()) for v in text.split(",") if v.strip()]
@@ -165,7 +175,7 @@ def train(*, preset: str | None, config_file: Path | None, overrides: list[str] 
             print(f"run directory: {resume}")
         return
     config = _config(preset, config_file, overrides, data_dir)
-    out = out or Path("runs") / f"{config.objective.regularizer}-beta{config.objective.beta:g}-seed{config.train.seed}"
+    out = out or default_run_dir(config, preset)
     if (nproc or 1) > 1:
         check_new(Path(out), overwrite)  # fail before starting the processes
         launch(nproc, _without_nproc(argv))  # every process works out the same --out from the config
@@ -434,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = commands.add_parser("train", help="train a VAE into a run directory")
-    p.add_argument("--out", type=Path, help="run directory (default: runs/REGULARIZER-betaBETA-seedSEED)")
+    p.add_argument("--out", type=Path, help="run directory (default: runs/[PRESET-]REGULARIZER-betaBETA[-agg-TERMWEIGHT]-seedSEED)")
     _add_overwrite(p, "the files of an existing run directory")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run from its newest good checkpoint")
     p.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)

@@ -349,7 +349,7 @@ class TwoStage(Sampler):
         return cls(vae, str(params["regularizer"]), list(params.get("losses", [])))
 
 
-FLOW_EXTRA = 'pip install "bdvae[flow]"'
+FLOW_EXTRA = "pip install 'bdvae[flow]' (or pip install zuko)"
 
 
 def _zuko() -> Any:

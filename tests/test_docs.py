@@ -77,6 +77,14 @@ def test_configuration_page_lists_every_key_with_its_default():
         assert value == expected and type(value) is type(expected), f"{key}: the page says {value!r}, the default is {default!r}"
 
 
+def test_configuration_page_names_every_setting_that_does_not_make_another_run():
+    from bdvae.config import MACHINE_KEYS
+
+    text = (DOCS / "configuration.md").read_text(encoding="utf-8")
+    paragraph = next(p for p in text.split("\n\n") if "same run to `compare`" in p)
+    assert sorted(re.findall(r"`(\w+\.\w+)`", paragraph)) == sorted(MACHINE_KEYS)
+
+
 def _hook():
     spec = importlib.util.spec_from_file_location("generated", DOCS / "hooks" / "generated.py")
     module = importlib.util.module_from_spec(spec)

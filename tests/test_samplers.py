@@ -293,7 +293,7 @@ def test_evaluate_fits_and_scores_every_sampler(evaluated):
         assert (run_dir / "eval" / f"samples-{name}.png").stat().st_size > 500
         # the sampler's rows: its heading, with what its samples were scored against, then its figures
         assert re.search(rf"^sampler {name} +500 samples against 500 test images\n  test-latent ln p\(z\) ", stdout, re.M), stdout
-    assert prior["frechet_ratio"] == 1.0
+    assert prior["frechet_ratio"] == 1.0 and "not scored" not in stdout  # every fitted sampler was
     assert sorted(p.name for p in (run_dir / "samplers").iterdir()) == [
         "gmm-3.json", "gmm-3.safetensors", "two_stage.json", "two_stage.safetensors"]
 
@@ -307,6 +307,8 @@ def test_a_second_evaluate_reuses_the_fitted_samplers(evaluated):
     assert result.returncode == 0, result.stderr
     assert "fitting" not in result.stdout
     assert {p.name: p.read_bytes() for p in (run_dir / "samplers").iterdir()} == before
+    # two_stage is fitted there too: the output says how to score it.
+    assert "fitted in the run but not scored: two_stage (--samplers two_stage scores them)" in result.stdout
 
 
 @pytest.mark.slow

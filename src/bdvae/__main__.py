@@ -261,7 +261,7 @@ def _eval_options(samplers: str, **flags: Any) -> Any:
 def evaluate(*, run: Path, k: int, samples: int, test_size: int | None, seed: int, max_batch: int,
              pictures: bool, samplers: str, dtype: str, device: str, quiet: bool, as_json: bool) -> None:
     from bdvae.evaluation import evaluate_run
-    from bdvae.rundir import METRICS_FILE
+    from bdvae.rundir import METRICS_FILE, fitted_names
 
     options = _eval_options(samplers, k=k, samples=samples, test_size=test_size, seed=seed, max_batch=max_batch,
                             pictures=pictures, dtype=dtype)
@@ -271,6 +271,8 @@ def evaluate(*, run: Path, k: int, samples: int, test_size: int | None, seed: in
         return
     print(format_table(result))
     print(f"wrote {run / METRICS_FILE} ({result['seconds']:.0f} s)")
+    if unscored := [name for name in fitted_names(run) if name not in result["samplers"]]:
+        print(f"fitted in the run but not scored: {', '.join(unscored)} (--samplers {','.join(unscored)} scores them)")
 
 
 def compare(*, regularizers: str, beta: str, seeds: int, epochs: int | None, out: Path, preset: str | None,

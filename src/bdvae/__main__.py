@@ -53,7 +53,7 @@ def _check_out(path: Path, overwrite: bool, suffix: str | None = ".png") -> None
 
 
 def default_run_dir(config: Any, preset: str | None) -> Path:
-    """runs/[PRESET-]REGULARIZER-betaBETA[-agg-TERMWEIGHT]-seedSEED: what `train` writes to without
+    """runs/[PRESET-]REGULARIZER-betaBETA[-agg-AGGREGATEWEIGHT]-seedSEED: what `train` writes to without
     --out, so that a preset or an aggregate term does not land on the default run's folder."""
     objective = config.objective
     name = f"{objective.regularizer}-beta{objective.beta:g}"
@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = commands.add_parser("train", help="train a VAE into a run directory")
-    p.add_argument("--out", type=Path, help="run directory (default: runs/[PRESET-]REGULARIZER-betaBETA[-agg-TERMWEIGHT]-seedSEED)")
+    p.add_argument("--out", type=Path, help="run directory (default: runs/[PRESET-]REGULARIZER-betaBETA[-agg-AGGREGATEWEIGHT]-seedSEED)")
     _add_overwrite(p, "the files of an existing run directory")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run from its newest good checkpoint")
     p.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)

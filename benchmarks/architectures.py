@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from bdvae.config import ModelConfig, ObjectiveConfig
-from bdvae.devices import native_bf16
+from bdvae.devices import fast_bf16
 from bdvae.evaluation import IWAE_DECODE_BATCH
 from bdvae.kernels import iwae_decoder
 from bdvae.model import build_model
@@ -78,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=Path("benchmarks/architectures.json"))
     args = parser.parse_args()
-    bf16 = native_bf16(torch.device("cpu"))
+    bf16 = fast_bf16(torch.device("cpu"))
     host = machine()
     print(f"{host['cpu']} (bf16 units: {', '.join(host.get('bf16_units', [])) or 'none'}), {host['threads']} threads; "
           f"{'bf16 autocast' if bf16 else 'fp32'}, batch {BATCH}, {SHAPE}")

@@ -80,7 +80,7 @@ from bdvae import rundir
 from bdvae.api import Run, load_run
 from bdvae.config import Config, DataConfig
 from bdvae.data import Dataset, load_dataset
-from bdvae.devices import keep_freed_memory, native_bf16
+from bdvae.devices import keep_freed_memory, fast_bf16
 from bdvae.distributed import Context
 from bdvae.evaluation import EvalOptions, iwae_nll
 from bdvae.likelihoods import LIKELIHOODS, binarized, to_float
@@ -191,7 +191,7 @@ class MinimalContender:
         self.model = copy.deepcopy(base).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.train.lr)
         self.config, self.images, self.device = config, images.to(device), device
-        self.bf16 = bf16 and native_bf16(device)
+        self.bf16 = bf16 and fast_bf16(device)
         self.model.train()
 
     def step(self, x: Tensor) -> None:
@@ -368,7 +368,7 @@ def precision(name: str, device: torch.device) -> str:
         return "fp32"  # its trainer's amp option is fp16 autocast, and it turns that off for a BCE loss
     if kind == "bdvae" and "mixed_precision" not in SETTINGS.get(setting, {}):
         return bdvae_default_precision(device)
-    return "bf16" if setting == "bf16" and native_bf16(device) else "fp32"
+    return "bf16" if setting == "bf16" and fast_bf16(device) else "fp32"
 
 
 def label(name: str, device: torch.device = torch.device("cpu")) -> str:

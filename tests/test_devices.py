@@ -1,4 +1,5 @@
-"""devices.keep_freed_memory: a freed buffer stays in malloc's heap, ready for the next step."""
+"""devices.keep_freed_memory: a freed buffer stays in malloc's heap, ready for the next step;
+devices.fast_bf16: where the defaults compute in bf16."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from bdvae.devices import fast_bf16
 
 # Where glibc puts a 16 MiB buffer, the size of a training step's larger activations, and what
 # happens to it once freed: prints the bytes it added to mmapped memory and the heap kept after the free.
@@ -49,3 +53,17 @@ def test_a_freed_buffer_stays_in_the_heap():
     assert mmapped >= size and kept < size  # glibc's default: its own mmap, handed back to the kernel when freed
     mmapped, kept = _where("keep")
     assert mmapped == 0 and kept >= size  # kept: from the heap, and still there for the next step
+
+
+@pytest.mark.parametrize(("amx", "avx512_bf16", "fast"), [(True, True, True), (False, True, False), (False, False, False)])
+def test_a_cpu_takes_bf16_by_default_only_with_amx(monkeypatch, amx, avx512_bf16, fast):
+    # AVX512-BF16 without AMX computes bf16 natively, but more slowly than fp32 (results/performance.md).
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert fast_bf16(torch.device("cpu")) is fast
+    from bdvae.distributed import Context
+    from bdvae.evaluation import iwae_dtype
+    from bdvae.options import EvalOptions
+
+    assert Context().bf16_autocast(mixed_precision=True) is fast and not Context().bf16_autocast(mixed_precision=False)
+    assert iwae_dtype(EvalOptions()) == ("bf16" if fast else "fp32") and iwae_dtype(EvalOptions(dtype="bf16")) == "bf16"

@@ -231,8 +231,8 @@ class TrainConfig:
     """With skip_nonfinite: an epoch that skips more than this share of its batches stops the run, a diverged one
     (so does a non-finite test loss)."""
     mixed_precision: bool = True
-    """The forward under bf16 autocast where the CPU or GPU has native bf16 (weights, Adam and the loss sums stay
-    fp32); no effect elsewhere."""
+    """The forward under bf16 autocast where bf16 is faster than fp32, a CPU with AMX or a GPU with bf16 (weights,
+    Adam and the loss sums stay fp32); no effect elsewhere."""
     log_every: int = 50
     """Optimizer steps between the step figures given to callbacks and TensorBoard (loss terms, lr, beta, gradient
     norm; 0: none)."""

@@ -1,5 +1,5 @@
-"""Where computation runs: --device (auto, cpu, cuda), whether a device computes bf16 natively, and
-how much memory it has left for a request."""
+"""Where computation runs: --device (auto, cpu, cuda), whether bf16 is faster than fp32 on a
+device, and how much memory it has left for a request."""
 
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ from bdvae.errors import BdvaeError
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16
-    (AMX too); elsewhere bf16 is emulated and slower than fp32."""
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 is faster than fp32 on `device` for bdvae's models, so that the defaults use it:
+    a CUDA GPU with bf16, or a CPU with AMX. A CPU with AVX512-BF16 but no AMX computes bf16
+    natively, yet more slowly than fp32 at these sizes (docs/results/performance.md); elsewhere
+    bf16 is emulated, slower still."""
     if device.type == "cuda":  # Ampere and later; torch's is_bf16_supported() also counts emulation
         return torch.cuda.get_device_properties(device).major >= 8
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 # mallopt's parameters (glibc's malloc.h); 32 MiB is the largest mmap threshold glibc takes on 64-bit.

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from bdvae.devices import check_gpus, native_bf16, resolve_device
+from bdvae.devices import check_gpus, fast_bf16, resolve_device
 from bdvae.errors import BdvaeError
 
 ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")  # set by torchrun in every process it starts
@@ -51,9 +51,9 @@ class Context:
 
     def bf16_autocast(self, mixed_precision: bool) -> bool:
         """Whether training runs under bf16 autocast: train.mixed_precision asks for it, and it takes
-        effect where the hardware computes bf16 natively, CUDA GPUs of compute capability 8+ and
-        CPUs with AVX512-BF16 (elsewhere bf16 is emulated, slower than fp32)."""
-        return mixed_precision and native_bf16(self.device)
+        effect where bf16 is faster than fp32, CUDA GPUs of compute capability 8+ and CPUs with AMX
+        (devices.fast_bf16)."""
+        return mixed_precision and fast_bf16(self.device)
 
     def sync_buffers(self, module: nn.Module) -> None:
         """Every rank's buffers (BatchNorm's running statistics) set to rank 0's, in place."""

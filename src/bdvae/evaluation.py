@@ -26,7 +26,7 @@ from bdvae import logs, metrics, pictures, rundir
 from bdvae._version import __version__
 from bdvae.classifier import classifier_facts, features_and_logits, load_classifier, score_samples
 from bdvae.data import Dataset, load_dataset
-from bdvae.devices import available_memory, check_memory, keep_freed_memory, native_bf16, resolve_device
+from bdvae.devices import available_memory, check_memory, keep_freed_memory, fast_bf16, resolve_device
 from bdvae.errors import BdvaeError, first_line
 from bdvae.likelihoods import LIKELIHOODS, to_float
 from bdvae.kernels import iwae_decoder
@@ -106,7 +106,7 @@ def iwae_dtype(options: EvalOptions, device: torch.device = torch.device("cpu"))
     """options.dtype with "auto" resolved for `device`."""
     if options.dtype != "auto":
         return options.dtype
-    return "bf16" if native_bf16(device) else "fp32"
+    return "bf16" if fast_bf16(device) else "fp32"
 
 
 def iwae_decode_batch(options: EvalOptions, device: torch.device, decoder: nn.Module, latent_dim: int) -> int:

@@ -194,8 +194,8 @@ def test_bf16_autocast_where_the_device_computes_it_faster(mnist_dir, cpu_run, t
     from bdvae.devices import fast_bf16
 
     run_dir = _train(mnist_dir, tmp_path / "run", DEVICE, *HOST)  # train.mixed_precision defaults to true
-    native = fast_bf16(torch.device(DEVICE))
-    assert json.loads((run_dir / "run.json").read_text())["precision"] == ("bf16 autocast" if native else "fp32")
+    fast = fast_bf16(torch.device(DEVICE))
+    assert json.loads((run_dir / "run.json").read_text())["precision"] == ("bf16 autocast" if fast else "fp32")
     assert_rows_close(run_rows(run_dir), run_rows(cpu_run), rel=3e-2)  # as 2 CPU processes in bf16: 2e-2
 
 

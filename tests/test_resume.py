@@ -84,7 +84,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(mnist_dir, ref
     states[-1].write_bytes(bytes(raw))
     result = run_cli("train", "--resume", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
-    assert f"{states[-1]}: damaged checkpoint (checksum mismatch); using the one before it" in result.stdout
+    assert f"{states[-1]}: damaged checkpoint (checksum mismatch); trying the one before it" in result.stdout
     _assert_same_run(out, reference)
 
 

@@ -89,3 +89,15 @@ def test_an_unfinished_iwae_of_the_first_format_is_taken_up(tmp_path):
     found = rundir.load_iwae_progress(tmp_path, {**setting, "dtype": "bf16"}, log=print)
     assert found is not None and torch.equal(found[0], nll) and torch.equal(found[1], state)
     assert rundir.load_iwae_progress(tmp_path, {**setting, "dtype": "fp32"}, log=print) is None  # another dtype
+
+
+def test_when_every_training_state_is_damaged_none_is_taken_and_the_log_says_so(tmp_path):
+    folder = tmp_path / rundir.STATES_DIR
+    folder.mkdir()
+    for step in (3, 6):
+        (folder / f"step-{step:09d}.safetensors").write_bytes(b"not a training state")
+    said: list[str] = []
+    assert rundir.latest_state(tmp_path, said.append) is None
+    assert [line.split(": ")[0] for line in said] == [str(folder / "step-000000006.safetensors"),
+                                                      str(folder / "step-000000003.safetensors")]
+    assert said[0].endswith("; trying the one before it") and said[1].endswith("; no earlier one")

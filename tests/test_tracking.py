@@ -106,18 +106,21 @@ def test_tensorboard_holds_the_runs_figures_pictures_and_histograms(data_file, t
     assert not (plain / rundir.TENSORBOARD_DIR).exists()
 
 
-def test_a_resumed_run_continues_its_curves_without_duplicate_points(data_file, tmp_path):
+@pytest.mark.parametrize("last_state", [6, None])  # None: stopped before its first training state
+def test_a_resumed_run_continues_its_curves_without_duplicate_points(data_file, tmp_path, last_state):
     pytest.importorskip("tensorboard")
     finished = bdvae.train(_config(data_file, tensorboard=True), tmp_path / "finished", progress=False)
-    # The run as it was when stopped after step 7: its event file logged every step to the end,
-    # as a run killed after its last training state (step 6) had gone on logging.
+    # The run as it was when stopped after its last training state: its event file logged every
+    # step to the end, as a run killed after that state had gone on logging.
     stopped = tmp_path / "stopped"
     shutil.copytree(finished, stopped)
     for name in (rundir.RUN_FILE, rundir.WEIGHTS_FILE):
         (stopped / name).unlink()
-    *_, kept, newest = rundir.state_paths(stopped)
-    newest.unlink()
-    assert kept.name == "step-000000006.safetensors"
+    for path in rundir.state_paths(stopped):
+        if last_state is None or path.name > f"step-{last_state:09d}.safetensors":
+            path.unlink()
+    assert [p.name for p in rundir.state_paths(stopped)][-1:] == ([] if last_state is None else
+                                                                  [f"step-{last_state:09d}.safetensors"])
     bdvae.resume(stopped, progress=False)
     before, after = _events(finished), _events(stopped)
     for tag in ("step/loss", "step/grad_norm", "epoch/test_loss"):

@@ -413,11 +413,12 @@ def save_training_state(run_dir: Path, model: nn.Module, optimizer: torch.optim.
 
 def latest_state(run_dir: Path, log: Callable[[str], None]) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
     """The newest training state that loads and verifies; damaged ones are reported and skipped."""
-    for path in reversed(state_paths(run_dir)):
+    paths = state_paths(run_dir)
+    for i in reversed(range(len(paths))):
         try:
-            return states.load(path)
+            return states.load(paths[i])
         except BdvaeError as e:
-            log(f"{e}; using the one before it")
+            log(f"{e}; {'trying the one before it' if i else 'no earlier one'}")
     return None
 
 

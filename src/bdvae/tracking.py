@@ -112,9 +112,9 @@ class TensorBoard(Callback):
     each epoch a grid of samples (z ~ N(0, I), the same draws every epoch), a grid of test images
     above their reconstructions, and histograms of the test posteriors' mu and logvar.
 
-    `resumed_after`: the step of the training state a resumed run starts from. Whatever the
-    stopped run logged after it is purged (TensorBoard's purge_step), so the curves continue
-    without duplicate points."""
+    `resumed_after`: the step of the training state a resumed run starts from (0: from the
+    beginning, stopped before its first state). Whatever the stopped run logged after it is
+    purged (TensorBoard's purge_step), so the curves continue without duplicate points."""
 
     def __init__(self, log_dir: Path, resumed_after: int | None = None) -> None:
         self.writer = summary_writer()(str(log_dir), purge_step=None if resumed_after is None else resumed_after + 1)

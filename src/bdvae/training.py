@@ -242,14 +242,16 @@ def resume(run_dir: Path, progress: bool | None = None, log: Callable[[str], Non
         data, model, generator = _setup(config, ctx, log)
         state = rundir.latest_state(run_dir, log)
         if state is None:
-            log(f"{run_dir}: no training state saved yet; starting from the beginning")
-        return _fit(config, run_dir, data, model, generator, state, ctx, progress, log, callbacks)
+            saved = "no training state verifies" if rundir.state_paths(run_dir) else "no training state saved yet"
+            log(f"{run_dir}: {saved}; starting from the beginning")
+        return _fit(config, run_dir, data, model, generator, state, ctx, progress, log, callbacks, resuming=True)
 
 
 def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: torch.Generator,
          state: tuple[dict, dict] | None, ctx: Context, progress: bool | None, log: Callable[[str], None],
-         callbacks: Sequence[Any] = ()) -> Path:
-    """The training loop from a fresh start (`state` None) or a saved training state."""
+         callbacks: Sequence[Any] = (), resuming: bool = False) -> Path:
+    """The training loop from a fresh start (`state` None) or a saved training state; `resuming`:
+    a run stopped before, whose TensorBoard events after `state` (all, without one) are purged."""
     # Channels-last: oneDNN's convolutions then need no layout reorders (docs/results/performance.md).
     # Weights on disk stay in the usual layout.
     model.to(memory_format=torch.channels_last)
@@ -277,7 +279,7 @@ def _fit(config: Config, run_dir: Path, data: Dataset, model: VAE, generator: to
     callbacks = list(callbacks)
     if ctx.is_main and config.train.tensorboard:
         callbacks.append(tracking.TensorBoard(run_dir / rundir.TENSORBOARD_DIR,
-                                              resumed_after=None if state is None else pos.global_step))
+                                              resumed_after=pos.global_step if resuming else None))
     if not ctx.is_main:
         log, progress, callbacks = _quiet, False, []
     if state is not None:

@@ -7,6 +7,7 @@ import json
 import logging
 
 import pytest
+import torch
 
 import bdvae
 from bdvae.config import Config, DataConfig, TrainConfig
@@ -80,6 +81,7 @@ def test_evaluate_json_prints_the_metrics_alone_on_stdout(base, tmp_path):
 def test_errors_name_the_python_call_that_fixes_them(base, tmp_path):
     run_dir = bdvae.train(base, tmp_path / "run", progress=False)
     run = bdvae.load_run(run_dir)
+    shape = ", ".join(map(str, run.image_shape))
     for call, message in [
         (lambda: bdvae.train(base, run_dir), f"{run_dir}: run directory exists; pass overwrite=True to replace it or "
                                              "choose another run_dir"),
@@ -89,10 +91,23 @@ def test_errors_name_the_python_call_that_fixes_them(base, tmp_path):
         (lambda: run.evaluate(k=0), "k must be positive, got 0"),
         (lambda: bdvae.evaluate(run_dir, dtype="fp16"), "dtype must be one of 'auto', 'fp32', 'bf16', got 'fp16'"),
         (lambda: bdvae.evaluate(run_dir, device="gpu"), "device must be one of 'auto', 'cpu', 'cuda', got 'gpu'"),
+        (lambda: run.sample(0), "n must be a positive integer, got 0"),
+        (lambda: run.sample(2, seed=-1), "seed must be in [0, 2**63), got -1"),
+        (lambda: run.encode(torch.zeros(2, 3, 32, 32)),
+         f"images must be a tensor (B, {shape}), as the run was trained on; got (2, 3, 32, 32)"),
+        (lambda: run.encode(torch.full((2, *run.image_shape), 300)),
+         "images must be floats in [0, 1] or integer pixels in [0, 255]; got values from 300 to 300"),
+        (lambda: run.decode(torch.zeros(2, 3)), f"latents must be a tensor (B, {run.config.model.latent_dim}), got (2, 3)"),
+        (lambda: run.fit_sampler("gmm", components=-3), "components must be positive, got -3"),
+        (lambda: run.fit_sampler("gmm", seed=-1), "seed must be in [0, 2**63), got -1"),
+        (lambda: bdvae.compare(tmp_path / "c", base=base, jobs=0), "jobs must be positive, got 0"),
+        (lambda: bdvae.compare(tmp_path / "c", base=base, epochs=0), "train.epochs must be positive, got 0"),
+        (lambda: bdvae.train(base, tmp_path / "cb", callbacks=5), "callbacks must be a list of callbacks, got int"),
     ]:
         with pytest.raises(BdvaeError) as e:
             call()
         assert str(e.value) == message
+    assert not (tmp_path / "cb").exists() and not (tmp_path / "c" / "runs").exists()  # refused before writing
     run.fit_sampler("gmm-3")
     with pytest.raises(BdvaeError, match=r"fitted already; pass overwrite=True to fit it again$"):
         run.fit_sampler("gmm-3")
@@ -100,6 +115,26 @@ def test_errors_name_the_python_call_that_fixes_them(base, tmp_path):
     result = run_cli("sample", str(run_dir), "--sampler", "gmm-4", "--out", str(tmp_path / "s.png"))
     assert result.stderr == (f"bdvae: error: {run_dir}: no fitted sampler 'gmm-4'; fit it with: "
                              f"bdvae sampler fit {run_dir} gmm --components 4\n")
+
+
+def test_images_are_floats_in_0_1_or_integer_pixels_of_any_integer_type(base, tmp_path):
+    run = bdvae.load_run(bdvae.train(base, tmp_path / "run", progress=False))
+    pixels = torch.randint(0, 256, (4, *run.image_shape), dtype=torch.uint8)
+    mu, _ = run.encode(pixels)
+    assert torch.equal(run.encode(pixels.long())[0], mu)  # int64 pixels, as numpy and PIL often give
+    assert torch.allclose(run.encode(pixels.float() / 255)[0], mu, atol=1e-6)
+    assert torch.allclose(run.encode(pixels[0])[0], mu[:1], atol=1e-6)  # one image (C, H, W)
+
+
+def test_compare_takes_one_regularizer_or_beta_alone_and_keeps_a_report_it_did_not_write(base, tmp_path):
+    entries = bdvae.compare(tmp_path / "cmp", regularizers="kl", betas=2, seeds=1, base=base, k=2, samples=32,
+                            pictures=False, progress=False)
+    assert [(e.regularizer, e.beta) for e in entries] == [("kl", 2.0)]
+    written = bdvae.report([entries[0].run_dir], tmp_path / "mine")[0].read_bytes()
+    with pytest.raises(BdvaeError, match=r"holds a report \(report.md\) but no runs/ of a comparison"):
+        bdvae.compare(tmp_path / "mine", regularizers="kl", betas=2, seeds=1, base=base, k=2, samples=32,
+                      pictures=False, progress=False)
+    assert (tmp_path / "mine" / "report.md").read_bytes() == written and not (tmp_path / "mine" / "runs").exists()
 
 
 def test_an_error_keeps_both_lines_through_a_pipe():

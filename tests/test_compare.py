@@ -155,7 +155,7 @@ def test_a_run_with_another_config_is_refused_and_left_alone(compared, mnist_dir
     assert config.read_bytes() == before
 
 
-def test_a_run_differing_only_in_where_the_data_is_cached_or_its_threads_is_reused(tmp_path):
+def test_a_run_differing_only_in_how_a_machine_runs_it_is_reused(tmp_path):
     from dataclasses import replace
 
     from bdvae import rundir
@@ -167,7 +167,8 @@ def test_a_run_differing_only_in_where_the_data_is_cached_or_its_threads_is_reus
     run = tmp_path / "run"
     run.mkdir()
     rundir.write_config(run, replace(config, data=replace(config.data, data_dir=str(tmp_path / "another-cache")),
-                                     train=replace(config.train, threads=1)))
+                                     train=replace(config.train, threads=1, checkpoint_every=7, log_every=3,
+                                                   tensorboard=True, step="device")))
     for name in ("run.json", "model.safetensors"):  # what marks it finished
         (run / name).write_text("{}")
     said = []

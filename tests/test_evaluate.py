@@ -187,8 +187,9 @@ def test_option_ranges():
     with pytest.raises(BdvaeError, match="^k must be positive") as e:
         EvalOptions(k=0)
     assert e.value.command_line == "-k must be positive, got 0"
-    with pytest.raises(BdvaeError, match="--seed must be in"):
+    with pytest.raises(BdvaeError, match=r"^seed must be in \[0, 2\*\*63\)") as e:
         EvalOptions(seed=-1)
+    assert e.value.command_line == "--seed must be in [0, 2**63), got -1"
     with pytest.raises(BdvaeError, match="^dtype must be one of 'auto', 'fp32', 'bf16', got 'fp16'") as e:
         EvalOptions(dtype="fp16")
     assert e.value.command_line == "--dtype must be one of auto, fp32, bf16, got 'fp16'"

@@ -256,7 +256,7 @@ def test_names_are_canonical_and_bad_names_are_one_line():
     assert parse_name("flow") == FitOptions(kind="flow") and canonical_names(["flow"]) == ("prior", "flow")
     for bad, message in [("maf", "unknown sampler 'maf'; valid: prior, gmm-K (e.g. gmm-10), two_stage, "
                                  "two_stage-REGULARIZER, flow"), ("gmm-x", "expected gmm-K"),
-                         ("gmm-0", "--components must be positive"), ("two_stage-nope", "unknown regularizer"),
+                         ("gmm-0", "components must be positive"), ("two_stage-nope", "unknown regularizer"),
                          ("prior-3", "takes no options"), ("flow-5", "'flow' takes no options")]:
         with pytest.raises(BdvaeError, match=re.escape(message)):
             parse_name(bad)

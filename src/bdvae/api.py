@@ -26,8 +26,9 @@ from bdvae.comparison import compare as _compare
 from bdvae.config import Config
 from bdvae.data import load_dataset
 from bdvae.devices import check_memory
+from bdvae.errors import BdvaeError, check_seed
 from bdvae.evaluation import EvalOptions, batched, evaluate_run
-from bdvae.likelihoods import LIKELIHOODS, to_float
+from bdvae.likelihoods import LIKELIHOODS
 from bdvae.reporting import Entry, report as _report
 from bdvae.samplers import Sampler, parse_name
 from bdvae.tracking import Callback
@@ -65,8 +66,11 @@ def compare(out: str | Path, regularizers: Sequence[str] = ("bhattacharyya", "kl
     """Train and evaluate every regularizer x beta for seeds 0 .. seeds-1 on the `base` config (the
     defaults if None) into OUT/runs/, reusing finished runs, and write OUT/report.md and .html
     (docs/comparing.md); returns one reporting.Entry per run (its regularizer, beta, seed, run_dir and
-    metrics). `options` are evaluation.EvalOptions fields, as for `evaluate`."""
-    return _compare(base or Config(), list(regularizers), [float(b) for b in betas], seeds, Path(out), epochs=epochs,
+    metrics). `options` are evaluation.EvalOptions fields, as for `evaluate`. One regularizer or
+    beta may be given alone ("kl", 2.0)."""
+    regularizers = [regularizers] if isinstance(regularizers, str) else list(regularizers)
+    betas = [betas] if isinstance(betas, (int, float)) else list(betas)
+    return _compare(base or Config(), regularizers, [float(b) for b in betas], seeds, Path(out), epochs=epochs,
                     options=EvalOptions(**options), progress=progress, jobs=jobs, device=device)
 
 
@@ -76,9 +80,18 @@ def report(run_dirs: Sequence[str | Path], out: str | Path, overwrite: bool = Fa
     return _report([Path(r) for r in run_dirs], Path(out), overwrite)
 
 
-def _as_float(x: Tensor) -> Tensor:
-    """Images as floats in [0, 1]: uint8 pixels are divided by 255; (C, H, W) gets a batch axis."""
-    x = to_float(x)
+def _as_float(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Images (B, C, H, W), or one (C, H, W), of the run's `shape`, as floats in [0, 1]: integer
+    pixels in [0, 255] are divided by 255; other input is one line."""
+    if not isinstance(x, Tensor) or x.dim() not in (3, 4) or tuple(x.shape[-3:]) != tuple(shape):
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise BdvaeError(f"images must be a tensor (B, {', '.join(map(str, shape))}), as the run was trained on; "
+                         f"got {got}")
+    low, high = (0.0, 1.0) if x.is_floating_point() else (0, 255)
+    if x.numel() and not low <= x.min().item() <= x.max().item() <= high:
+        raise BdvaeError(f"images must be floats in [0, 1] or integer pixels in [0, 255]; got values from "
+                         f"{x.min().item():g} to {x.max().item():g}")
+    x = x.float() if x.is_floating_point() else x.float().div_(255.0)
     return x.unsqueeze(0) if x.dim() == 3 else x
 
 
@@ -89,12 +102,17 @@ class Run(rundir.TrainedRun):
 
     @torch.inference_mode()
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Posterior parameters (mu, logvar), each (B, D), of images x (B, C, H, W)."""
-        return batched(self.model.encode, _as_float(x))
+        """Posterior parameters (mu, logvar), each (B, D), of images x (B, C, H, W): floats in
+        [0, 1] or integer pixels in [0, 255]."""
+        return batched(self.model.encode, _as_float(x, self.image_shape))
 
     @torch.inference_mode()
     def decode(self, z: Tensor) -> Tensor:
         """Mean images (B, C, H, W) in [0, 1] for latents z (B, D)."""
+        latent_dim = self.config.model.latent_dim
+        if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[1] != latent_dim:
+            got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise BdvaeError(f"latents must be a tensor (B, {latent_dim}), got {got}")
         return batched(self.model.decode_mean, z.float())
 
     @torch.inference_mode()
@@ -107,6 +125,10 @@ class Run(rundir.TrainedRun):
     def sample(self, n: int, seed: int | None = None, sampler: str = "prior") -> Tensor:
         """Decode n draws of z from `sampler`: "prior" (N(0, I)) or a sampler fitted in the run
         directory (`bdvae sampler fit`, e.g. "gmm-10"); (n, C, H, W) in [0, 1]."""
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise BdvaeError(f"n must be a positive integer, got {n!r}")
+        if seed is not None:
+            check_seed(seed, "seed")
         latent_dim = self.config.model.latent_dim
         check_memory(4 * n * (latent_dim + math.prod(self.image_shape)), f"drawing {n:,} samples", torch.device("cpu"),
                      "draw fewer (-n)", python_fix="draw fewer (n)")

@@ -31,7 +31,7 @@ from bdvae.errors import BdvaeError
 from bdvae.evaluation import EvalOptions, evaluate_run
 from bdvae.files import file_lock
 from bdvae.metrics import missing_figures
-from bdvae.reporting import Entry, objective_name, write_report
+from bdvae.reporting import REPORT_FILES, Entry, objective_name, write_report
 from bdvae.training import resume, train
 
 
@@ -42,7 +42,7 @@ def run_name(regularizer: str, beta: float, seed: int) -> str:
 def planned_config(base: Config, regularizer: str, beta: float, seed: int, epochs: int | None) -> Config:
     """The base config with one configuration's regularizer, beta, seed (and epochs) filled in."""
     objective = dataclasses.replace(base.objective, regularizer=regularizer, beta=beta)
-    train_cfg = dataclasses.replace(base.train, seed=seed, **({"epochs": epochs} if epochs else {}))
+    train_cfg = dataclasses.replace(base.train, seed=seed, **({"epochs": epochs} if epochs is not None else {}))
     return absolute_paths(dataclasses.replace(base, objective=objective, train=train_cfg))
 
 
@@ -193,7 +193,7 @@ def compare(base: Config, regularizers: list[str], betas: list[float], seeds: in
     if not regularizers or not betas or seeds <= 0:
         raise BdvaeError("compare needs at least one regularizer, one beta and one seed")
     if jobs <= 0:
-        raise BdvaeError(f"--jobs must be positive, got {jobs}")
+        raise BdvaeError(f"--jobs must be positive, got {jobs}", python=f"jobs must be positive, got {jobs}")
     on_gpu = device_type(device) == "cuda"  # a bad --device fails before anything is written
     regularizers, betas = list(dict.fromkeys(regularizers)), list(dict.fromkeys(betas))  # each configuration once
     plan = [(r, b, s) for r in regularizers for b in betas for s in range(seeds)]
@@ -204,6 +204,10 @@ def compare(base: Config, regularizers: list[str], betas: list[float], seeds: in
     configs = {key: planned_config(base, *key, epochs) for key in plan}  # validates every value first
     if out.exists() and not out.is_dir():
         raise BdvaeError(f"--out {out}: exists and is not a directory")
+    if not (out / "runs").is_dir() and (there := [f for f in REPORT_FILES if (out / f).exists()]):
+        # A report that `bdvae report` wrote there, not a comparison this one continues: keep it.
+        raise BdvaeError(f"--out {out}: holds a report ({there[0]}) but no runs/ of a comparison; choose another --out",
+                         python=f"out={out}: holds a report ({there[0]}) but no runs/ of a comparison; choose another out")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     run_dirs = {key: out / "runs" / run_name(*key) for key in plan}
     jobs = min(jobs, len(plan))

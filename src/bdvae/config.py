@@ -364,9 +364,11 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 # Config values that say how a machine runs a model, not which model it is: where it caches the
-# data, how many threads it uses, what it reports as it trains, where its step runs. Runs that differ
-# only in them are the same run to `compare` (which reuses it) and to `report` (which puts them side by side).
-MACHINE_KEYS = ("data.data_dir", "train.threads", "train.log_every", "train.tensorboard", "train.step")
+# data, how many threads it uses, what it reports as it trains, where its step runs, how often it
+# saves a training state (a resumed run is the same run). Runs that differ only in them are the same
+# run to `compare` (which reuses it) and to `report` (which puts them side by side).
+MACHINE_KEYS = ("data.data_dir", "train.threads", "train.log_every", "train.tensorboard", "train.step",
+                "train.checkpoint_every")
 
 
 def flat(config: Config, without: tuple[str, ...] = ()) -> dict[str, Any]:

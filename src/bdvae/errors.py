@@ -16,10 +16,12 @@ class BdvaeError(Exception):
         return type(self), (self.command_line, None if str(self) == self.command_line else str(self))
 
 
-def check_seed(seed: int, name: str) -> None:
-    """A seed torch.Generator.manual_seed takes, an integer in [0, 2**63); else one line naming it."""
+def check_seed(seed: int, name: str, python: str | None = None) -> None:
+    """A seed torch.Generator.manual_seed takes, an integer in [0, 2**63); else one line naming it
+    (`name`, a flag, and for a Python caller `python`, the argument, where they differ)."""
     if not 0 <= seed < 2**63:
-        raise BdvaeError(f"{name} must be in [0, 2**63), got {seed!r}")
+        raise BdvaeError(f"{name} must be in [0, 2**63), got {seed!r}",
+                         python=None if python is None else f"{python} must be in [0, 2**63), got {seed!r}")
 
 
 def first_line(e: BaseException) -> str:

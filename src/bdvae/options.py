@@ -52,7 +52,7 @@ class EvalOptions:
             if value is not None and value < MIN_IMAGES:
                 raise BdvaeError(f"{flag} must be at least {MIN_IMAGES}, got {value}",
                                  python=f"{name} must be at least {MIN_IMAGES}, got {value}")
-        check_seed(self.seed, "--seed")
+        check_seed(self.seed, "--seed", "seed")
         if self.dtype not in DTYPES:
             raise BdvaeError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}",
                              python=f"dtype must be one of {', '.join(map(repr, DTYPES))}, got {self.dtype!r}")

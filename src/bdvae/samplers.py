@@ -55,12 +55,14 @@ class FitOptions:
         if self.kind not in SAMPLERS:
             raise BdvaeError(f"unknown sampler {self.kind!r}; valid kinds: {', '.join(SAMPLERS)}")
         if self.components <= 0:
-            raise BdvaeError(f"--components must be positive, got {self.components}")
+            raise BdvaeError(f"--components must be positive, got {self.components}",
+                             python=f"components must be positive, got {self.components}")
         if self.regularizer not in REGULARIZERS:
             raise BdvaeError(f"two_stage: unknown regularizer {self.regularizer!r}; valid: {', '.join(REGULARIZERS)}")
-        check_seed(self.seed, "--seed")
+        check_seed(self.seed, "--seed", "seed")
         if self.fit_on not in FIT_ON:
-            raise BdvaeError(f"--fit-on must be one of {', '.join(FIT_ON)}, got {self.fit_on!r}")
+            raise BdvaeError(f"--fit-on must be one of {', '.join(FIT_ON)}, got {self.fit_on!r}",
+                             python=f"fit_on must be one of {', '.join(map(repr, FIT_ON))}, got {self.fit_on!r}")
 
     @property
     def name(self) -> str:

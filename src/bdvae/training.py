@@ -199,6 +199,13 @@ def _check_step_size(config: Config, data: Dataset, model: VAE, device: torch.de
                  device, "use a smaller train.batch_size")
 
 
+def _callbacks(callbacks: Sequence[Any]) -> list[Any]:
+    """`callbacks` as a list, or one line if it is not a sequence of them."""
+    if not isinstance(callbacks, (list, tuple)):
+        raise BdvaeError(f"callbacks must be a list of callbacks, got {type(callbacks).__name__}")
+    return list(callbacks)
+
+
 def _quiet(_: str) -> None:
     """The log of ranks other than 0."""
 
@@ -212,6 +219,7 @@ def train(config: Config, run_dir: Path, overwrite: bool = False, progress: bool
     `callbacks` (tracking.Callback) hear of every step, checkpoint and epoch on rank 0.
     """
     run_dir = Path(run_dir)
+    callbacks = _callbacks(callbacks)  # before anything is written
     if config.train.tensorboard:
         tracking.summary_writer()  # a missing tensorboard package fails here, before the slow parts
     with distributed.joined(device) as ctx:
@@ -233,6 +241,7 @@ def resume(run_dir: Path, progress: bool | None = None, log: Callable[[str], Non
     resume with 1, or the other way, at the same image of the same epoch; train.batch_size being
     per process, the global batch then changes, so the rest is another run from that point."""
     run_dir = Path(run_dir)
+    callbacks = _callbacks(callbacks)
     rundir.check_resumable(run_dir)
     with distributed.joined(device) as ctx:
         log = log if ctx.is_main else _quiet

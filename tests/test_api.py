@@ -124,6 +124,9 @@ def test_images_are_floats_in_0_1_or_integer_pixels_of_any_integer_type(base, tm
     assert torch.equal(run.encode(pixels.long())[0], mu)  # int64 pixels, as numpy and PIL often give
     assert torch.allclose(run.encode(pixels.float() / 255)[0], mu, atol=1e-6)
     assert torch.allclose(run.encode(pixels[0])[0], mu[:1], atol=1e-6)  # one image (C, H, W)
+    import numpy as np
+
+    assert run.sample(np.int64(2), seed=0).shape == (2, *run.image_shape)  # a count from numpy is a count
 
 
 def test_compare_takes_one_regularizer_or_beta_alone_and_keeps_a_report_it_did_not_write(base, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,8 +126,9 @@ class Run(rundir.TrainedRun):
     def sample(self, n: int, seed: int | None = None, sampler: str = "prior") -> Tensor:
         """Decode n draws of z from `sampler`: "prior" (N(0, I)) or a sampler fitted in the run
         directory (`bdvae sampler fit`, e.g. "gmm-10"); (n, C, H, W) in [0, 1]."""
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:  # numpy's integers too
             raise BdvaeError(f"n must be a positive integer, got {n!r}")
+        n = int(n)
         if seed is not None:
             check_seed(seed, "seed")
         latent_dim = self.config.model.latent_dim

@@ -80,7 +80,7 @@ from bdvae import rundir
 from bdvae.api import Run, load_run
 from bdvae.config import Config, DataConfig
 from bdvae.data import Dataset, load_dataset
-from bdvae.devices import keep_freed_memory, fast_bf16
+from bdvae.devices import fast_bf16, keep_freed_memory
 from bdvae.distributed import Context
 from bdvae.evaluation import EvalOptions, iwae_nll
 from bdvae.likelihoods import LIKELIHOODS, binarized, to_float

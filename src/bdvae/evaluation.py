@@ -26,7 +26,7 @@ from bdvae import logs, metrics, pictures, rundir
 from bdvae._version import __version__
 from bdvae.classifier import classifier_facts, features_and_logits, load_classifier, score_samples
 from bdvae.data import Dataset, load_dataset
-from bdvae.devices import available_memory, check_memory, keep_freed_memory, fast_bf16, resolve_device
+from bdvae.devices import available_memory, check_memory, fast_bf16, keep_freed_memory, resolve_device
 from bdvae.errors import BdvaeError, first_line
 from bdvae.likelihoods import LIKELIHOODS, to_float
 from bdvae.kernels import iwae_decoder

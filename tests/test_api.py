@@ -100,6 +100,8 @@ def test_errors_name_the_python_call_that_fixes_them(base, tmp_path):
         (lambda: run.decode(torch.zeros(2, 3)), f"latents must be a tensor (B, {run.config.model.latent_dim}), got (2, 3)"),
         (lambda: run.fit_sampler("gmm", components=-3), "components must be positive, got -3"),
         (lambda: run.fit_sampler("gmm", seed=-1), "seed must be in [0, 2**63), got -1"),
+        (lambda: run.fit_sampler("gmm", components="4"), "components must be an integer, got '4'"),
+        (lambda: run.sample(2, sampler=None), 'sampler must be a name ("prior", "gmm-10", ...), got None'),
         (lambda: bdvae.compare(tmp_path / "c", base=base, jobs=0), "jobs must be positive, got 0"),
         (lambda: bdvae.compare(tmp_path / "c", base=base, epochs=0), "train.epochs must be positive, got 0"),
         (lambda: bdvae.train(base, tmp_path / "cb", callbacks=5), "callbacks must be a list of callbacks, got int"),

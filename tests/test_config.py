@@ -161,3 +161,12 @@ def test_a_value_near_no_choice_suggests_nothing():
     with pytest.raises(BdvaeError) as e:
         config_lib.load(None, ["objective.regularizer=zzz"])
     assert str(e.value).endswith("got 'zzz'") and "did you mean" not in str(e.value)
+
+
+def test_a_config_built_in_python_is_type_checked_as_a_toml_one():
+    with pytest.raises(BdvaeError, match=r"^train.epochs must be an integer, got '3'$"):
+        TrainConfig(epochs="3")
+    with pytest.raises(BdvaeError, match=r"^objective.beta must be a number, got '2'$"):
+        ObjectiveConfig(beta="2")
+    assert ObjectiveConfig(beta=2).beta == 2.0 and isinstance(ObjectiveConfig(beta=2).beta, float)
+    assert ModelConfig(arch="resnet", widths=[16, 32, 64]).widths == (16, 32, 64)  # a list, as TOML gives it

@@ -162,8 +162,9 @@ def test_every_architecture_builds_from_its_registry_entry(name):
         if option in entry.options:
             assert getattr(ModelConfig(arch=name, **{option: entry.options[option]}), option) == entry.options[option]
         else:
+            value = next(e.options[option] for e in ARCHITECTURES.values() if option in e.options)  # of its type
             with pytest.raises(BdvaeError, match=f"model.{option} applies to"):
-                ModelConfig(arch=name, **{option: 1})
+                ModelConfig(arch=name, **{option: value})
     odd = (1, 30, 30)  # not divisible by 2 per stride-2 layer
     if entry.shape_problem(odd, entry.default_widths) is None:
         assert build_model(config, ObjectiveConfig(), odd)(torch.rand(1, *odd))[0].shape == (1, *odd)

@@ -131,6 +131,8 @@ class Run(rundir.TrainedRun):
         n = int(n)
         if seed is not None:
             check_seed(seed, "seed")
+        if not isinstance(sampler, str):
+            raise BdvaeError(f"sampler must be a name (\"prior\", \"gmm-10\", ...), got {sampler!r}")
         latent_dim = self.config.model.latent_dim
         check_memory(4 * n * (latent_dim + math.prod(self.image_shape)), f"drawing {n:,} samples", torch.device("cpu"),
                      "draw fewer (-n)", python_fix="draw fewer (n)")

@@ -86,6 +86,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         from bdvae.data import DATASETS  # the registry; data.py imports nothing from here
 
+        _typed(self, "data")
         _one_of("data.name", self.name, DATASETS)
         for name in ("train_size", "test_size", "image_size"):
             _positive("data", name, getattr(self, name))
@@ -132,6 +133,7 @@ class ModelConfig:
     (unset: batch)."""
 
     def __post_init__(self) -> None:
+        _typed(self, "model")
         archs = _architectures()
         _one_of("model.arch", self.arch, archs)
         _positive("model", "latent_dim", self.latent_dim)
@@ -189,6 +191,7 @@ class ObjectiveConfig:
     """The aggregate term's weight, >= 0."""
 
     def __post_init__(self) -> None:
+        _typed(self, "objective")
         # Imported here: the registries import nothing from config, so there is no cycle.
         from bdvae.aggregates import AGGREGATES
         from bdvae.likelihoods import LIKELIHOODS
@@ -246,6 +249,7 @@ class TrainConfig:
     cannot be; the log and the run's facts say which); auto: graph on a GPU, host on a CPU."""
 
     def __post_init__(self) -> None:
+        _typed(self, "train")
         for name in ("epochs", "batch_size", "lr", "threads"):
             _positive("train", name, getattr(self, name))
         _one_of("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -294,6 +298,16 @@ def _coerce(section: str, key: str, annotation: Any, value: Any) -> Any:
         _require(isinstance(value, bool), f"{where} must be true or false, got {value!r}")
         return value
     raise AssertionError(f"unhandled annotation {annotation!r}")  # a bug in this module, not user input
+
+
+def _typed(section_config: Any, section: str) -> None:
+    """Every field of a section built in Python checked as from_dict checks a TOML value (lists
+    become tuples, ints floats where a float is due), so that a wrong type is one line, not a
+    TypeError deep in a check; None is left to the field's own check."""
+    for key, annotation in typing.get_type_hints(type(section_config)).items():
+        value = getattr(section_config, key)
+        if value is not None:
+            object.__setattr__(section_config, key, _coerce(section, key, annotation, value))
 
 
 def from_dict(raw: dict[str, Any]) -> Config:

@@ -54,6 +54,10 @@ class FitOptions:
 
         if self.kind not in SAMPLERS:
             raise BdvaeError(f"unknown sampler {self.kind!r}; valid kinds: {', '.join(SAMPLERS)}")
+        for name in ("components", "seed"):
+            if isinstance(value := getattr(self, name), bool) or not isinstance(value, int):
+                raise BdvaeError(f"--{name} must be an integer, got {value!r}",
+                                 python=f"{name} must be an integer, got {value!r}")
         if self.components <= 0:
             raise BdvaeError(f"--components must be positive, got {self.components}",
                              python=f"components must be positive, got {self.components}")

@@ -186,14 +186,11 @@ def train(*, preset: str | None, config_file: Path | None, overrides: list[str] 
 
 
 def sample(*, run: Path, n: int, out: Path, seed: int | None, sampler: str, overwrite: bool) -> None:
-    from bdvae.api import load_run
+    from bdvae.api import check_draw, load_run
     from bdvae.pictures import save_grid
     from bdvae.samplers import parse_name
 
-    if n <= 0:
-        raise BdvaeError(f"-n must be positive, got {n}")
-    if seed is not None:
-        check_seed(seed, "--seed")
+    check_draw(n, seed)
     sampler = parse_name(sampler).name  # an unknown name fails before anything is read
     _check_out(out, overwrite)
     save_grid(load_run(run).sample(n, seed=seed, sampler=sampler), out)

@@ -81,6 +81,15 @@ def report(run_dirs: Sequence[str | Path], out: str | Path, overwrite: bool = Fa
     return _report([Path(r) for r in run_dirs], Path(out), overwrite)
 
 
+def check_draw(n: int, seed: int | None) -> None:
+    """A count of samples and a seed (or None), as `sample` (Run.sample and `bdvae sample`) takes them;
+    else one line."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:  # numpy's integers too
+        raise BdvaeError(f"-n must be positive, got {n!r}", python=f"n must be a positive integer, got {n!r}")
+    if seed is not None:
+        check_seed(seed, "--seed", "seed")
+
+
 def _as_float(x: Tensor, shape: tuple[int, ...]) -> Tensor:
     """Images (B, C, H, W), or one (C, H, W), of the run's `shape`, as floats in [0, 1]: integer
     pixels in [0, 255] are divided by 255; other input is one line."""
@@ -126,11 +135,8 @@ class Run(rundir.TrainedRun):
     def sample(self, n: int, seed: int | None = None, sampler: str = "prior") -> Tensor:
         """Decode n draws of z from `sampler`: "prior" (N(0, I)) or a sampler fitted in the run
         directory (`bdvae sampler fit`, e.g. "gmm-10"); (n, C, H, W) in [0, 1]."""
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:  # numpy's integers too
-            raise BdvaeError(f"n must be a positive integer, got {n!r}")
+        check_draw(n, seed)
         n = int(n)
-        if seed is not None:
-            check_seed(seed, "seed")
         if not isinstance(sampler, str):
             raise BdvaeError(f"sampler must be a name (\"prior\", \"gmm-10\", ...), got {sampler!r}")
         latent_dim = self.config.model.latent_dim

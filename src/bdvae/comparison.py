@@ -31,7 +31,7 @@ from bdvae.errors import BdvaeError
 from bdvae.evaluation import EvalOptions, evaluate_run
 from bdvae.files import file_lock
 from bdvae.metrics import missing_figures
-from bdvae.reporting import REPORT_FILES, Entry, objective_name, write_report
+from bdvae.reporting import Entry, objective_name, report_files_in, write_report
 from bdvae.training import resume, train
 
 
@@ -204,7 +204,7 @@ def compare(base: Config, regularizers: list[str], betas: list[float], seeds: in
     configs = {key: planned_config(base, *key, epochs) for key in plan}  # validates every value first
     if out.exists() and not out.is_dir():
         raise BdvaeError(f"--out {out}: exists and is not a directory")
-    if not (out / "runs").is_dir() and (there := [f for f in REPORT_FILES if (out / f).exists()]):
+    if not (out / "runs").is_dir() and (there := report_files_in(out)):
         # A report that `bdvae report` wrote there, not a comparison this one continues: keep it.
         raise BdvaeError(f"--out {out}: holds a report ({there[0]}) but no runs/ of a comparison; choose another --out",
                          python=f"out={out}: holds a report ({there[0]}) but no runs/ of a comparison; choose another out")

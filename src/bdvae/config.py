@@ -303,10 +303,10 @@ def _coerce(section: str, key: str, annotation: Any, value: Any) -> Any:
 def _typed(section_config: Any, section: str) -> None:
     """Every field of a section built in Python checked as from_dict checks a TOML value (lists
     become tuples, ints floats where a float is due), so that a wrong type is one line, not a
-    TypeError deep in a check; None is left to the field's own check."""
+    TypeError deep in a check; None only where the field may be unset."""
     for key, annotation in typing.get_type_hints(type(section_config)).items():
         value = getattr(section_config, key)
-        if value is not None:
+        if value is not None or type(None) not in typing.get_args(annotation):
             object.__setattr__(section_config, key, _coerce(section, key, annotation, value))
 
 
@@ -318,11 +318,9 @@ def from_dict(raw: dict[str, Any]) -> Config:
         _require(isinstance(values, dict), f"config section {name!r} must be a table")
         cls = SECTIONS[name]
         hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, value in values.items():
+        for key in values:
             _require(key in hints, f"unknown key {name}.{key}{_nearest(key, hints, f'{name}.')}; valid: {', '.join(hints)}")
-            kwargs[key] = _coerce(name, key, hints[key], value)
-        sections[name] = cls(**kwargs)
+        sections[name] = cls(**values)  # each section checks its values' types (_typed)
     return Config(**sections)
 
 

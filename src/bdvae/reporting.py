@@ -577,6 +577,11 @@ def write_report(out: Path, entries: Sequence[Entry]) -> tuple[Path, Path]:
 _VARIED_KEYS = ("objective.regularizer", "objective.beta", "objective.aggregate", "objective.aggregate_weight", "train.seed")
 
 
+def report_files_in(out: Path) -> list[str]:
+    """The files of a report (REPORT_FILES) that the folder `out` holds."""
+    return [file for file in REPORT_FILES if (out / file).exists()]
+
+
 def report(run_dirs: Sequence[Path], out: Path, overwrite: bool = False) -> tuple[Path, Path]:
     """The report of run directories trained and evaluated apart (`bdvae report`): every run
     checked before anything is written, an earlier report in `out` replaced only with `overwrite`;
@@ -584,7 +589,7 @@ def report(run_dirs: Sequence[Path], out: Path, overwrite: bool = False) -> tupl
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BdvaeError(f"--out {out}: exists and is not a folder", python=f"out={out}: exists and is not a folder")
-    there = [file for file in REPORT_FILES if (out / file).exists()]
+    there = report_files_in(out)
     if there and not overwrite:
         raise BdvaeError(f"--out {out}: holds a report ({there[0]}); pass --overwrite to replace it",
                          python=f"out={out}: holds a report ({there[0]}); pass overwrite=True to replace it")

@@ -397,7 +397,7 @@ def _notes(entries: Sequence[Entry]) -> list[str]:
                          "read its figures seed by seed.")
     if len(dtypes) > 1:
         notes.append("The IWAE's decoder ran in " + "; in ".join(f"{p} for {', '.join(runs)}" for p, runs in dtypes.items())
-                     + " (bdvae evaluate --dtype; auto is bf16 where the hardware has it natively).")
+                     + " (bdvae evaluate --dtype; auto is bf16 on a CPU with AMX or a GPU with bf16).")
     nulls = sorted({f"{e.metrics['prior_match']['mmd2_null']:.5f}" for e in entries})
     notes.append("MMD² compares q(z) with N(0, I); the same statistic between two N(0, I) samples of that size "
                  f"(its null, pure sampling noise) is {', '.join(nulls)}.")
